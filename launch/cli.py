@@ -1,0 +1,41 @@
+"""The `ebt` command line: one entry point whose subcommands live next to the code they drive.
+
+Each module in COMMAND_MODULES exposes `register(subparsers)`, which adds its subcommands and sets
+`func(args) -> int` on them. Keeping registration in the owning package means the CLI never grows a
+second copy of any option logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES: list[str] = [
+]
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformer pretraining")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError) as error:
+        print(f"ebt {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
