@@ -1,0 +1,63 @@
+"""Parameter and FLOP counts per configuration, with a FLOP model that counts an EBT's real work.
+
+Unit of account: a matmul of an [n, a] by [a, b] costs 2nab FLOPs. Per token, a linear layer's forward is one
+unit (2 x its weights), its backward two units. For an EBT training step with K second-order MCMC steps:
+- real stream: computed once when the variant caches it (forward 1 + backward 2 = 3 units), else once per step;
+- each MCMC step over the candidate stream: forward 1, inner gradient dE/dlogits 1, outer backward through
+  both 4 (the double backward differentiates the forward and the inner gradient): 6 units.
+So default K=2 costs 3 + 2 x 6 = 15 units, about 5x Transformer++'s 3 (FACTS.md). The candidate projection
+(probs @ W, V x D per token) and the Transformer++ head are counted like linear layers.
+"""
+
+from __future__ import annotations
+
+from ebt.config import ModelConfig
+
+
+def block_matmul_params(cfg: ModelConfig) -> int:
+    """Weights touched by matmuls in one block: q, k, v, o and the three SwiGLU projections."""
+    return 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Exact trainable parameter count of build_model(cfg) (checked in tests)."""
+    per_block = block_matmul_params(cfg) + 2 * cfg.dim  # plus two RMSNorm weights
+    total = cfg.n_layers * per_block + cfg.vocab_size * cfg.dim + cfg.dim  # embedding, final norm
+    if cfg.kind == "transformer":
+        return total + cfg.vocab_size * cfg.dim  # untied head
+    total += cfg.dim + 1  # energy head, alpha
+    if not cfg.tie_candidate_embedding:
+        total += cfg.vocab_size * cfg.dim
+    if cfg.variant == "time_embed":
+        total += cfg.max_step_embeddings * cfg.dim
+    elif cfg.variant == "adaln":
+        total += cfg.max_step_embeddings * cfg.dim + cfg.n_layers * 4 * cfg.dim * cfg.dim
+    return total
+
+
+def forward_flops_per_token(cfg: ModelConfig, visible_keys: float) -> float:
+    """One forward of the block stack for one position that attends to `visible_keys` keys on average."""
+    linear = 2 * cfg.n_layers * block_matmul_params(cfg)
+    attention = 2 * 2 * cfg.n_layers * cfg.dim * visible_keys  # scores and weighted values
+    return linear + attention
+
+
+def train_flops_per_token(cfg: ModelConfig, mcmc_steps: int | None = None) -> float:
+    """FLOPs of one training step divided by the tokens it predicts."""
+    seq = cfg.context_length
+    causal_keys = (seq + 1) / 2
+    vocab_matmul = 2 * cfg.vocab_size * cfg.dim
+    if cfg.kind == "transformer":
+        return 3 * (forward_flops_per_token(cfg, causal_keys) + vocab_matmul)
+    steps = cfg.mcmc_steps if mcmc_steps is None else mcmc_steps
+    real = forward_flops_per_token(cfg, causal_keys)
+    candidate = forward_flops_per_token(cfg, causal_keys + 1) + vocab_matmul + 2 * cfg.dim
+    real_passes = 1 if cfg.caches_context else steps
+    if cfg.truncate:
+        # Detached steps run forward + inner gradient only (2 units); the last step is second-order.
+        return 3 * real_passes * real + 2 * (steps - 1) * candidate + 6 * candidate
+    return 3 * real_passes * real + 6 * steps * candidate
+
+
+def flops_per_step(cfg: ModelConfig, tokens_per_step: int) -> float:
+    return train_flops_per_token(cfg) * tokens_per_step

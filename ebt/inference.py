@@ -1,0 +1,210 @@
+"""System-2 inference: more thinking steps, several random starts, keep the best sample; and generation.
+
+Energies along a chain are those the descent already computes (one energy and gradient per point), so a chain
+of `steps` steps costs steps + 1 energy evaluations. Step-conditioned variants evaluate point n under step n's
+conditioning (clamped to the trained table).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ebt.mcmc import NonFiniteEnergyGradientError
+from ebt.validation import check_positive_int, check_tokens
+
+SELECTIONS = ("min", "max", "max_gap")
+
+
+@dataclass
+class ThinkResult:
+    logits: torch.Tensor  # [B, S, V] final logits of the chosen sample per token
+    energies: torch.Tensor  # [B, samples, steps + 1, S] energy at every point of every chain
+    chosen: torch.Tensor  # [B, S] index of the chosen sample per token
+    final_energy: torch.Tensor  # [B, S] energy of the chosen sample's final point
+
+    @property
+    def mean_energy_per_step(self) -> torch.Tensor:
+        """[steps + 1] mean energy of the chosen samples' chains."""
+        index = self.chosen[:, None, None, :].expand(-1, 1, self.energies.shape[2], -1)
+        return self.energies.gather(1, index).squeeze(1).mean(dim=(0, 2))
+
+
+def _energy_and_grad(energy_fn, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        logits = logits.detach().requires_grad_(True)
+        energy = energy_fn(torch.softmax(logits, dim=-1), step)
+        (grad,) = torch.autograd.grad(energy.sum(), logits)
+    if not bool(torch.isfinite(grad).all()):
+        raise NonFiniteEnergyGradientError(f"non-finite dE/dlogits at thinking step {step}")
+    return energy.detach(), grad
+
+
+def descend(
+    energy_fn: Callable[[torch.Tensor, int], torch.Tensor],
+    starts: torch.Tensor,
+    steps: int,
+    alpha: torch.Tensor,
+    *,
+    accept_lower: bool = False,
+    noise: float = 0.0,
+    grad_clamp: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energy descent without a graph; returns final logits and energies [steps + 1, ...] at each point.
+
+    accept_lower: a token keeps its current candidate unless the proposal's energy is strictly lower, so its
+    energy never rises along the chain.
+    """
+    alpha = alpha.detach()
+    logits = starts.detach()
+    energy, grad = _energy_and_grad(energy_fn, logits, 0)
+    energies = [energy]
+    for step in range(steps):
+        if grad_clamp is not None:
+            grad = grad.clamp(-grad_clamp, grad_clamp)
+        proposal = logits - alpha * grad
+        if noise > 0:
+            proposal = proposal + noise * torch.randn(
+                proposal.shape, generator=generator, dtype=proposal.dtype, device=proposal.device
+            )
+        new_energy, new_grad = _energy_and_grad(energy_fn, proposal, step + 1)
+        if accept_lower:
+            accept = new_energy < energy
+            logits = torch.where(accept[..., None], proposal, logits)
+            grad = torch.where(accept[..., None], new_grad, grad)
+            energy = torch.where(accept, new_energy, energy)
+        else:
+            logits, grad, energy = proposal, new_grad, new_energy
+        energies.append(energy)
+    return logits, torch.stack(energies)
+
+
+def select_samples(energies: torch.Tensor, selection: str) -> torch.Tensor:
+    """energies [B, M, steps + 1, S] -> chosen sample index [B, S]."""
+    if selection == "min":
+        return energies[:, :, -1].argmin(dim=1)
+    if selection == "max":
+        return energies[:, :, -1].argmax(dim=1)
+    if selection == "max_gap":
+        return (energies[:, :, 0] - energies[:, :, -1]).argmax(dim=1)
+    raise ValueError(f"selection: unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
+
+
+@torch.no_grad()
+def think(
+    model,
+    tokens: torch.Tensor,
+    steps: int,
+    samples: int = 1,
+    selection: str = "min",
+    accept_lower: bool = False,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> ThinkResult:
+    """Refine candidates for every position of tokens [B, S] with `samples` chains of `steps` steps each."""
+    cfg = model.cfg
+    check_tokens("tokens", tokens, cfg.vocab_size, cfg.context_length)
+    check_positive_int("steps", steps, minimum=0)
+    check_positive_int("samples", samples)
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection: unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
+    batch, length = tokens.shape
+    like = model.alpha_raw
+    # Sample m's start is the m-th draw, so samples=1 reproduces the first chain of samples=M exactly.
+    starts = torch.stack(
+        [model.initial_logits((batch, length, cfg.vocab_size), like, generator) for _ in range(samples)], dim=1
+    )
+    flat_tokens = tokens.repeat_interleave(samples, dim=0)
+    energy_fn = model.energy_fn(flat_tokens)
+    logits, energies = descend(
+        energy_fn,
+        starts.flatten(0, 1),
+        steps,
+        model.alpha,
+        accept_lower=accept_lower,
+        noise=noise,
+        grad_clamp=cfg.grad_clamp,
+        generator=generator,
+    )
+    energies = energies.view(steps + 1, batch, samples, length).permute(1, 2, 0, 3)
+    logits = logits.view(batch, samples, length, cfg.vocab_size)
+    chosen = select_samples(energies, selection)
+    picked = logits.gather(1, chosen[:, None, :, None].expand(-1, 1, -1, cfg.vocab_size)).squeeze(1)
+    final_energy = energies[:, :, -1].gather(1, chosen[:, None, :]).squeeze(1)
+    return ThinkResult(picked, energies, chosen, final_energy)
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_p: float | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token [B] from logits [B, V]: greedy when temperature == 0, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    steps: int | None = None,
+    samples: int = 1,
+    selection: str = "min",
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Extend prompt [B, P] by max_new_tokens; the real stream is cached and extended one token at a time."""
+    cfg = model.cfg
+    check_tokens("prompt", prompt, cfg.vocab_size, cfg.context_length)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    if prompt.shape[1] + max_new_tokens > cfg.context_length:
+        raise ValueError(f"max_new_tokens: prompt + {max_new_tokens} exceeds context_length {cfg.context_length}")
+    if cfg.kind == "transformer":
+        return _generate_transformer(model, prompt, max_new_tokens, temperature, top_p, generator)
+    steps = cfg.mcmc_steps if steps is None else steps
+    energy_model = model.energy_model
+    step_keys = range(steps + 1) if not cfg.caches_context else [0]
+    contexts = {k: energy_model.context(prompt.repeat_interleave(samples, 0), k) for k in step_keys}
+    tokens = prompt
+    for _ in range(max_new_tokens):
+        last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
+
+        def energy_fn(probs: torch.Tensor, step: int) -> torch.Tensor:
+            context = contexts[step if step in contexts else 0]
+            return energy_model.candidate_energies(context, probs, step, candidate_index=last)
+
+        starts = torch.stack(
+            [model.initial_logits((tokens.shape[0], 1, cfg.vocab_size), model.alpha_raw, generator)
+             for _ in range(samples)], dim=1,
+        ).flatten(0, 1)
+        logits, energies = descend(energy_fn, starts, steps, model.alpha, grad_clamp=cfg.grad_clamp)
+        energies = energies.view(steps + 1, tokens.shape[0], samples, 1).permute(1, 2, 0, 3)
+        chosen = select_samples(energies, selection)[:, 0]
+        logits = logits.view(tokens.shape[0], samples, cfg.vocab_size)[torch.arange(tokens.shape[0]), chosen]
+        next_token = sample_token(logits, temperature, top_p, generator)
+        tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+        new = next_token[:, None].repeat_interleave(samples, 0)
+        contexts = {k: energy_model.extend_context(ctx, new) for k, ctx in contexts.items()}
+    return tokens
+
+
+def _generate_transformer(model, prompt, max_new_tokens, temperature, top_p, generator) -> torch.Tensor:
+    logits, cache = model.logits(prompt)
+    tokens = prompt
+    for _ in range(max_new_tokens):
+        next_token = sample_token(logits[:, -1], temperature, top_p, generator)
+        tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+        logits, cache = model.logits(next_token[:, None], cache)
+    return tokens

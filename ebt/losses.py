@@ -1,0 +1,33 @@
+"""Losses on a thinking trajectory: cross-entropy after every MCMC step, averaged (or the last step only)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def smoothing_schedule(start: float, end: float, steps: int) -> list[float]:
+    """Label smoothing per MCMC step, linear from `start` (first step) to `end` (last step)."""
+    if steps == 1:
+        return [end]
+    return [start + (end - start) * k / (steps - 1) for k in range(steps)]
+
+
+def token_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean CE over the non-ignored tokens of logits [B, S, V] against targets [B, S]."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
+
+
+def contrastive_energy_loss(
+    true_energy: torch.Tensor, predicted_energy: torch.Tensor, mask: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """Hinge pushing the energy of the observed token below the (detached) energy of the final candidate."""
+    hinge = torch.relu(margin + true_energy - predicted_energy.detach())
+    return (hinge * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,71 @@
+"""The thinking loop: gradient descent on the energy over candidate logits.
+
+Each step maps logits to candidates with a softmax (the reference's normalisation), evaluates their energy,
+and moves the logits against dE/dlogits:  logits <- logits - alpha * dE/dlogits  (+ optional Langevin noise).
+In training the step keeps its graph (`create_graph=True`): the energy model's parameters receive gradient ONLY
+through these second-order terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+EnergyFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class NonFiniteEnergyGradientError(FloatingPointError):
+    """The inner gradient dE/dlogits contained NaN or inf; the trainer skips such a step."""
+
+
+@dataclass
+class Trajectory:
+    logits: list[torch.Tensor] = field(default_factory=list)  # after each step, K entries
+    energies: list[torch.Tensor] = field(default_factory=list)  # at each step's start, detached [B, S]
+
+
+def run_mcmc(
+    energy_fn: EnergyFn,
+    init_logits: torch.Tensor,
+    steps: int,
+    alpha: torch.Tensor,
+    *,
+    create_graph: bool,
+    truncate: bool = False,
+    langevin_noise_std: float = 0.0,
+    grad_clamp: float | None = None,
+    alpha_scale: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Trajectory:
+    """Run `steps` energy-descent steps from `init_logits` [B, S, V].
+
+    create_graph: keep every step differentiable (second-order training). With `truncate`, only the last step
+    is; earlier steps run detached. `alpha_scale` [B, S, 1] scales the step size per token.
+    """
+    if steps < 1:
+        raise ValueError(f"steps: must be >= 1, got {steps}")
+    trajectory = Trajectory()
+    logits = init_logits
+    step_size = alpha if alpha_scale is None else alpha * alpha_scale
+    for step in range(steps):
+        second_order = create_graph and (not truncate or step == steps - 1)
+        if not second_order or not logits.requires_grad:
+            logits = logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            energy = energy_fn(torch.softmax(logits, dim=-1), step)
+            (grad,) = torch.autograd.grad(energy.sum(), logits, create_graph=second_order)
+        if not bool(torch.isfinite(grad).all()):
+            raise NonFiniteEnergyGradientError(f"non-finite dE/dlogits at MCMC step {step}")
+        if grad_clamp is not None:
+            grad = grad.clamp(-grad_clamp, grad_clamp)
+        logits = logits - (step_size if second_order else step_size.detach()) * grad
+        if langevin_noise_std > 0:
+            noise = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            logits = logits + langevin_noise_std * noise
+        if not second_order:
+            logits = logits.detach()
+        trajectory.logits.append(logits)
+        trajectory.energies.append(energy.detach())
+    return trajectory

@@ -1,0 +1,41 @@
+"""A causal stack of blocks with a key/value cache: the real stream of the EBT and the whole Transformer++."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ebt.attention import causal_attention
+from ebt.layers import RotaryEmbedding
+
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def causal_stack(
+    blocks: nn.ModuleList,
+    rope: RotaryEmbedding,
+    hidden: torch.Tensor,
+    past: KeyValues | None = None,
+    need_output: bool = True,
+) -> tuple[torch.Tensor | None, KeyValues]:
+    """Run new positions `hidden` [B, n, D] after `past` cached positions; return the output and the full cache.
+
+    With need_output=False the last block stops after computing its keys and values, which is all the EBT's
+    candidates read from the real stream.
+    """
+    past_length = 0 if past is None else past[0][0].shape[-2]
+    positions = torch.arange(past_length, past_length + hidden.shape[1], device=hidden.device)
+    cache: KeyValues = []
+    for layer, block in enumerate(blocks):
+        q, k, v = block.qkv(block.attn_norm(hidden))
+        k = rope(k, positions)
+        if past is not None:
+            k = torch.cat((past[layer][0], k), dim=-2)
+            v = torch.cat((past[layer][1], v), dim=-2)
+        cache.append((k, v))
+        if not need_output and layer == len(blocks) - 1:
+            return None, cache
+        attended = causal_attention(rope(q, positions), k, v, past_length)
+        hidden = hidden + block.wo(block.merge_heads(attended))
+        hidden = hidden + block.mlp(block.ffn_norm(hidden))
+    return hidden, cache

@@ -1,0 +1,40 @@
+"""Transformer++ baseline: a Llama-style causal LM built from the same blocks as the EBT, with an untied head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ebt.config import ModelConfig
+from ebt.layers import Block, RMSNorm, RotaryEmbedding, init_weights
+from ebt.losses import token_cross_entropy
+from ebt.streams import KeyValues, causal_stack
+from ebt.validation import check_tokens
+
+
+class TransformerPlusPlus(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length + 1, cfg.rope_theta)
+        init_weights(self, cfg)
+
+    def logits(self, tokens: torch.Tensor, past: KeyValues | None = None) -> tuple[torch.Tensor, KeyValues]:
+        hidden, cache = causal_stack(self.blocks, self.rope, self.tok_emb(tokens), past)
+        return self.head(self.final_norm(hidden)), cache
+
+    def forward(self, tokens: torch.Tensor):
+        return self.loss(tokens)
+
+    def loss(self, tokens: torch.Tensor):
+        check_tokens("tokens", tokens, self.cfg.vocab_size, self.cfg.context_length + 1)
+        if tokens.shape[1] < 2:
+            raise ValueError(f"tokens: need at least 2 positions (inputs + targets), got {tokens.shape[1]}")
+        logits, _ = self.logits(tokens[:, :-1])
+        loss = token_cross_entropy(logits, tokens[:, 1:], self.cfg.ignore_index)
+        ce = float(loss.detach())
+        return loss, {"loss": ce, "ce": ce, "ppl": float(torch.tensor(ce).exp())}
