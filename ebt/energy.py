@@ -88,7 +88,7 @@ class EnergyTransformer(nn.Module):
 
     def extend_context(self, context: RealContext, new_tokens: torch.Tensor) -> RealContext:
         """The context after appending `new_tokens` [B, n], computing only the new positions (generation)."""
-        past = list(zip(context.keys, context.values))
+        past = list(zip(context.keys, context.values, strict=True))
         _, cache = causal_stack(self.blocks, self.rope, self.tok_emb(new_tokens), past, need_output=False)
         return RealContext([k for k, _ in cache], [v for _, v in cache], context.offset)
 

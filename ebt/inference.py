@@ -181,7 +181,7 @@ def generate(
     for _ in range(max_new_tokens):
         last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
 
-        def energy_fn(probs: torch.Tensor, step: int) -> torch.Tensor:
+        def energy_fn(probs: torch.Tensor, step: int, contexts=contexts, last=last) -> torch.Tensor:
             context = contexts[step if step in contexts else 0]
             return energy_model.candidate_energies(context, probs, step, candidate_index=last)
 
