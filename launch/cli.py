@@ -12,6 +12,7 @@ import importlib
 import sys
 
 COMMAND_MODULES: list[str] = [
+    "data_pipeline.cli",
 ]
 
 

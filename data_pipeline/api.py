@@ -1,0 +1,122 @@
+"""The trainer-facing entry points: `prepare_if_needed`, `build_loader`, `build_eval_loader`, `vocab_size`.
+
+Paths are derived from the inputs when not given: the tokenizer lives under
+`<cache_dir>/tokenizers/spm<V>-<hash of sources and settings>/` and the shards under
+`<cache_dir>/shards/<hash of sources, tokenizer and settings>/`, so changing any input never reuses stale
+files, and an unchanged config finds its files again (idempotent quickstart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from .config import DataConfig
+from .loader import ShardEvalLoader, ShardLoader
+from .prepare import dir_lock, prepare_shards, shard_dtype, shards_key
+from .shards import PackedShards
+from .sources import Source, build_source
+from .streaming import StreamEvalLoader, StreamLoader
+from .tokenizer import TokenizerMeta, load_meta, tokenizer_exists, train_tokenizer
+
+SPLITS = ("train", "val")
+
+
+def tokenizer_dir(cfg: DataConfig, source: Source) -> str:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    blob = json.dumps({"source": source.fingerprint(), "vocab": cfg.vocab_size,
+                       "max_sentences": cfg.tokenizer_max_sentences, "version": 1}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return os.path.join(cfg.cache_dir, "tokenizers", f"spm{cfg.vocab_size}-{key}")
+
+
+def shards_dir(cfg: DataConfig, source: Source, meta: TokenizerMeta) -> str:
+    if cfg.shards_dir:
+        return cfg.shards_dir
+    key = shards_key(source, meta, val_fraction=cfg.val_fraction, seed=cfg.shuffle_seed,
+                     shard_tokens=cfg.shard_tokens, dtype=shard_dtype(meta.vocab_size, cfg.dtype))
+    return os.path.join(cfg.cache_dir, "shards", key[:16])
+
+
+def ensure_tokenizer(cfg: DataConfig, source: Source | None = None) -> tuple[str, TokenizerMeta]:
+    source = source or build_source(cfg)
+    path = tokenizer_dir(cfg, source)
+    with dir_lock(path):
+        if not tokenizer_exists(path):
+            train_tokenizer(source, path, vocab_size=cfg.vocab_size, max_sentences=cfg.tokenizer_max_sentences,
+                            num_threads=cfg.num_proc)
+    return path, load_meta(path)
+
+
+def prepare_if_needed(cfg: DataConfig, *, force: bool = False) -> dict[str, Any]:
+    """Train the tokenizer and (in shards mode) write shards when missing; a no-op when they exist.
+
+    `force` replaces shards of other inputs found in an explicitly configured `shards_dir`.
+    """
+    source = build_source(cfg)
+    tok_dir, meta = ensure_tokenizer(cfg, source)
+    result: dict[str, Any] = {"tokenizer": tok_dir, "vocab_size": meta.vocab_size, "shards_dir": None}
+    if cfg.mode == "shards":
+        out = shards_dir(cfg, source, meta)
+        manifest = prepare_shards(source, tok_dir, out, val_fraction=cfg.val_fraction, seed=cfg.shuffle_seed,
+                                  num_proc=cfg.num_proc, shard_tokens=cfg.shard_tokens, dtype=cfg.dtype,
+                                  force=force, progress=cfg.progress)
+        result.update(shards_dir=out, manifest=manifest)
+    return result
+
+
+def _resolved(cfg: DataConfig) -> tuple[Source, str, TokenizerMeta]:
+    source = build_source(cfg)
+    tok_dir = tokenizer_dir(cfg, source)
+    if not tokenizer_exists(tok_dir):
+        raise FileNotFoundError(f"no tokenizer at {tok_dir!r}: run `ebt data prepare` "
+                                "or data_pipeline.prepare_if_needed first")
+    return source, tok_dir, load_meta(tok_dir)
+
+
+def vocab_size(cfg: DataConfig) -> int:
+    """The trained tokenizer's vocabulary size (cfg.vocab_size if it is not trained yet: they are equal)."""
+    source = build_source(cfg)
+    path = tokenizer_dir(cfg, source)
+    return load_meta(path).vocab_size if tokenizer_exists(path) else cfg.vocab_size
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def open_shards(cfg: DataConfig, split: str, context_length: int) -> PackedShards:
+    source, _tok_dir, meta = _resolved(cfg)
+    return PackedShards(shards_dir(cfg, source, meta), split, context_length,
+                        tokenizer_sha256=meta.model_sha256, vocab_size=meta.vocab_size)
+
+
+def build_loader(cfg: DataConfig, *, split: str, context_length: int, micro_batch_size: int, rank: int,
+                 world_size: int, seed: int, num_workers: int = 0) -> ShardLoader | StreamLoader:
+    """Endless loader of LongTensor[micro_batch_size, context_length + 1] with exact state_dict resume."""
+    _check_split(split)
+    if cfg.mode == "shards":
+        return ShardLoader(open_shards(cfg, split, context_length), micro_batch_size=micro_batch_size, rank=rank,
+                           world_size=world_size, seed=seed, num_workers=num_workers)
+    source, tok_dir, meta = _resolved(cfg)
+    return StreamLoader(source, tok_dir, eos_id=meta.eos_id, tokenizer_sha256=meta.model_sha256, split=split,
+                        val_fraction=cfg.val_fraction, context_length=context_length,
+                        micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+                        num_workers=num_workers)
+
+
+def build_eval_loader(cfg: DataConfig, *, split: str = "val", context_length: int, micro_batch_size: int,
+                      rank: int = 0, world_size: int = 1) -> ShardEvalLoader | StreamEvalLoader:
+    """Finite loader: every window of the split once (split across ranks); the last batch may be short."""
+    _check_split(split)
+    if cfg.mode == "shards":
+        return ShardEvalLoader(open_shards(cfg, split, context_length), micro_batch_size=micro_batch_size,
+                               rank=rank, world_size=world_size)
+    source, tok_dir, meta = _resolved(cfg)
+    return StreamEvalLoader(source, tok_dir, eos_id=meta.eos_id, split=split, val_fraction=cfg.val_fraction,
+                            context_length=context_length, micro_batch_size=micro_batch_size, rank=rank,
+                            world_size=world_size)

@@ -1,0 +1,80 @@
+"""`ebt tokenizer train` and `ebt data prepare`: thin wrappers that build a DataConfig from flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from .api import ensure_tokenizer, prepare_if_needed
+from .config import DataConfig
+from .sources import build_source
+
+
+def _source_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("source")
+    group.add_argument("--source", default="embedded",
+                       help='"embedded" (stdlib + python3-doc), "hf:<dataset>" or comma-separated paths/globs '
+                            "of .txt/.jsonl/.parquet files")
+    group.add_argument("--text-field", default="text", help="field/column holding the text (jsonl, parquet, hf)")
+    group.add_argument("--hf-config", default=None, help="datasets config name")
+    group.add_argument("--hf-split", default="train", help="datasets split")
+    group.add_argument("--data-files", nargs="+", default=None, help="data_files for load_dataset")
+    group.add_argument("--max-bytes", type=int, default=24_000_000, help="byte budget of the embedded corpus")
+    group.add_argument("--no-docs", action="store_true", help="embedded corpus without python3-doc prose")
+    group.add_argument("--cache-dir", default="data_cache", help="where derived tokenizers/shards go")
+    group.add_argument("--vocab-size", type=int, default=4096)
+    group.add_argument("--max-sentences", type=int, default=200_000,
+                       help="cap on input sentences (lines) sampled for tokenizer training")
+    group.add_argument("--num-proc", type=int, default=2, help="tokenizer processes")
+
+
+def _config(args: argparse.Namespace, **extra: object) -> DataConfig:
+    return DataConfig(source=args.source, text_field=args.text_field, hf_config=args.hf_config,
+                      hf_split=args.hf_split, hf_data_files=args.data_files, max_bytes=args.max_bytes,
+                      include_docs=not args.no_docs, cache_dir=args.cache_dir, vocab_size=args.vocab_size,
+                      tokenizer_max_sentences=args.max_sentences, num_proc=args.num_proc, **extra)
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    cfg = _config(args, tokenizer=args.out)
+    start = time.perf_counter()
+    path, meta = ensure_tokenizer(cfg, build_source(cfg))
+    print(json.dumps({"tokenizer": path, "vocab_size": meta.vocab_size, "eos_id": meta.eos_id,
+                      "sha256": meta.model_sha256, "seconds": round(time.perf_counter() - start, 2)}))
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    cfg = _config(args, tokenizer=args.tokenizer, shards_dir=args.out, val_fraction=args.val_fraction,
+                  shuffle_seed=args.seed, shard_tokens=args.shard_tokens, dtype=args.dtype,
+                  progress=not args.no_progress)
+    result = prepare_if_needed(cfg, force=args.force)
+    manifest = result["manifest"]
+    print(json.dumps({"shards_dir": result["shards_dir"], "tokenizer": result["tokenizer"], "dtype": manifest["dtype"],
+                      "splits": {k: {"documents": v["documents"], "tokens": v["tokens"],
+                                     "shards": len(v["shards"])} for k, v in manifest["splits"].items()}}))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    tokenizer = subparsers.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    train = tok_sub.add_parser("train", help="train a sentencepiece BPE tokenizer (exact round trip for code)")
+    _source_flags(train)
+    train.add_argument("--out", default=None, help="output directory (default: under --cache-dir)")
+    train.set_defaults(func=_tokenizer_train)
+
+    data = subparsers.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_sub.add_parser("prepare", help="tokenize a source into packed token shards + manifest")
+    _source_flags(prepare)
+    prepare.add_argument("--tokenizer", default=None, help="tokenizer directory (trained there if missing)")
+    prepare.add_argument("--out", default=None, help="shard directory (default: under --cache-dir)")
+    prepare.add_argument("--val-fraction", type=float, default=0.02)
+    prepare.add_argument("--seed", type=int, default=0, help="document shuffle seed")
+    prepare.add_argument("--shard-tokens", type=int, default=1 << 25)
+    prepare.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
+    prepare.add_argument("--force", action="store_true", help="replace shards of other inputs in --out")
+    prepare.add_argument("--no-progress", action="store_true")
+    prepare.set_defaults(func=_data_prepare)

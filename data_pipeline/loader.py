@@ -1,0 +1,124 @@
+"""Shard-mode loaders: an endless, exactly resumable training loader and a finite evaluation loader.
+
+Exact resume with DataLoader workers: the sampler (which windows, in which order) runs in the main process as
+pure arithmetic on (seed, epoch, offset); workers only read memmap slices for the index batches they are
+handed, and torch's DataLoader returns results in submission order. The position is advanced when a batch is
+handed to the caller, never when a worker prefetches, so `state_dict()` is exact whatever the worker count,
+and the worker count may change between save and resume. A fresh (non-persistent) DataLoader is started on
+each resume, so no worker keeps stale epoch state (the persistent_workers pitfall).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .sampler import advance, rank_batches
+from .shards import PackedShards
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # several processes share few cores; OpenMP spinning costs 10-40x
+
+
+class _WindowReader(Dataset):
+    def __init__(self, shards: PackedShards) -> None:
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return self.shards.n_windows
+
+    def __getitem__(self, windows) -> torch.Tensor:  # noqa: ANN001 - an index array from the sampler
+        return torch.from_numpy(self.shards.read(windows))
+
+
+class _IndexBatches:
+    """Iterable handed to DataLoader as its sampler; each item is one batch of window indices."""
+
+    def __init__(self, *args: int) -> None:
+        self.args = args
+
+    def __iter__(self) -> Iterator[Any]:
+        return rank_batches(*self.args)
+
+
+class ShardLoader:
+    """Yields LongTensor[micro_batch_size, context_length + 1] forever; see module docstring for resume."""
+
+    def __init__(self, shards: PackedShards, *, micro_batch_size: int, rank: int, world_size: int, seed: int,
+                 num_workers: int = 0, prefetch_factor: int = 4) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if shards.n_windows < world_size:
+            raise ValueError(f"context length {shards.context_length} leaves only {shards.n_windows} windows in "
+                             f"{shards.dir!r}, fewer than the {world_size} ranks")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        self.shards = shards
+        self.batch_size = micro_batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.epoch, self.offset = 0, 0
+        self._iterator: Iterator[torch.Tensor] | None = None
+
+    # -- resume -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Identical on every rank (position is global), so saving rank 0's copy is enough."""
+        return {"kind": "shards", "epoch": self.epoch, "offset": self.offset, "seed": self.seed,
+                "world_size": self.world_size, "n_windows": self.shards.n_windows,
+                "context_length": self.shards.context_length, "shards_key": self.shards.key,
+                "split": self.shards.split}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "shards":
+            raise ValueError(f"data loader state is of kind {state.get('kind')!r}, this loader reads shards")
+        for key, mine in (("shards_key", self.shards.key), ("context_length", self.shards.context_length),
+                          ("seed", self.seed), ("split", self.shards.split)):
+            if state[key] != mine:
+                raise ValueError(f"data loader state has {key}={state[key]!r} but this run has {mine!r}")
+        # A different world size is allowed: the (epoch, offset) position is global (see sampler.py).
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._iterator = None
+
+    # -- iteration ----------------------------------------------------------------------------------------
+    def __iter__(self) -> ShardLoader:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._iterator is None:
+            self._iterator = self._batches()
+        return next(self._iterator)
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        sampler = _IndexBatches(self.seed, self.shards.n_windows, self.world_size, self.rank, self.epoch,
+                                self.offset, self.batch_size)
+        if self.num_workers == 0:
+            source: Any = (torch.from_numpy(self.shards.read(idx)) for idx in sampler)
+        else:
+            source = DataLoader(_WindowReader(self.shards), batch_size=None, sampler=sampler,
+                                num_workers=self.num_workers, worker_init_fn=_one_thread,
+                                prefetch_factor=self.prefetch_factor, persistent_workers=False)
+        for batch in source:
+            self.epoch, self.offset = advance(self.shards.n_windows, self.world_size, self.epoch, self.offset,
+                                              self.batch_size)
+            yield batch
+
+
+class ShardEvalLoader:
+    """Each window of the split exactly once, split across ranks (window index mod world size), in order."""
+
+    def __init__(self, shards: PackedShards, *, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.shards = shards
+        self.batch_size = micro_batch_size
+        self.windows = torch.arange(rank, shards.n_windows, world_size).numpy()
+
+    def __len__(self) -> int:
+        return -(-len(self.windows) // self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.windows), self.batch_size):
+            yield torch.from_numpy(self.shards.read(self.windows[start:start + self.batch_size]))

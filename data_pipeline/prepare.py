@@ -1,0 +1,248 @@
+"""`ebt data prepare`: stream documents, tokenize them in parallel processes, write packed token shards.
+
+Layout of a shard directory (all of it appears at once, by renaming a finished temp dir):
+    manifest.json           token/document counts, tokenizer hash, sources, splits, dtype, key
+    train_00000.npy ...     flat token arrays (.npy so np.load(mmap_mode="r") needs no side info);
+    val_00000.npy ...       documents are joined with EOS after each document
+
+Two passes: (1) tokenize in source order into one raw file per split (ordered results keep the output a pure
+function of the inputs, whatever the process count); (2) write the documents in a seeded random order into
+fixed-size shards. The shuffle is global over documents but only needs the per-document lengths in memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .sources import Source, document_is_val
+from .tokenizer import TokenizerMeta, load_meta, load_processor, model_path
+
+FORMAT = "ebt-shards/1"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+_BATCH_BYTES = 1 << 18  # documents per task: big enough to amortise IPC, small enough to keep workers busy
+
+_worker_state: dict[str, Any] = {}
+
+
+def shard_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
+    if requested == "auto":
+        return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    dtype = np.dtype(requested)
+    if vocab_size > np.iinfo(dtype).max + 1:
+        raise ValueError(f"vocab size {vocab_size} does not fit shard dtype {dtype.name} "
+                         f"(holds at most {np.iinfo(dtype).max + 1} ids)")
+    return dtype
+
+
+def shards_key(source: Source, meta: TokenizerMeta, *, val_fraction: float, seed: int, shard_tokens: int,
+               dtype: np.dtype) -> str:
+    """Everything that determines the shard bytes; equal keys mean a re-run would be a no-op."""
+    blob = json.dumps({"format": FORMAT, "source": source.fingerprint(), "tokenizer": meta.model_sha256,
+                       "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
+                       "dtype": dtype.name}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_manifest(shards_dir: str) -> dict[str, Any] | None:
+    path = os.path.join(shards_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+@contextlib.contextmanager
+def dir_lock(path: str) -> Iterator[None]:
+    """Exclusive lock next to `path`, so ranks (or users) racing to prepare the same output wait, not clash."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(os.path.abspath(path).rstrip("/") + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _init_worker(tokenizer_dir: str, eos_id: int, dtype: str, val_fraction: float) -> None:
+    _worker_state.update(sp=load_processor(tokenizer_dir), eos=eos_id, dtype=np.dtype(dtype), val=val_fraction)
+
+
+def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> (tokens of all docs, each followed by EOS; per-doc lengths incl. EOS; per-doc is-val flags)."""
+    state = _worker_state
+    ids = state["sp"].encode(texts)
+    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
+    tokens = np.empty(int(lengths.sum()), dtype=state["dtype"])
+    pos = 0
+    for doc in ids:
+        tokens[pos:pos + len(doc)] = doc
+        tokens[pos + len(doc)] = state["eos"]
+        pos += len(doc) + 1
+    is_val = np.fromiter((document_is_val(t, state["val"]) for t in texts), dtype=bool, count=len(texts))
+    return tokens, lengths, is_val
+
+
+def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for text in documents:
+        batch.append(text)
+        size += len(text)
+        if size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded(documents: Iterator[str], num_proc: int, init_args: tuple) -> Iterator[tuple]:
+    """Ordered parallel map with bounded look-ahead (Pool.imap would read the whole source into memory)."""
+    if num_proc <= 1:
+        _init_worker(*init_args)
+        for batch in _batches(documents):
+            yield _encode_batch(batch)
+        return
+    with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=init_args) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in _batches(documents):
+            pending.append(pool.apply_async(_encode_batch, (batch,)))
+            if len(pending) >= 4 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def prepare_shards(source: Source, tokenizer_dir: str, out_dir: str, *, val_fraction: float = 0.02,
+                   seed: int = 0, num_proc: int = 2, shard_tokens: int = 1 << 25, dtype: str = "auto",
+                   force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Write shards for `source` into `out_dir` unless an identical set is already there; return the manifest."""
+    meta = load_meta(tokenizer_dir)
+    np_dtype = shard_dtype(meta.vocab_size, dtype)
+    if shard_tokens < 2:
+        raise ValueError(f"shard_tokens must be at least 2, got {shard_tokens}")
+    key = shards_key(source, meta, val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens,
+                     dtype=np_dtype)
+    out_dir = os.path.abspath(out_dir)
+    with dir_lock(out_dir):
+        existing = read_manifest(out_dir)
+        if existing is not None and existing.get("key") == key:
+            return existing  # idempotent re-run
+        if os.path.exists(out_dir):
+            if existing is None and os.listdir(out_dir):
+                raise ValueError(f"output directory {out_dir!r} exists and is not a shard directory")
+            if existing is not None and not force:
+                raise ValueError(f"output directory {out_dir!r} holds shards of other inputs "
+                                 "(pass --force to replace them, or choose another --out)")
+        partial = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
+        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run: restart cleanly
+        os.makedirs(partial)
+        try:
+            manifest = _write(source, tokenizer_dir, meta, partial, key=key, val_fraction=val_fraction,
+                              seed=seed, num_proc=num_proc, shard_tokens=shard_tokens, dtype=np_dtype,
+                              progress=progress)
+            if os.path.exists(out_dir):
+                trash = out_dir + f".old-{os.getpid()}"
+                os.rename(out_dir, trash)
+                shutil.rmtree(trash)
+            os.rename(partial, out_dir)  # the manifest becomes visible together with complete shards
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return manifest
+
+
+def _write(source: Source, tokenizer_dir: str, meta: TokenizerMeta, work: str, *, key: str,
+           val_fraction: float, seed: int, num_proc: int, shard_tokens: int, dtype: np.dtype,
+           progress: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    raw = {split: open(os.path.join(work, f"raw_{split}.bin"), "wb") for split in SPLITS}
+    lengths: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    init_args = (tokenizer_dir, meta.eos_id, dtype.name, val_fraction)
+    bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=not progress, leave=False)
+    try:
+        for tokens, doc_lengths, is_val in _encoded(source.documents(), num_proc, init_args):
+            ends = np.cumsum(doc_lengths)
+            starts = ends - doc_lengths
+            for split, mask in (("train", ~is_val), ("val", is_val)):
+                if mask.any():
+                    picked = np.concatenate([tokens[s:e] for s, e in zip(starts[mask], ends[mask], strict=True)])
+                    raw[split].write(picked.tobytes())
+                    lengths[split].append(doc_lengths[mask])
+            bar.update(len(tokens))
+    finally:
+        bar.close()
+        for handle in raw.values():
+            handle.close()
+    tokenize_s = time.perf_counter() - start
+
+    splits: dict[str, Any] = {}
+    for index, split in enumerate(SPLITS):
+        doc_lengths = np.concatenate(lengths[split]) if lengths[split] else np.zeros(0, np.int64)
+        splits[split] = _write_split(work, split, doc_lengths, dtype, shard_tokens,
+                                     np.random.default_rng([seed, index]), progress)
+        os.unlink(os.path.join(work, f"raw_{split}.bin"))
+    if splits["train"]["documents"] == 0:
+        raise ValueError(f"source {source.name!r} is empty after filtering: no training documents "
+                         f"(val_fraction={val_fraction})")
+    manifest = {
+        "format": FORMAT, "key": key, "dtype": dtype.name, "eos_id": meta.eos_id,
+        "tokenizer": {"path": os.path.abspath(model_path(tokenizer_dir)), "sha256": meta.model_sha256,
+                      "vocab_size": meta.vocab_size},
+        "sources": source.summary(), "source_fingerprint": source.fingerprint(),
+        "val_fraction": val_fraction, "shuffle_seed": seed, "shard_tokens": shard_tokens,
+        "splits": splits, "seconds": {"tokenize": round(tokenize_s, 3),
+                                      "total": round(time.perf_counter() - start, 3)},
+    }
+    with open(os.path.join(work, MANIFEST), "w") as handle:
+        json.dump(manifest, handle, indent=2)
+    return manifest
+
+
+def _write_split(work: str, split: str, doc_lengths: np.ndarray, dtype: np.dtype, shard_tokens: int,
+                 rng: np.random.Generator, progress: bool) -> dict[str, Any]:
+    total = int(doc_lengths.sum())
+    info: dict[str, Any] = {"documents": int(len(doc_lengths)), "tokens": total, "shards": []}
+    if total == 0:
+        return info
+    raw = np.memmap(os.path.join(work, f"raw_{split}.bin"), dtype=dtype, mode="r")
+    ends = np.cumsum(doc_lengths)
+    starts = ends - doc_lengths
+    order = rng.permutation(len(doc_lengths))
+    doc_iter = iter(order)
+    carry: np.ndarray | None = None  # tail of a document that spilled over a shard boundary
+    written = 0
+    with tqdm(total=total, desc=f"write {split}", unit="tok", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        while written < total:
+            size = min(shard_tokens, total - written)
+            name = f"{split}_{len(info['shards']):05d}.npy"
+            out = np.lib.format.open_memmap(os.path.join(work, name), mode="w+", dtype=dtype, shape=(size,))
+            pos = 0
+            while pos < size:
+                if carry is None:
+                    doc = next(doc_iter)
+                    carry = raw[starts[doc]:ends[doc]]
+                take = min(len(carry), size - pos)
+                out[pos:pos + take] = carry[:take]
+                carry = carry[take:] if take < len(carry) else None
+                pos += take
+            out.flush()
+            del out
+            info["shards"].append({"file": name, "tokens": size})
+            written += size
+            bar.update(size)
+    del raw
+    return info

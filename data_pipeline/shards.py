@@ -1,0 +1,78 @@
+"""Read-only view of a shard directory as fixed-length windows of context+1 tokens.
+
+Window w of a shard covers tokens [w*L, w*L + L + 1) with L = context length: consecutive windows share one
+token, so every token is a prediction target exactly once. Windows never cross shard files, which keeps a read
+to one memmap slice (at most one window's worth of tokens per shard is unused).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .prepare import FORMAT, read_manifest
+
+
+class PackedShards:
+    def __init__(self, shards_dir: str, split: str, context_length: int, *,
+                 tokenizer_sha256: str | None = None, vocab_size: int | None = None) -> None:
+        manifest = read_manifest(shards_dir)
+        if manifest is None:
+            raise FileNotFoundError(f"no shard manifest in {shards_dir!r} (run `ebt data prepare`)")
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{shards_dir!r}: unknown shard format {manifest.get('format')!r} (want {FORMAT})")
+        self.dir = shards_dir
+        self.manifest = manifest
+        self.dtype = np.dtype(manifest["dtype"])
+        made_with = manifest["tokenizer"]["sha256"]
+        if tokenizer_sha256 is not None and tokenizer_sha256 != made_with:
+            raise ValueError(f"tokenizer hash {tokenizer_sha256[:12]} differs from the hash {made_with[:12]} "
+                             f"the shards in {shards_dir!r} were made with")
+        vocab = vocab_size if vocab_size is not None else manifest["tokenizer"]["vocab_size"]
+        if vocab > np.iinfo(self.dtype).max + 1:
+            raise ValueError(f"vocab size {vocab} does not fit the shard dtype {self.dtype.name} of {shards_dir!r}")
+        if split not in manifest["splits"]:
+            raise ValueError(f"split {split!r} not in {shards_dir!r} (have: {', '.join(manifest['splits'])})")
+        self.split = split
+        self.context_length = context_length
+        self.files = [os.path.join(shards_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
+        tokens = np.array([s["tokens"] for s in manifest["splits"][split]["shards"]], dtype=np.int64)
+        if len(tokens) == 0:
+            raise ValueError(f"split {split!r} in {shards_dir!r} has no tokens")
+        if context_length < 1:
+            raise ValueError(f"context length must be positive, got {context_length}")
+        per_shard = np.maximum((tokens - 1) // context_length, 0)
+        if per_shard.sum() == 0:
+            raise ValueError(f"context length {context_length} is longer than the {split!r} shards in "
+                             f"{shards_dir!r} can serve (largest shard holds {int(tokens.max())} tokens, "
+                             f"a window needs {context_length + 1})")
+        self.window_starts = np.concatenate([[0], np.cumsum(per_shard)])
+        self.n_windows = int(self.window_starts[-1])
+        self._maps: list[np.ndarray] | None = None
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_maps"] = None  # each DataLoader worker opens its own memmaps
+        return state
+
+    def _open(self) -> list[np.ndarray]:
+        if self._maps is None:
+            self._maps = [np.load(path, mmap_mode="r") for path in self.files]
+        return self._maps
+
+    def read(self, windows: np.ndarray) -> np.ndarray:
+        """int64 array [len(windows), L + 1] for global window indices."""
+        maps = self._open()
+        length = self.context_length
+        shard = np.searchsorted(self.window_starts, windows, side="right") - 1
+        local = (windows - self.window_starts[shard]) * length
+        out = np.empty((len(windows), length + 1), dtype=np.int64)
+        for row, (s, start) in enumerate(zip(shard.tolist(), local.tolist(), strict=True)):
+            out[row] = maps[s][start:start + length + 1]
+        return out
