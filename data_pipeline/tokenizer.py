@@ -68,6 +68,8 @@ def train_tokenizer(source: Source, out_dir: str, *, vocab_size: int = 4096, max
     """Train BPE on `source` and write out_dir/tokenizer.model + tokenizer.json (both appear atomically)."""
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab size {vocab_size} is too small (minimum {MIN_VOCAB}: 256 byte pieces + specials)")
+    if max_sentences <= 100:  # sentencepiece's own lower bound for input_sentence_size
+        raise ValueError(f"tokenizer max sentences must be more than 100, got {max_sentences}")
     counter = [0]
     sentences = _sentences(source, counter)
     first = next(sentences, None)
