@@ -11,6 +11,7 @@ each resume, so no worker keeps stale epoch state (the persistent_workers pitfal
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +46,29 @@ class _IndexBatches:
         return rank_batches(*self.args)
 
 
+@dataclass
+class _Position:
+    epoch: int = 0
+    offset: int = 0
+
+
+def _shard_batches(shards: PackedShards, position: _Position, *, seed: int, rank: int, world_size: int,
+                   batch_size: int, num_workers: int, prefetch_factor: int) -> Iterator[torch.Tensor]:
+    # A free function sharing only `position` with the loader: no loader <-> generator reference cycle, so
+    # dropping the loader closes the generator (and shuts DataLoader workers down) at once instead of at a
+    # later cyclic GC, where worker shutdown waits out its timeouts.
+    sampler = _IndexBatches(seed, shards.n_windows, world_size, rank, position.epoch, position.offset, batch_size)
+    if num_workers == 0:
+        source: Any = (torch.from_numpy(shards.read(idx)) for idx in sampler)
+    else:
+        source = DataLoader(_WindowReader(shards), batch_size=None, sampler=sampler, num_workers=num_workers,
+                            worker_init_fn=_one_thread, prefetch_factor=prefetch_factor, persistent_workers=False)
+    for batch in source:
+        position.epoch, position.offset = advance(shards.n_windows, world_size, position.epoch, position.offset,
+                                                  batch_size)
+        yield batch
+
+
 class ShardLoader:
     """Yields LongTensor[micro_batch_size, context_length + 1] forever; see module docstring for resume."""
 
@@ -62,14 +86,18 @@ class ShardLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
-        self.epoch, self.offset = 0, 0
+        self.position = _Position()
         self._iterator: Iterator[torch.Tensor] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
 
     # -- resume -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Identical on every rank (position is global), so saving rank 0's copy is enough."""
-        return {"kind": "shards", "epoch": self.epoch, "offset": self.offset, "seed": self.seed,
-                "world_size": self.world_size, "n_windows": self.shards.n_windows,
+        return {"kind": "shards", "epoch": self.position.epoch, "offset": self.position.offset,
+                "seed": self.seed, "world_size": self.world_size, "n_windows": self.shards.n_windows,
                 "context_length": self.shards.context_length, "shards_key": self.shards.key,
                 "split": self.shards.split}
 
@@ -81,8 +109,8 @@ class ShardLoader:
             if state[key] != mine:
                 raise ValueError(f"data loader state has {key}={state[key]!r} but this run has {mine!r}")
         # A different world size is allowed: the (epoch, offset) position is global (see sampler.py).
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._iterator = None
+        self.close()
+        self.position = _Position(int(state["epoch"]), int(state["offset"]))
 
     # -- iteration ----------------------------------------------------------------------------------------
     def __iter__(self) -> ShardLoader:
@@ -90,22 +118,16 @@ class ShardLoader:
 
     def __next__(self) -> torch.Tensor:
         if self._iterator is None:
-            self._iterator = self._batches()
+            self._iterator = _shard_batches(self.shards, self.position, seed=self.seed, rank=self.rank,
+                                            world_size=self.world_size, batch_size=self.batch_size,
+                                            num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
         return next(self._iterator)
 
-    def _batches(self) -> Iterator[torch.Tensor]:
-        sampler = _IndexBatches(self.seed, self.shards.n_windows, self.world_size, self.rank, self.epoch,
-                                self.offset, self.batch_size)
-        if self.num_workers == 0:
-            source: Any = (torch.from_numpy(self.shards.read(idx)) for idx in sampler)
-        else:
-            source = DataLoader(_WindowReader(self.shards), batch_size=None, sampler=sampler,
-                                num_workers=self.num_workers, worker_init_fn=_one_thread,
-                                prefetch_factor=self.prefetch_factor, persistent_workers=False)
-        for batch in source:
-            self.epoch, self.offset = advance(self.shards.n_windows, self.world_size, self.epoch, self.offset,
-                                              self.batch_size)
-            yield batch
+    def close(self) -> None:
+        """Stop DataLoader workers now (also happens when the loader is dropped)."""
+        if self._iterator is not None:
+            self._iterator.close()  # type: ignore[attr-defined]
+            self._iterator = None
 
 
 class ShardEvalLoader:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,31 @@ class _TokenizedDocuments(IterableDataset):
             epoch, start = epoch + 1, 0
 
 
+@dataclass
+class _StreamPosition:
+    epoch: int = 0
+    doc: int = 0
+    buffer: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def _stream_batches(documents: Iterator[tuple[int, int, np.ndarray]], position: _StreamPosition, *,
+                    context_length: int, batch_size: int) -> Iterator[torch.Tensor]:
+    # Free function sharing only `position` with the loader (no reference cycle: dropping the loader stops
+    # the workers at once). The position is committed only when a batch is handed out.
+    length = context_length
+    buffer, epoch, doc = position.buffer, position.epoch, position.doc
+    while True:
+        rows = []
+        while len(rows) < batch_size:
+            while len(buffer) < length + 1:
+                epoch, doc, tokens = next(documents)
+                buffer = np.concatenate([buffer, tokens])
+            rows.append(buffer[:length + 1])
+            buffer = buffer[length:]
+        position.epoch, position.doc, position.buffer = epoch, doc, buffer.copy()
+        yield torch.from_numpy(np.stack(rows))
+
+
 class StreamLoader:
     """Yields LongTensor[micro_batch_size, context_length + 1] forever from a tokenize-on-the-fly stream."""
 
@@ -79,14 +105,14 @@ class StreamLoader:
         self.split, self.val_fraction = split, val_fraction
         self.context_length, self.batch_size = context_length, micro_batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.epoch, self.doc = 0, 0
-        self.buffer = np.zeros(0, dtype=np.int64)
+        self.position = _StreamPosition()
         self._iterator: Iterator[torch.Tensor] | None = None
         self._checked = False
 
     def state_dict(self) -> dict[str, Any]:
         """Per rank (the token buffer is this rank's): save every rank's copy."""
-        return {"kind": "stream", "epoch": self.epoch, "doc": self.doc, "buffer": self.buffer.tolist(),
+        pos = self.position
+        return {"kind": "stream", "epoch": pos.epoch, "doc": pos.doc, "buffer": pos.buffer.tolist(),
                 "rank": self.rank, "world_size": self.world_size, "context_length": self.context_length,
                 "split": self.split, "source": self.source.fingerprint(), "tokenizer": self.tokenizer_sha256}
 
@@ -102,9 +128,9 @@ class StreamLoader:
             if state[key] != mine:
                 raise ValueError(f"data loader state has {key}={str(state[key])[:16]!r} but this run has "
                                  f"{str(mine)[:16]!r}")
-        self.epoch, self.doc = int(state["epoch"]), int(state["doc"])
-        self.buffer = np.asarray(state["buffer"], dtype=np.int64)
-        self._iterator = None
+        self.close()
+        self.position = _StreamPosition(int(state["epoch"]), int(state["doc"]),
+                                        np.asarray(state["buffer"], dtype=np.int64))
 
     def __iter__(self) -> StreamLoader:
         return self
@@ -112,8 +138,15 @@ class StreamLoader:
     def __next__(self) -> torch.Tensor:
         if self._iterator is None:
             self._check_nonempty()
-            self._iterator = self._batches()
+            self._iterator = _stream_batches(self._documents(), self.position,
+                                             context_length=self.context_length, batch_size=self.batch_size)
         return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop DataLoader workers now (also happens when the loader is dropped)."""
+        if self._iterator is not None:
+            self._iterator.close()  # type: ignore[attr-defined]
+            self._iterator = None
 
     def _check_nonempty(self) -> None:
         # Checked here, in the main process, so the user sees one line instead of a worker traceback.
@@ -127,26 +160,11 @@ class StreamLoader:
     def _documents(self) -> Iterator[tuple[int, int, np.ndarray]]:
         dataset = _TokenizedDocuments(self.source, self.tokenizer_dir, self.eos_id, rank=self.rank,
                                       world_size=self.world_size, split=self.split,
-                                      val_fraction=self.val_fraction, epoch=self.epoch, doc=self.doc)
+                                      val_fraction=self.val_fraction, epoch=self.position.epoch, doc=self.position.doc)
         if self.num_workers == 0:
             return iter(dataset)
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                                prefetch_factor=8, persistent_workers=False))
-
-    def _batches(self) -> Iterator[torch.Tensor]:
-        documents = self._documents()
-        length = self.context_length
-        buffer, epoch, doc = self.buffer, self.epoch, self.doc
-        while True:
-            rows = []
-            while len(rows) < self.batch_size:
-                while len(buffer) < length + 1:
-                    epoch, doc, tokens = next(documents)
-                    buffer = np.concatenate([buffer, tokens])
-                rows.append(buffer[:length + 1])
-                buffer = buffer[length:]
-            self.epoch, self.doc, self.buffer = epoch, doc, buffer.copy()
-            yield torch.from_numpy(np.stack(rows))
 
 
 class StreamEvalLoader:
