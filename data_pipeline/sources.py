@@ -258,12 +258,17 @@ class HFDataset(Source):
         return load_dataset(self.path, self.config, **kwargs)
 
     def _texts(self, dataset) -> Iterator[str]:  # noqa: ANN001
-        for index, example in enumerate(dataset):
-            if self.text_field not in example:
+        # `.iter(batch_size)` rather than `for example in dataset`: the latter detects a torch DataLoader
+        # worker and silently yields only that worker's share of files, while our stream-mode workers each
+        # need the whole rank stream (they split it themselves, by document index).
+        index = 0
+        for batch in dataset.iter(batch_size=256):
+            if self.text_field not in batch:
                 raise ValueError(f"dataset {self.path!r} example {index}: no {self.text_field!r} field")
-            text = example[self.text_field]
-            if isinstance(text, str) and text.strip():
-                yield text
+            for text in batch[self.text_field]:
+                index += 1
+                if isinstance(text, str) and text.strip():
+                    yield text
 
     def documents(self) -> Iterator[str]:
         return self._texts(self._load())
