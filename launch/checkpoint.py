@@ -1,0 +1,234 @@
+"""Atomic, checksummed, multi-rank checkpoints and model loading.
+
+Layout of `checkpoints/step_<N>/`:
+  model.pt        model state_dict (rank 0; replicated under DDP and ZeRO-1/2)
+  optimizer.pt    optimizer state (rank 0, DDP; DeepSpeed keeps its partitions under deepspeed/)
+  trainer.pt      step/token counters, scheduler, failure counters, wandb id
+  rank_<r>.pt     per rank: RNG states (python, numpy, torch CPU/CUDA), data-loader state, EBT replay buffer
+  config.yaml     the resolved training config
+  manifest.json   sha256 and size of every file above, written LAST
+Every rank writes into `checkpoints/.tmp-step_<N>/`; after a barrier rank 0 fsyncs, writes the manifest and
+renames the directory into place, so a kill at any moment leaves no directory that looks complete but is not.
+Loading verifies the manifest; a directory that fails is reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launch.fsutil import atomic_write_text, fsync_dir, fsync_file, sha256_file
+
+MANIFEST = "manifest.json"
+STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def _noop() -> None:
+    return None
+
+
+class CheckpointError(Exception):
+    pass
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep_last: int, rank: int = 0, world_size: int = 1,
+                 barrier: Callable[[], None] = _noop, log: Callable[[str], None] = print) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+        self.barrier = barrier
+        self.log = log
+
+    # ------------------------------------------------------------------------------------------------ save
+    def save(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any], config_yaml: str,
+             deepspeed_engine: Any = None) -> Path:
+        """Collective: every rank calls it. `shared` is written by rank 0 only."""
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp-step_{step}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        self.barrier()
+        _save_pt(per_rank, tmp / f"rank_{self.rank}.pt")
+        if deepspeed_engine is not None:
+            # ZeRO partitions optimizer state per rank; DeepSpeed writes its own files (all ranks take part).
+            deepspeed_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        if self.rank == 0:
+            for name, obj in shared.items():
+                _save_pt(obj, tmp / f"{name}.pt")
+            (tmp / "config.yaml").write_text(config_yaml)
+            fsync_file(tmp / "config.yaml")
+        self.barrier()
+        if self.rank == 0:
+            files = {}
+            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                fsync_file(path)
+                rel = str(path.relative_to(tmp))
+                files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}):
+                fsync_dir(sub)
+            manifest = {"step": step, "world_size": self.world_size, "files": files}
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            if final.exists():  # a re-save of the same step (e.g. final == periodic): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+            self._prune()
+        self.barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(self.list_steps(), reverse=True)
+        for step in steps[self.keep_last:]:
+            shutil.rmtree(self.root / f"step_{step}", ignore_errors=True)
+
+    def clean_partial(self) -> None:
+        """Remove temp directories that a killed save left behind (rank 0, before training)."""
+        if self.rank == 0 and self.root.is_dir():
+            for path in self.root.glob(".tmp-step_*"):
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------ find
+    def list_steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_RE.match(p.name)))
+
+    def latest_valid(self) -> Path | None:
+        """Newest checkpoint whose manifest checks out; each bad one is reported and skipped."""
+        for step in sorted(self.list_steps(), reverse=True):
+            path = self.root / f"step_{step}"
+            problem = verify(path, world_size=self.world_size)
+            if problem is None:
+                return path
+            self.log(f"checkpoint {path} is unusable ({problem}); falling back to an earlier one")
+        return None
+
+    # ------------------------------------------------------------------------------------------------ load
+    def load_shared(self, path: Path, name: str) -> Any:
+        return _load_pt(path / f"{name}.pt")
+
+    def load_rank(self, path: Path) -> Any:
+        return _load_pt(path / f"rank_{self.rank}.pt")
+
+
+def verify(path: Path, world_size: int | None = None) -> str | None:
+    """None when `path` is a complete checkpoint, else a short reason."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest: the save did not finish"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "manifest is corrupt"
+    if world_size is not None and manifest.get("world_size") != world_size:
+        return (f"saved with {manifest.get('world_size')} ranks but this run has {world_size}; "
+                "the per-rank data and RNG state cannot be remapped")
+    for rel, meta in files.items():
+        file = path / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        if file.stat().st_size != meta["bytes"]:
+            return f"{rel} is truncated ({file.stat().st_size} of {meta['bytes']} bytes)"
+        if sha256_file(file) != meta["sha256"]:
+            return f"{rel} fails its checksum"
+    return None
+
+
+def _save_pt(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load_pt(path: Path) -> Any:
+    # weights_only=False: our own files hold numpy RNG state and plain Python objects.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _model_cfg_from_yaml(path: Path):
+    from omegaconf import OmegaConf
+
+    from ebt import ModelConfig
+
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    section = data.get("model", data) if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: no model section")
+    return ModelConfig(**section)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, an export dir, a run dir (its newest valid checkpoint) or its checkpoints/ dir."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint or run directory: {path}")
+    if (path / "model.safetensors").is_file() or (path / MANIFEST).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if root.is_dir() and any(STEP_RE.match(p.name) for p in root.iterdir()):
+            latest = CheckpointManager(root, keep_last=1).latest_valid()
+            if latest is None:
+                raise FileNotFoundError(f"{path}: no valid checkpoint")
+            return latest
+    raise FileNotFoundError(f"{path}: neither a checkpoint, an export nor a run directory")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, model_cfg) from a checkpoint dir, an `ebt export` dir, or a run dir (newest valid checkpoint)."""
+    from ebt import build_model
+
+    path = resolve_checkpoint(path)
+    cfg = _model_cfg_from_yaml(path / "config.yaml")
+    model = build_model(cfg)
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_model as st_load_model
+
+        st_load_model(model, str(path / "model.safetensors"), device=str(device))
+    else:
+        problem = verify(path)
+        if problem is not None:
+            raise ValueError(f"checkpoint {path} is unusable: {problem}")
+        model.load_state_dict(_load_pt(path / "model.pt"))
+    return model.to(device).eval(), cfg
+
+
+def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """safetensors weights plus config.yaml (the model section), written atomically as a directory."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_model
+
+    model, cfg = load_model(checkpoint)
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    # save_model (not save_file) de-duplicates tied weights, which safetensors cannot store twice.
+    save_model(model, str(tmp / "model.safetensors"))
+    import dataclasses
+
+    (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": dataclasses.asdict(cfg)})))
+    for file in tmp.iterdir():
+        fsync_file(file)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    return out

@@ -1,0 +1,357 @@
+"""Training configuration: YAML files merged with OmegaConf onto typed dataclasses, plus `key=value` overrides.
+
+Why our own front end on top of OmegaConf: its structured configs already reject wrong types, but their
+messages are multi-line and never suggest what the user meant. Every error here is one line that names the
+offending key (`optim.lr`), suggests the closest valid key for typos, and is raised as `ValueError`, which the
+CLI prints as `ebt train: error: ...`.
+
+A training YAML may pull other YAML files in first with `include: [relative/path.yaml, ...]` (later files and
+the including file win), which is how `configs/train/*.yaml` reuse `configs/model/<size>.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline import DataConfig
+from ebt import ModelConfig
+from ebt.sizes import SIZES
+
+PRECISIONS = ("auto", "fp32", "bf16")
+STRATEGIES = ("ddp", "deepspeed", "fsdp")
+
+
+@dataclass
+class OptimConfig:
+    # None: take the size table's reference peak LR for model.size.
+    lr: float | None = None
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    # The usual practice (and the default) exempts norm gains and biases from weight decay.
+    decay_norms_and_biases: bool = False
+    warmup_steps: int = 100
+    # Cosine decays from the peak to peak * min_lr_scale at trainer.max_steps.
+    min_lr_scale: float = 0.1
+    # Max global gradient norm; 0 disables clipping.
+    clip_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    # auto: bf16 autocast where the device supports it (CUDA with bf16), else fp32.
+    precision: str = "auto"
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 16  # validation micro-batches per evaluation and rank; 0 = the whole split
+    # A step whose loss or gradient is non-finite is skipped; this many in a row aborts the run.
+    max_nonfinite_in_row: int = 5
+    # Peak FLOP/s of one device for MFU; 0 measures a matmul at start-up (CPU) or uses a known table (CUDA).
+    peak_flops: float = 0.0
+    num_workers: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps; 0 disables periodic checkpoints (preemption and the final one still happen)
+    keep_last: int = 3
+    resume: bool = True  # resume from the newest valid checkpoint in the run dir
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline | online | disabled; the WANDB_MODE env var wins when set
+    wandb_project: str = "ebt"
+    progress: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "ddp"  # ddp (also plain single process) | deepspeed | fsdp
+    deepspeed_config: str | None = None  # a configs/deepspeed/*.json file, required for strategy=deepspeed
+    timeout_s: float = 600.0  # collective timeout: a dead rank makes the others fail within this bound
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    runs_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    @property
+    def peak_lr(self) -> float:
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return SIZES[self.model.size].peak_lr if self.model.size else 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- key checking
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    """The dataclass inside a field annotation (`X`, `X | None`), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _check_keys(raw: Any, schema: type, prefix: str = "") -> None:
+    """Reject unknown keys, suggesting the closest valid one (difflib) at any depth."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    # Suggest among full dotted keys too, so `lr=...` at the top level points at `optim.lr`.
+    for key, value in raw.items():
+        if key not in names:
+            full = f"{prefix}{key}"
+            candidates = [f"{prefix}{n}" for n in names] + [k for k in _all_keys(TrainConfig) if k.endswith(key)]
+            close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.5)
+            suggestion = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown config key '{full}'{suggestion}")
+        sub = _dataclass_type(hints[key])
+        if sub is not None and value is not None:
+            _check_keys(value, sub, f"{prefix}{key}.")
+
+
+def _all_keys(schema: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        sub = _dataclass_type(hints[f.name])
+        keys.append(prefix + f.name)
+        if sub is not None:
+            keys.extend(_all_keys(sub, f"{prefix}{f.name}."))
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """One YAML file with its `include:` files merged in underneath it."""
+    path = path.resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path in seen:
+        raise ValueError(f"{path}: include cycle")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as error:  # yaml's parser errors are multi-line; keep the first line
+        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    data = OmegaConf.to_container(node, resolve=False) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    includes = data.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = _merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
+    return _merge(merged, data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=1` strings to a nested dict; values parse as YAML scalars/lists (OmegaConf's dotlist)."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ValueError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
+    except OmegaConfBaseException as error:
+        raise ValueError(f"bad override: {str(error).splitlines()[0]}") from None
+
+
+def _structured(schema: type, raw: dict, prefix: str) -> Any:
+    """Merge `raw` onto the dataclass schema; a type error names the full key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(raw))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = f"{prefix}{error.full_key}" if getattr(error, "full_key", None) else prefix.rstrip(".")
+        msg = str(error).splitlines()[0]
+        raise ValueError(f"config key '{key}': {msg}") from None
+    except (ValueError, TypeError) as error:  # the dataclass's own __post_init__ validation
+        msg = str(error).splitlines()[0]
+        raise ValueError(msg if msg.startswith(prefix) and prefix else f"{prefix}{msg}") from None
+
+
+def _model_from_raw(raw: dict) -> ModelConfig:
+    """Size-table dims first, explicit keys on top, so `size: xs` plus `dim: 512` means what it says."""
+    size = raw.get("size")
+    base: dict = {}
+    if size is not None:
+        if size not in SIZES:
+            close = difflib.get_close_matches(str(size), list(SIZES), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(SIZES)}"
+            raise ValueError(f"config key 'model.size': unknown size {size!r}{hint}")
+        spec = SIZES[size]
+        base = {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "dim": spec.dim}
+    model = _structured(ModelConfig, _merge(base, raw), "model.")
+    return model
+
+
+def build_config(raw: dict) -> TrainConfig:
+    """A nested dict (already merged) to a validated TrainConfig."""
+    _check_keys(raw, TrainConfig)
+    raw = dict(raw)
+    model_raw = raw.pop("model", None) or {}
+    cfg: TrainConfig = _structured(TrainConfig, {k: v for k, v in raw.items()}, "")
+    # The model's vocabulary follows the tokenizer's unless set explicitly.
+    model_raw = {"vocab_size": cfg.data.vocab_size, **model_raw}
+    cfg.model = _model_from_raw(model_raw)
+    validate(cfg)
+    return cfg
+
+
+def load_config(paths: list[str | Path] | str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    raw: dict = {}
+    for path in paths:
+        raw = _merge(raw, _read_yaml(Path(path)))
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return build_config(raw)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    from launch.fsutil import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg))))
+
+
+def load_saved_config(path: Path) -> TrainConfig:
+    return build_config(OmegaConf.to_container(OmegaConf.load(path)))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _err(key: str, msg: str) -> ValueError:
+    return ValueError(f"config key '{key}': {msg}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks: each failure names one key."""
+    t, o, c, d = cfg.trainer, cfg.optim, cfg.checkpoint, cfg.distributed
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise _err("name", f"must be a plain directory name, got {cfg.name!r}")
+    for key, value in (("trainer.max_steps", t.max_steps), ("trainer.micro_batch_size", t.micro_batch_size),
+                       ("trainer.grad_accum_steps", t.grad_accum_steps), ("trainer.log_every", t.log_every),
+                       ("trainer.max_nonfinite_in_row", t.max_nonfinite_in_row),
+                       ("checkpoint.keep_last", c.keep_last)):
+        if value < 1:
+            raise _err(key, f"must be >= 1, got {value}")
+    for key, value in (("trainer.eval_every", t.eval_every), ("trainer.eval_batches", t.eval_batches),
+                       ("checkpoint.every", c.every), ("optim.warmup_steps", o.warmup_steps),
+                       ("optim.weight_decay", o.weight_decay), ("optim.clip_grad_norm", o.clip_grad_norm),
+                       ("trainer.num_workers", t.num_workers), ("trainer.peak_flops", t.peak_flops)):
+        if value < 0:
+            raise _err(key, f"must be >= 0, got {value}")
+    if o.lr is not None and not o.lr > 0:
+        raise _err("optim.lr", f"must be > 0, got {o.lr}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise _err("optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
+    if not 0.0 <= o.min_lr_scale <= 1.0:
+        raise _err("optim.min_lr_scale", f"must lie in [0, 1], got {o.min_lr_scale}")
+    if t.precision not in PRECISIONS:
+        raise _err("trainer.precision", f"must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
+        raise _err("logging.wandb_mode", f"must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
+    if d.strategy not in STRATEGIES:
+        raise _err("distributed.strategy", f"must be one of {', '.join(STRATEGIES)}, got {d.strategy!r}")
+    if d.timeout_s <= 0:
+        raise _err("distributed.timeout_s", f"must be > 0, got {d.timeout_s}")
+    if d.strategy == "deepspeed":
+        if not d.deepspeed_config:
+            raise _err("distributed.deepspeed_config", "strategy=deepspeed needs a configs/deepspeed/*.json file")
+        stage = deepspeed_stage(d.deepspeed_config)
+        if stage == 3 and cfg.model.kind == "ebt":
+            raise _err("distributed.deepspeed_config",
+                       "ZeRO-3 cannot train an EBT: it releases gathered parameters that the second-order "
+                       "(double) backward still needs (deepspeedai/DeepSpeed#3539); use ZeRO-1 or ZeRO-2")
+    elif d.deepspeed_config:
+        raise _err("distributed.deepspeed_config", f"is only used with distributed.strategy=deepspeed, "
+                   f"not {d.strategy!r}")
+    if d.strategy == "fsdp":
+        if cfg.model.kind == "ebt":
+            raise _err("distributed.strategy",
+                       "FSDP cannot train an EBT yet: sharded parameters break the double backward through the "
+                       "MCMC inner gradient (FSDP1 does not support it; FSDP2 only with resharding disabled); "
+                       "use ddp or deepspeed ZeRO-1/2")
+        raise _err("distributed.strategy", "fsdp is not implemented; use ddp or deepspeed ZeRO-1/2")
+    if cfg.model.context_length < 2:
+        raise _err("model.context_length", "must be >= 2")
+
+
+def deepspeed_stage(path: str) -> int:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"distributed.deepspeed_config: file not found: {path}")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"distributed.deepspeed_config: {path} is not valid JSON ({error})") from None
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+MODEL_RESUME_KEYS_IGNORED: tuple[str, ...] = ()
+
+
+def check_resume_compatible(saved: dict, cfg: TrainConfig, run_dir: Path) -> None:
+    """Resuming with a different model (or data/seed layout) would load mismatched state: refuse, naming the key."""
+    current = config_to_dict(cfg)
+    for section in ("model",):
+        for key, old in saved.get(section, {}).items():
+            new = current[section].get(key)
+            if key not in MODEL_RESUME_KEYS_IGNORED and old != new:
+                raise ValueError(f"config key '{section}.{key}': the run in {run_dir} was trained with {old!r} "
+                                 f"but this config says {new!r}; pick a new name= or remove the run dir")
+    for key in ("micro_batch_size", "grad_accum_steps", "seed"):
+        old, new = saved.get("trainer", {}).get(key), current["trainer"][key]
+        if old is not None and old != new:
+            raise ValueError(f"config key 'trainer.{key}': the run in {run_dir} used {old!r} but this config "
+                             f"says {new!r}; resuming would not continue the same run")

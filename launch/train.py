@@ -1,0 +1,84 @@
+"""`ebt train` and `ebt export`, and `run_training(cfg)` for programmatic use (Slurm, eval, tests)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Any
+
+from launch.config import TrainConfig, load_config
+from launch.signals import PREEMPTED_EXIT_CODE
+
+
+def run_training(cfg: TrainConfig, log=None) -> dict[str, Any]:
+    """Train (resuming from the newest valid checkpoint in the run dir); returns the final metrics.
+
+    Under torchrun / accelerate launch / srun each process calls this; it returns on every rank.
+    """
+    from launch.trainer import Trainer
+
+    trainer = Trainer(cfg, log=log)
+    try:
+        trainer.setup()
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    return result
+
+
+def _relaunch_with_torchrun(args: argparse.Namespace) -> int:
+    """`--nproc N` on one machine: re-run this command under torchrun with N local processes."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    cmd = torchrun + ["-m", "launch.cli", "train", *args.configs, *args.overrides]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def _train(args: argparse.Namespace) -> int:
+    configs = [c for c in args.configs if c.endswith((".yaml", ".yml")) or "=" not in c]
+    overrides = [c for c in args.configs if c not in configs] + list(args.overrides)
+    if not configs:
+        raise ValueError("no config file given: ebt train CONFIG.yaml [key=value ...]")
+    args.configs, args.overrides = configs, overrides
+    cfg = load_config(configs, overrides)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_with_torchrun(args)
+    result = run_training(cfg)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if result["preempted"]:
+        return PREEMPTED_EXIT_CODE
+    if rank0:
+        ppl = result.get("val_ppl")
+        print(f"validation perplexity: {ppl:.3f} (loss {result['val_loss']:.4f}) after {result['step']} steps, "
+              f"{result['tokens']:,} tokens" if ppl is not None else "training finished")
+        print(f"run dir: {result['run_dir']}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from launch.checkpoint import export_model
+
+    out = export_model(args.checkpoint, args.out)
+    print(f"exported {out}/model.safetensors and {out}/config.yaml")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train an EBT or Transformer++ (resumes automatically)",
+                              description="Train from YAML config(s) with key=value overrides. Launch several "
+                              "processes with torchrun, accelerate launch, srun or --nproc.")
+    p.add_argument("configs", nargs="+", help="config YAML file(s), merged in order, then key=value overrides")
+    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--nproc", type=int, default=1, help="local processes (re-launches under torchrun)")
+    p.set_defaults(func=_train)
+
+    e = subparsers.add_parser("export", help="write safetensors weights + config.yaml from a checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint dir, or a run dir (its newest valid checkpoint)")
+    e.add_argument("out", help="output directory")
+    e.set_defaults(func=_export)
+
+
+__all__ = ["PREEMPTED_EXIT_CODE", "register", "run_training"]

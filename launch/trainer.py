@@ -1,0 +1,409 @@
+"""The generic training loop: steps, accumulation, non-finite handling, evaluation, checkpoints, logging.
+
+Model-kind specifics live in a TrainModule (launch/train_module.py); process setup in launch/distributed.py.
+Exact resume: everything that shapes a later step is in the checkpoint (weights, optimizer, scheduler, counters,
+per-rank RNG streams, data-loader position, replay buffer), evaluation runs under a forked RNG so it never
+shifts the training stream, and metrics.jsonl is cut back to the checkpoint's step on restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import data_pipeline
+from ebt import NonFiniteEnergyGradientError, build_model
+from launch.checkpoint import CheckpointManager
+from launch.config import TrainConfig, check_resume_compatible, config_to_dict, load_saved_config, save_config
+from launch.distributed import all_reduce_sum, barrier, broadcast_object, configure_threads, make_accelerator
+from launch.metrics import MetricsWriter, Throughput, measured_peak_flops, peak_memory_mb
+from launch.optim import build_optimizer, build_scheduler
+from launch.signals import PreemptionFlag
+from launch.train_module import make_train_module
+
+
+class NonFiniteAbort(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=None) -> None:
+        configure_threads()
+        self.cfg = cfg
+        self.accelerator = make_accelerator(cfg)
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.is_main = self.rank == 0
+        self._log = log or print
+        self.is_deepspeed = cfg.distributed.strategy == "deepspeed"
+        self.run_dir = cfg.run_dir
+        self.step = 0
+        self.tokens = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_row = 0
+        self.wandb_id: str | None = None
+        self.wandb_run = None
+        self.last_eval: dict[str, float] = {}
+        self.preempt = PreemptionFlag()
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            self._log(msg)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if self.is_main:
+            data_pipeline.prepare_if_needed(cfg.data)
+        barrier()
+        if cfg.model.vocab_size != data_pipeline.vocab_size(cfg.data):
+            raise ValueError(f"config key 'model.vocab_size': {cfg.model.vocab_size} differs from the tokenizer's "
+                             f"{data_pipeline.vocab_size(cfg.data)} (data.vocab_size)")
+        # Same seed on every rank: identical initial weights without a broadcast.
+        seed_everything(cfg.trainer.seed)
+        model = build_model(cfg.model)
+        self.raw_model = model
+        self.module = make_train_module(cfg.model)
+        optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(optimizer, cfg)
+        if self.is_deepspeed:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        else:
+            self.model = self.accelerator.prepare_model(model)
+            self.optimizer = optimizer
+        self.model.train()
+        # From here each rank draws its own MCMC noise and replay samples.
+        seed_everything(cfg.trainer.seed + 1_000_003 * (self.rank + 1))
+        t = cfg.trainer
+        self.loader = data_pipeline.build_loader(
+            cfg.data, split="train", context_length=cfg.model.context_length, micro_batch_size=t.micro_batch_size,
+            rank=self.rank, world_size=self.world, seed=t.seed, num_workers=t.num_workers)
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * cfg.model.context_length
+        self.peak_flops = t.peak_flops or measured_peak_flops(self.device)
+        self.flops_per_token = self.module.flops_per_token()
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.rank, self.world,
+                                      barrier=barrier, log=self.log)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main)
+        self._resume()
+        self.train_iter = iter(self.loader)
+        if self.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self._init_wandb()
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        self.ckpt.clean_partial()
+        barrier()
+        path = self.ckpt.latest_valid() if self.is_main else None
+        path = broadcast_object(str(path) if path else None)
+        if path is None:
+            if self.is_main:
+                self.metrics.truncate_after(0)
+                id_file = self.run_dir / "wandb_id"
+                self.wandb_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+            return
+        path = Path(path)
+        if not cfg.checkpoint.resume:
+            raise ValueError(f"config key 'checkpoint.resume': {self.run_dir} already holds checkpoints; "
+                             "set checkpoint.resume=true to continue it or pick a new name=")
+        saved = config_to_dict(load_saved_config(path / "config.yaml"))
+        check_resume_compatible(saved, cfg, self.run_dir)
+        trainer_state = self.ckpt.load_shared(path, "trainer")
+        if self.is_deepspeed:
+            self.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        else:
+            self.raw_model.load_state_dict(self.ckpt.load_shared(path, "model"))
+            self.optimizer.load_state_dict(self.ckpt.load_shared(path, "optimizer"))
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        self.step = trainer_state["step"]
+        self.tokens = trainer_state["tokens"]
+        self.nonfinite_total = trainer_state["nonfinite_total"]
+        self.nonfinite_in_row = trainer_state["nonfinite_in_row"]
+        self.wandb_id = trainer_state.get("wandb_id")
+        per_rank = self.ckpt.load_rank(path)
+        self.loader.load_state_dict(per_rank["data"])
+        self.module.load_state_dict(self.raw_model, per_rank["module"])
+        set_rng_state(per_rank["rng"])
+        self.metrics.truncate_after(self.step)
+        self.log(f"resumed from {path} (step {self.step})")
+
+    def _init_wandb(self) -> None:
+        lc = self.cfg.logging
+        if not (self.is_main and lc.wandb):
+            return
+        os.environ.setdefault("WANDB_MODE", lc.wandb_mode)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        (self.run_dir / "wandb_id").write_text(str(self.wandb_id))
+        import wandb
+
+        self.wandb_run = wandb.init(project=lc.wandb_project, name=self.cfg.name, id=self.wandb_id,
+                                    resume="allow", dir=str(self.run_dir), config=config_to_dict(self.cfg))
+
+    # ------------------------------------------------------------------------------------------------ step
+    def _next_batch(self) -> torch.Tensor:
+        return next(self.train_iter).to(self.device, non_blocking=True)
+
+    def forward_backward(self, tokens: torch.Tensor, last_micro: bool, **model_kwargs: Any) -> tuple[dict, bool]:
+        """One micro-batch: one call of the wrapped module (the whole MCMC loop for an EBT), one backward.
+
+        A non-finite loss (or inner gradient) is replaced by a zero loss that still touches every parameter,
+        so every rank's backward and gradient all-reduce stay matched; the step is then skipped everywhere.
+        """
+        accum = self.cfg.trainer.grad_accum_steps
+        sync = contextlib.nullcontext()
+        if not self.is_deepspeed and not last_micro and self.world > 1:
+            sync = self.accelerator.no_sync(self.model)
+        with sync:
+            try:
+                with self.accelerator.autocast():
+                    loss, metrics = self.module.loss(self.model, tokens, **model_kwargs)
+                finite = bool(torch.isfinite(loss.detach()).item())
+            except NonFiniteEnergyGradientError:
+                loss, metrics, finite = None, {}, False
+            if not finite:
+                loss = sum(p.sum() for p in self.raw_model.parameters()) * 0.0
+            if self.is_deepspeed:
+                self.model.backward(loss)
+                if not last_micro:
+                    self.model.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
+            else:
+                (loss / accum).backward()
+        return metrics, finite
+
+    def optimizer_step(self, skip: bool) -> tuple[float, bool]:
+        """Clip, check the gradient norm, update unless skipping. Returns (grad_norm, updated)."""
+        clip = self.cfg.optim.clip_grad_norm
+        if self.is_deepspeed:
+            # DeepSpeed owns the update (clipping per its config, set from optim.clip_grad_norm); a non-finite
+            # loss was already replaced by a zero loss on its rank, so the step cannot be withheld here.
+            self.model.step()
+            norm = self.model.get_global_grad_norm()
+            norm = float(norm) if norm is not None else float("nan")
+            return norm, not skip and math.isfinite(norm)
+        norm = float("nan")
+        if not skip:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
+                                                        clip if clip > 0 else math.inf))
+        updated = not skip and math.isfinite(norm)
+        if updated:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, updated
+
+    def full_gradients(self) -> dict[str, torch.Tensor]:
+        """Every parameter's full (reduced) gradient; collective under DeepSpeed. For tests and debugging."""
+        out = {}
+        for name, param in self.raw_model.named_parameters():
+            if self.is_deepspeed:
+                from deepspeed.utils import safe_get_full_grad
+
+                grad = safe_get_full_grad(param)
+            else:
+                grad = param.grad
+            out[name] = None if grad is None else grad.detach().float().cpu().clone()
+        return out
+
+    def train_step(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        local_bad = 0
+        for micro in range(t.grad_accum_steps):
+            metrics, finite = self.forward_backward(self._next_batch(), micro == t.grad_accum_steps - 1)
+            local_bad += 0 if finite else 1
+            if finite:
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                    counts[key] = counts.get(key, 0) + 1
+        keys = [k for k in self.module.metric_keys if k != "ppl"] + ["ce"]
+        vec = torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0) for k in keys]
+                           + [local_bad, 1.0 if self.preempt.requested else 0.0], dtype=torch.float64)
+        vec = all_reduce_sum(vec)
+        n = len(keys)
+        any_bad = vec[2 * n].item() > 0
+        self.preempt_agreed = vec[2 * n + 1].item() > 0
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm, updated = self.optimizer_step(skip=any_bad)
+        skipped = not updated
+        self.scheduler.step()
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        row: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
+        for i, key in enumerate(keys):
+            count = vec[n + i].item()
+            row[key] = vec[i].item() / count if count else float("nan")
+        ce = row.pop("ce")
+        row["ppl"] = math.exp(min(ce, 700.0)) if math.isfinite(ce) else float("nan")
+        row.update(lr=lr, grad_norm=grad_norm, skipped=skipped)
+        if skipped:
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= t.max_nonfinite_in_row:
+                raise NonFiniteAbort(f"{self.nonfinite_in_row} non-finite steps in a row (last at step {self.step});"
+                                     " lower optim.lr or model.alpha_init (trainer.max_nonfinite_in_row)")
+        else:
+            self.nonfinite_in_row = 0
+        row["nonfinite_steps"] = self.nonfinite_total
+        return row
+
+    # ------------------------------------------------------------------------------------------------ eval
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over the first trainer.eval_batches batches per rank (0: the whole split), on
+        the same windows every time."""
+        cfg = self.cfg
+        self.raw_model.eval()
+        total, count = 0.0, 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.trainer.seed + 17)
+            loader = data_pipeline.build_eval_loader(
+                cfg.data, split="val", context_length=cfg.model.context_length,
+                micro_batch_size=cfg.trainer.micro_batch_size, rank=self.rank, world_size=self.world)
+            for i, batch in enumerate(loader):
+                if cfg.trainer.eval_batches and i >= cfg.trainer.eval_batches:
+                    break
+                with self.accelerator.autocast():
+                    total += self.module.eval_loss(self.raw_model, batch.to(self.device))
+                count += 1
+        self.raw_model.train()
+        vec = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
+        loss = vec[0].item() / max(vec[1].item(), 1)
+        self.last_eval = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+        return self.last_eval
+
+    # ------------------------------------------------------------------------------------------------ save
+    def save_checkpoint(self) -> Path:
+        if not self.is_deepspeed:
+            finite = all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters())
+            if not finite:
+                raise NonFiniteAbort(f"refusing to checkpoint non-finite weights at step {self.step}")
+        shared: dict[str, Any] = {
+            "trainer": {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
+                        "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
+                        "wandb_id": self.wandb_id},
+            "model": self.raw_model.state_dict(),
+        }
+        if not self.is_deepspeed:
+            shared["optimizer"] = self.optimizer.state_dict()
+        per_rank = {"rng": rng_state(), "data": self.loader.state_dict(),
+                    "module": self.module.state_dict(self.raw_model)}
+        from omegaconf import OmegaConf
+
+        config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(self.cfg)))
+        return self.ckpt.save(self.step, shared, per_rank, config_yaml,
+                              deepspeed_engine=self.model if self.is_deepspeed else None)
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t, c = cfg.trainer, cfg.checkpoint
+        self.preempt.install()
+        progress = _Progress(enabled=self.is_main and cfg.logging.progress, total=t.max_steps, start=self.step)
+        throughput = Throughput()
+        preempted = False
+        last_saved = self.step
+        try:
+            with progress:
+                while self.step < t.max_steps:
+                    row = self.train_step()
+                    throughput.add(self.tokens_per_step)
+                    if t.eval_every and self.step % t.eval_every == 0:
+                        row.update(self.evaluate())
+                    if self.step % t.log_every == 0 or row.keys() & {"val_loss"}:
+                        tps = throughput.rate()
+                        row.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / (self.peak_flops * self.world),
+                                   peak_mem_mb=peak_memory_mb(self.device), time=time.time())
+                        self.metrics.write(row)
+                        if self.wandb_run is not None:
+                            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
+                    progress.update(self.step, row)
+                    if self.preempt_agreed:
+                        self.save_checkpoint()
+                        last_saved = self.step
+                        preempted = True
+                        self.log(f"preemption signal: saved checkpoint at step {self.step}; exiting")
+                        break
+                    if c.every and self.step % c.every == 0:
+                        self.save_checkpoint()
+                        last_saved = self.step
+            if not preempted:
+                if c.save_final and last_saved != self.step:
+                    self.save_checkpoint()
+                final = self.evaluate()
+                self.metrics.write({"step": self.step, "tokens": self.tokens, "final": True, **final})
+                if self.wandb_run is not None:
+                    self.wandb_run.summary.update(final)
+        finally:
+            self.preempt.restore()
+            self.metrics.close()
+            if self.wandb_run is not None:
+                self.wandb_run.finish()
+        result = {"step": self.step, "tokens": self.tokens, "run_dir": str(self.run_dir), "preempted": preempted,
+                  "nonfinite_steps": self.nonfinite_total, **self.last_eval}
+        return result
+
+    def close(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class _Progress:
+    """A rich progress bar on rank 0 (a no-op elsewhere or when logging.progress=false)."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.start = start
+        self._bar = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self._bar.__enter__()
+            self._task = self._bar.add_task("train", total=self.total, completed=self.start, info="")
+        return self
+
+    def update(self, step: int, row: dict) -> None:
+        if self._bar is not None:
+            info = f"loss {row.get('loss', float('nan')):.3f}"
+            if "val_ppl" in row:
+                info += f" val_ppl {row['val_ppl']:.1f}"
+            self._bar.update(self._task, completed=step, info=info)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
