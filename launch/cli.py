@@ -13,6 +13,7 @@ import sys
 
 COMMAND_MODULES: list[str] = [
     "data_pipeline.cli",
+    "launch.train",
 ]
 
 
