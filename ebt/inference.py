@@ -103,8 +103,12 @@ def think(
     accept_lower: bool = False,
     noise: float = 0.0,
     generator: torch.Generator | None = None,
+    starts: torch.Tensor | None = None,
 ) -> ThinkResult:
-    """Refine candidates for every position of tokens [B, S] with `samples` chains of `steps` steps each."""
+    """Refine candidates for every position of tokens [B, S] with `samples` chains of `steps` steps each.
+
+    `starts` [B, samples, S, V] gives the chains' initial logits; by default they are drawn from `generator`.
+    """
     cfg = model.cfg
     check_tokens("tokens", tokens, cfg.vocab_size, cfg.context_length)
     check_positive_int("steps", steps, minimum=0)
@@ -113,10 +117,13 @@ def think(
         raise ValueError(f"selection: unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
     batch, length = tokens.shape
     like = model.alpha_raw
-    # Sample m's start is the m-th draw, so samples=1 reproduces the first chain of samples=M exactly.
-    starts = torch.stack(
-        [model.initial_logits((batch, length, cfg.vocab_size), like, generator) for _ in range(samples)], dim=1
-    )
+    if starts is None:
+        # Sample m's start is the m-th draw, so samples=1 reproduces the first chain of samples=M exactly.
+        draws = [model.initial_logits((batch, length, cfg.vocab_size), like, generator) for _ in range(samples)]
+        starts = torch.stack(draws, dim=1)
+    elif tuple(starts.shape) != (batch, samples, length, cfg.vocab_size):
+        expected = (batch, samples, length, cfg.vocab_size)
+        raise ValueError(f"starts: expected shape {expected}, got {tuple(starts.shape)}")
     flat_tokens = tokens.repeat_interleave(samples, dim=0)
     energy_fn = model.energy_fn(flat_tokens)
     logits, energies = descend(

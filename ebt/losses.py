@@ -17,8 +17,10 @@ def token_cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float = 0.0
 ) -> torch.Tensor:
     """Mean CE over the non-ignored tokens of logits [B, S, V] against targets [B, S]."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # low-precision log-softmax over a large vocabulary loses the loss
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
+        logits.reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,

@@ -7,6 +7,7 @@ from torch import nn
 
 from ebt.config import ModelConfig
 from ebt.energy import EnergyTransformer, RealContext
+from ebt.inference import think
 from ebt.losses import contrastive_energy_loss, smoothing_schedule, token_cross_entropy
 from ebt.mcmc import Trajectory, run_mcmc
 from ebt.replay import ReplayBuffer
@@ -98,7 +99,7 @@ class EnergyBasedTransformer(nn.Module):
             loss = loss + cfg.contrastive_weight * self._contrastive(energy, trajectory, targets, steps)
         if self.training and self.replay_buffer is not None:
             self.replay_buffer.push(tokens, trajectory.logits[-1])
-        metrics.update(alpha=float(self.alpha), replayed=float(replayed), mcmc_steps=float(steps))
+        metrics.update(alpha=float(self.alpha.detach()), replayed=float(replayed), mcmc_steps=float(steps))
         metrics["energy_gap"] = float(trajectory.energies[0].mean() - trajectory.energies[-1].mean())
         return loss, metrics
 
@@ -132,7 +133,6 @@ class EnergyBasedTransformer(nn.Module):
 
     # ---- System-2 inference ----------------------------------------------------------------------------------
     def think(self, tokens: torch.Tensor, steps: int, samples: int = 1, selection: str = "min",
-              accept_lower: bool = False, noise: float = 0.0, generator: torch.Generator | None = None):
-        from ebt.inference import think
-
-        return think(self, tokens, steps, samples, selection, accept_lower, noise, generator)
+              accept_lower: bool = False, noise: float = 0.0, generator: torch.Generator | None = None,
+              starts: torch.Tensor | None = None):
+        return think(self, tokens, steps, samples, selection, accept_lower, noise, generator, starts)

@@ -1,0 +1,79 @@
+"""An independent, naive reading of the EBT contract, used as the test oracle.
+
+E_i is the last-position output of a plain causal transformer run on [x_0..x_i, p_i] (time_embed: on
+[t_k, x_0..x_i, p_i]), with p_i embedded as p_i @ W and placed at the next RoPE position. Everything here is
+written from the definitions (explicit masks, explicit rotary angles, one sequence at a time) and shares no code
+with the model beyond reading its weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """x [H, T, d]: pair feature j with j + d/2 and rotate the pair at position t by t * theta^(-2j/d)."""
+    heads, length, dim = x.shape
+    half = dim // 2
+    out = torch.empty_like(x)
+    for t in range(length):
+        for j in range(half):
+            angle = torch.tensor(t * theta ** (-2.0 * j / dim), dtype=torch.float64)
+            c, s = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
+            a, b = x[:, t, j], x[:, t, j + half]
+            out[:, t, j] = a * c - b * s
+            out[:, t, j + half] = a * s + b * c
+    return out
+
+
+def causal_lm_last_energy(model, sequence: torch.Tensor, step: int) -> torch.Tensor:
+    """Energy of the last position of `sequence` [T, D] (already embedded) through the energy transformer."""
+    energy_model = model.energy_model
+    cfg = model.cfg
+    length = sequence.shape[0]
+    mask = torch.full((length, length), float("-inf"), dtype=sequence.dtype).triu(1)
+    hidden = sequence
+    step_row = min(step, cfg.max_step_embeddings - 1)
+    for layer, block in enumerate(energy_model.blocks):
+        shift1 = scale1 = shift2 = scale2 = None
+        if cfg.variant == "adaln":
+            mod = energy_model.adaln[layer].weight @ energy_model.step_emb.weight[step_row]
+            shift1, scale1, shift2, scale2 = mod.split(cfg.dim)
+        normed = rms_norm(hidden, block.attn_norm.weight, cfg.norm_eps)
+        if shift1 is not None:  # adaLN modulates the candidate (last) position only
+            normed = torch.cat((normed[:-1], normed[-1:] * (1 + scale1) + shift1))
+        heads = cfg.n_heads
+        q = (normed @ block.wq.weight.T).view(length, heads, -1).transpose(0, 1)
+        k = (normed @ block.wk.weight.T).view(length, heads, -1).transpose(0, 1)
+        v = (normed @ block.wv.weight.T).view(length, heads, -1).transpose(0, 1)
+        q, k = rotate(q, cfg.rope_theta), rotate(k, cfg.rope_theta)
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + mask
+        attended = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(length, -1)
+        hidden = hidden + attended @ block.wo.weight.T
+        normed = rms_norm(hidden, block.ffn_norm.weight, cfg.norm_eps)
+        if shift2 is not None:
+            normed = torch.cat((normed[:-1], normed[-1:] * (1 + scale2) + shift2))
+        gate = normed @ block.w1.weight.T
+        hidden = hidden + ((gate * torch.sigmoid(gate)) * (normed @ block.w3.weight.T)) @ block.w2.weight.T
+    last = rms_norm(hidden[-1], energy_model.final_norm.weight, cfg.norm_eps)
+    return last @ energy_model.energy_head.weight[0]
+
+
+def oracle_energies(model, tokens: torch.Tensor, candidate_probs: torch.Tensor, step: int) -> torch.Tensor:
+    """[B, S] energies, each from its own naive causal-LM run."""
+    energy_model = model.energy_model
+    cand_weight = energy_model.tok_emb.weight if energy_model.cand_proj is None else energy_model.cand_proj
+    batch, length = tokens.shape
+    out = torch.empty(batch, length, dtype=candidate_probs.dtype)
+    for b in range(batch):
+        for i in range(length):
+            parts = [energy_model.tok_emb.weight[tokens[b, : i + 1]], (candidate_probs[b, i] @ cand_weight)[None]]
+            if model.cfg.variant == "time_embed":
+                step_row = min(step, model.cfg.max_step_embeddings - 1)
+                parts.insert(0, energy_model.step_tokens[step_row][None])
+            out[b, i] = causal_lm_last_energy(model, torch.cat(parts), step)
+    return out

@@ -1,0 +1,98 @@
+"""Bad input names the argument; sizes, parameter counts and the FLOP model hold."""
+
+import pytest
+import torch
+from ebt_factories import tiny_model
+
+from ebt import SIZES, ModelConfig, build_model
+from ebt.flops import parameter_count, train_flops_per_token
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda m: m.loss(torch.tensor([[1, 2, 99]])), "tokens"),
+        (lambda m: m.loss(torch.tensor([[1, -2, 3]])), "tokens"),
+        (lambda m: m.loss(torch.tensor([1, 2, 3])), "tokens"),
+        (lambda m: m.loss(torch.tensor([[1.0, 2.0]])), "tokens"),
+        (lambda m: m.loss(torch.randint(0, 11, (1, 20))), "tokens"),
+        (lambda m: m.energies(torch.tensor([[1, 2]]), torch.rand(1, 3, 11, dtype=torch.float64)), "candidate_probs"),
+        (lambda m: m.energies(torch.tensor([[1, 2]]), torch.rand(1, 2, 11, dtype=torch.float64), step=-1), "step"),
+        (lambda m: m.loss(torch.tensor([[1, 2, 3]]), init_logits=torch.zeros(1, 2, 5)), "init_logits"),
+        (lambda m: m.think(torch.tensor([[1, 2]]), steps=2, selection="median"), "selection"),
+        (lambda m: m.think(torch.tensor([[1, 2]]), steps=2, samples=0), "samples"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        call(tiny_model())
+
+
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        ({"mcmc_steps": 0}, "mcmc_steps"),
+        ({"variant": "fancy"}, "variant"),
+        ({"kind": "rnn"}, "kind"),
+        ({"size": "huge"}, "size"),
+        ({"dim": 10, "n_heads": 3}, "dim"),
+    ],
+)
+def test_bad_config_raises_value_error_naming_the_key(fields, name):
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        ModelConfig(**fields)
+
+
+def test_unknown_size_in_from_size():
+    with pytest.raises(ValueError, match="^size:"):
+        ModelConfig.from_size("gigantic")
+
+
+@pytest.mark.parametrize("kind", ["ebt", "transformer"])
+@pytest.mark.parametrize("variant", ["default", "time_embed", "adaln"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_matches_the_model(kind, variant, tied):
+    cfg = ModelConfig(kind=kind, variant=variant, tie_candidate_embedding=tied, vocab_size=50, dim=16, n_heads=2)
+    assert parameter_count(cfg) == sum(p.numel() for p in build_model(cfg).parameters())
+
+
+def test_size_table_and_flop_model():
+    assert [SIZES[s].n_layers for s in ("4xs", "xxs", "small", "xl")] == [2, 6, 12, 24]
+    ebt = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256)
+    tpp = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256, kind="transformer")
+    ratio = train_flops_per_token(ebt) / train_flops_per_token(tpp)
+    assert 4.5 < ratio < 6.0  # 3 + 2 * 6 units against 3 (FACTS.md)
+    uncached = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256, variant="time_embed")
+    assert train_flops_per_token(uncached) > train_flops_per_token(ebt)
+    more_steps = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256, mcmc_steps=4)
+    assert train_flops_per_token(more_steps) > 1.8 * train_flops_per_token(ebt) - 3 * 1e9
+
+
+def test_non_finite_inner_gradient_raises_a_clear_error():
+    from ebt import NonFiniteEnergyGradientError
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.energy_model.energy_head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteEnergyGradientError, match="MCMC step 0"):
+        model.loss(torch.randint(0, 11, (1, 5)))
+
+
+def test_replay_buffer_continues_trajectories_and_round_trips_its_state():
+    model = tiny_model(replay_capacity=4, replay_fraction=0.5)
+    model.train()
+    tokens = torch.randint(0, 11, (2, 6))
+    model.loss(tokens)
+    assert len(model.replay_buffer) == 2
+    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in model.replay_buffer.state_dict().items()}
+    _, metrics = model.loss(torch.randint(0, 11, (2, 6)))
+    assert metrics["replayed"] == 1.0
+    twin = tiny_model(replay_capacity=4, replay_fraction=0.5)
+    twin.load_state_dict(model.state_dict())
+    twin.replay_buffer.load_state_dict(state)
+    model.replay_buffer.load_state_dict(state)
+    torch.manual_seed(7)
+    a = model.loss(tokens)[0]
+    torch.manual_seed(7)
+    b = twin.loss(tokens)[0]
+    assert torch.equal(a, b)
