@@ -20,7 +20,7 @@ def _source_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hf-config", default=None, help="datasets config name")
     group.add_argument("--hf-split", default="train", help="datasets split")
     group.add_argument("--data-files", nargs="+", default=None, help="data_files for load_dataset")
-    group.add_argument("--max-bytes", type=int, default=24_000_000, help="byte budget of the embedded corpus")
+    group.add_argument("--max-bytes", type=int, default=16_000_000, help="byte budget of the embedded corpus")
     group.add_argument("--no-docs", action="store_true", help="embedded corpus without python3-doc prose")
     group.add_argument("--cache-dir", default="data_cache", help="where derived tokenizers/shards go")
     group.add_argument("--vocab-size", type=int, default=4096)

@@ -24,7 +24,7 @@ class DataConfig:
     hf_split: str = "train"
     hf_data_files: list[str] | None = None
     # Embedded corpus: byte budget (None = everything) and optional overrides of where to look.
-    max_bytes: int | None = 24_000_000
+    max_bytes: int | None = 16_000_000
     include_docs: bool = True
     stdlib_root: str | None = None
     docs_roots: list[str] | None = None
