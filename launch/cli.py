@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES: list[str] = [
     "data_pipeline.cli",
     "launch.train",
+    "slurm.cli",
 ]
 
 

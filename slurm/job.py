@@ -1,0 +1,201 @@
+"""The submitit job that runs one sweep run: one instance per task (rank), the trainer in a child process.
+
+Why a child process instead of calling `run_training` in the submitit process: submitit's process owns the
+requeue signal (USR2: its handler calls `checkpoint()` below and then `scontrol requeue`), while the trainer
+owns the preemption checkpoint (it traps SIGTERM/USR1/USR2, finishes the step, saves and exits with
+PREEMPTED_EXIT_CODE). In one process the trainer's handlers would replace submitit's and nobody would requeue.
+A fresh process per attempt also gives every resume a clean torch.distributed / Accelerate state.
+
+Signals: Slurm delivers the USR2 to every process of the step (children included); the local executor only to
+our process, so `checkpoint()` forwards it too, repeatedly, until the trainer exits. The child starts with
+USR1/USR2 ignored (inherited SIG_IGN) until the trainer installs its handler, so a signal during start-up
+(Slurm may send the time-limit signal up to one scheduler tick early) cannot kill a rank half-way through
+joining the process group; the repeated forward reaches it once the handler is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+# launch.signals.PREEMPTED_EXIT_CODE, read without importing torch into the wrapper process.
+PREEMPTED_EXIT_CODE = 75
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def append_event(path: Path, event: dict[str, Any]) -> None:
+    """One JSON line per attempt event (start / preempted / finished / failed); O_APPEND keeps lines whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def final_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The trainer's final row (`"final": true`) of metrics.jsonl plus the last training loss, or None."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    final: dict[str, Any] | None = None
+    last_train: dict[str, Any] | None = None
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("final"):
+            final = row
+        elif "loss" in row:
+            last_train = row
+    if final is None:
+        return None
+    out = dict(final)
+    if last_train is not None:
+        out["train_loss"] = last_train.get("loss")
+    return out
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Run `ebt train <config>` for one run on every task; rank 0 records attempts and the result."""
+
+    def __init__(self, run_name: str, config_path: str, state_dir: str, run_dir: str, cwd: str,
+                 config_hash: str, python: str | None = None) -> None:
+        self.run_name = run_name
+        self.config_path = config_path
+        self.state_dir = state_dir
+        self.run_dir = run_dir
+        self.cwd = cwd
+        self.config_hash = config_hash
+        self.python = python  # None: the job's own interpreter (resolved on the compute node)
+        self._proc: subprocess.Popen | None = None
+        self._exited = threading.Event()
+        self._rc: int | None = None
+        self._signalled = False
+
+    # The live child and its watcher are not picklable and mean nothing after a requeue.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_proc=None, _exited=None, _rc=None, _signalled=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._exited = threading.Event()
+
+    @property
+    def events_path(self) -> Path:
+        return Path(self.state_dir) / f"{self.run_name}.attempts.jsonl"
+
+    @property
+    def result_path(self) -> Path:
+        return Path(self.state_dir) / f"{self.run_name}.result.json"
+
+    # ------------------------------------------------------------------------------------------ environment
+    def _child_env(self, job_env: Any) -> dict[str, str]:
+        env = dict(os.environ)
+        if job_env.num_tasks > 1:
+            # torch.distributed's env:// rendezvous, from submitit's view of the allocation: MASTER_ADDR is the
+            # first node of the job, the port derives from the job id (same on every rank and every requeue).
+            dist = submitit.helpers.TorchDistributedEnvironment()
+            env.update(MASTER_ADDR=dist.master_addr, MASTER_PORT=str(dist.master_port), RANK=str(dist.rank),
+                       WORLD_SIZE=str(dist.world_size), LOCAL_RANK=str(dist.local_rank),
+                       LOCAL_WORLD_SIZE=str(dist.local_world_size), GROUP_RANK=str(job_env.node))
+        # Several ranks may share a node's cores: one OpenMP thread per allocated CPU unless the user chose.
+        if "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = os.environ.get("SLURM_CPUS_PER_TASK", "1")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _start_child(self, env: dict[str, str]) -> None:
+        cmd = [self.python or sys.executable, "-m", "launch.cli", "train", self.config_path]
+
+        def ignore_preemption_until_trainer_handles_it() -> None:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+        self._exited = threading.Event()
+        self._proc = subprocess.Popen(cmd, cwd=self.cwd, env=env,
+                                      preexec_fn=ignore_preemption_until_trainer_handles_it)
+        proc = self._proc
+
+        # Waiting happens in a thread: a signal handler that waits on the Popen object while the main thread
+        # is inside Popen.wait() would deadlock on Popen's internal lock.
+        def watch() -> None:
+            self._rc = proc.wait()
+            self._exited.set()
+
+        threading.Thread(target=watch, name=f"watch-{self.run_name}", daemon=True).start()
+
+    def _wait_child(self) -> int:
+        while not self._exited.wait(0.5):
+            pass
+        assert self._rc is not None
+        return self._rc
+
+    # ------------------------------------------------------------------------------------------ job body
+    def __call__(self) -> dict[str, Any]:
+        job_env = submitit.JobEnvironment()
+        rank = job_env.global_rank
+        if rank == 0:
+            append_event(self.events_path, {"event": "start", "job_id": job_env.job_id, "host": socket.gethostname(),
+                                            "world_size": job_env.num_tasks, "config_hash": self.config_hash})
+        self._start_child(self._child_env(job_env))
+        rc = self._wait_child()
+        if rc == 0:
+            if rank != 0:
+                return {"rank": rank}
+            result = final_metrics(Path(self.run_dir))
+            if result is None:
+                append_event(self.events_path, {"event": "failed", "job_id": job_env.job_id, "rc": rc})
+                raise RuntimeError(f"run '{self.run_name}': trainer exited 0 but wrote no final metrics row in "
+                                   f"{self.run_dir}/metrics.jsonl")
+            result.update(run=self.run_name, job_id=job_env.job_id, config_hash=self.config_hash)
+            _atomic_write_json(self.result_path, result)
+            append_event(self.events_path, {"event": "finished", "job_id": job_env.job_id, "step": result.get("step")})
+            return result
+        if rc == PREEMPTED_EXIT_CODE and (rank != 0 or self._signalled):
+            # Rank 0 requeues from its signal handler; the other ranks end without a result file (SystemExit is
+            # not caught by submitit, so no "success" pickle claims the run is done).
+            sys.exit(PREEMPTED_EXIT_CODE)
+        if rank == 0:
+            append_event(self.events_path, {"event": "failed", "job_id": job_env.job_id, "rc": rc})
+        if rc == PREEMPTED_EXIT_CODE:
+            # A SIGTERM/USR1 that was not submitit's requeue signal (scancel, node shutdown): the checkpoint is
+            # saved; `ebt sweep submit` again resumes from it.
+            raise RuntimeError(f"run '{self.run_name}': trainer checkpointed after a termination signal and exited "
+                               f"{rc}; resubmit to resume")
+        raise RuntimeError(f"run '{self.run_name}': trainer exited with code {rc} (log: the job's stderr)")
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on rank 0 when the requeue signal arrives: let the trainer checkpoint, then requeue."""
+        self._signalled = True
+        proc = self._proc
+        if proc is not None:
+            sig = getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}", signal.SIGUSR2)
+            while not self._exited.wait(2.0):
+                try:  # until the trainer's own handler is installed the child ignores it; keep asking
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    break
+            self._exited.wait()
+            try:
+                job_id = submitit.JobEnvironment().job_id
+            except Exception:  # noqa: BLE001 - only for the record
+                job_id = None
+            append_event(self.events_path, {"event": "preempted", "job_id": job_id, "rc": self._rc})
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

@@ -1,0 +1,483 @@
+"""Sweep specs: one YAML file describing a grid of training runs and the Slurm resources each one needs.
+
+A spec names a base trainer config and the points to run. Points are every combination of one `runs` entry
+with the `grid` product (either may be absent); each point sets named axes (size, kind, lr, seed and one budget:
+tokens, flops or steps) and/or any dotted trainer key (`optim.warmup_steps`). Priority, lowest first: the base
+config, the size table's peak LR (when the point sets no lr), the spec's `overrides`, the point itself.
+
+Every point is resolved through the trainer's own config loader at plan time, so a bad key or value fails before
+anything is submitted, with the run's name in the message. Run names derive from the point only, so they are
+stable across resubmits and across machines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SPEC_KEYS = ("name", "base", "runs_dir", "sweep_dir", "grid", "runs", "overrides", "global_batch_size",
+             "resources", "slurm")
+AXES = ("size", "kind", "lr", "tokens", "flops", "steps", "seed")
+BUDGET_AXES = ("tokens", "flops", "steps")
+SLURM_KEYS = ("array_parallelism", "max_requeues", "signal_delay_s", "setup", "sbatch", "python")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_NAME_LEN = 120
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one run asks Slurm for. One task per GPU (or per CPU rank): world size = nodes x tasks_per_node."""
+
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 4.0
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+RESOURCE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "nodes": int, "tasks_per_node": int, "gpus_per_node": int, "cpus_per_task": int, "mem_gb": (int, float),
+    "time_min": int, "partition": str, "account": str, "qos": str, "constraint": str,
+}
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    array_parallelism: int = 16  # at most this many array tasks of one resource group run at once
+    max_requeues: int = 20  # submitit's slurm_max_num_timeout: timeouts/preemptions before giving up
+    signal_delay_s: int = 120  # USR2 this long before the time limit (Slurm may send it up to 60 s earlier)
+    setup: tuple[str, ...] = ()  # shell lines run in the sbatch script before srun (module load, venv, ...)
+    sbatch: tuple[tuple[str, Any], ...] = ()  # extra `#SBATCH --key=value` lines
+    python: str | None = None  # python command on the compute nodes; default: this interpreter
+
+
+@dataclass
+class RunPlan:
+    """One resolved run: its stable name, the point it came from, the full trainer config and its resources."""
+
+    name: str
+    point: dict[str, Any]
+    overrides: list[str]
+    config: Any  # launch.config.TrainConfig
+    resources: Resources
+    config_dict: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.config_dict, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.runs_dir) / self.config.name
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.config.trainer.max_steps)
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.config.trainer
+        return t.micro_batch_size * t.grad_accum_steps * self.resources.world_size * self.config.model.context_length
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    path: Path
+    base: Path
+    runs_dir: Path
+    sweep_dir: Path
+    points: list[dict[str, Any]]
+    overrides: dict[str, Any]
+    global_batch_size: int | None
+    default_resources: dict[str, Any]
+    size_resources: dict[str, dict[str, Any]]
+    slurm: SlurmSettings
+
+    def plan(self) -> list[RunPlan]:
+        """Resolve every point into a RunPlan (validates all of them before returning any)."""
+        plans = [self._plan_point(point) for point in self.points]
+        seen: dict[str, dict] = {}
+        for p in plans:
+            if p.name in seen:
+                raise ValueError(f"sweep '{self.name}': points {seen[p.name]} and {p.point} both map to run name "
+                                 f"'{p.name}'; make them differ in a named axis")
+            seen[p.name] = p.point
+        return plans
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _resources_for(self, size: str | None) -> Resources:
+        merged = dict(self.default_resources)
+        if size is not None:
+            merged.update(self.size_resources.get(size, {}))
+        if "mem_gb" in merged:
+            merged["mem_gb"] = float(merged["mem_gb"])
+        return Resources(**merged)
+
+    def _plan_point(self, point: dict[str, Any]) -> RunPlan:
+        from ebt.sizes import SIZES
+        from launch.config import config_to_dict, load_config
+
+        name = run_name(self.name, point)
+        pre: dict[str, Any] = {}
+        base_cfg = load_config([self.base], [])
+        size = point.get("size", base_cfg.model.size)
+        if point.get("lr") is None and size in SIZES:
+            pre["optim.lr"] = SIZES[size].peak_lr  # the size table's reference peak LR
+        post: dict[str, Any] = {}
+        for key, value in point.items():
+            if key == "size":
+                post["model.size"] = value
+            elif key == "kind":
+                post["model.kind"] = value
+            elif key == "lr":
+                if value is not None:
+                    post["optim.lr"] = value
+            elif key == "seed":
+                post["trainer.seed"] = value
+            elif key in BUDGET_AXES:
+                continue
+            else:
+                post[key] = value
+        resources = self._resources_for(size)
+        fixed = {"name": name, "runs_dir": str(self.runs_dir)}
+        merged = {**pre, **self.overrides, **post, **fixed}
+        overrides = [f"{k}={_override_value(v)}" for k, v in merged.items()]
+        try:
+            cfg = load_config([self.base], overrides)
+        except (ValueError, FileNotFoundError) as error:
+            raise ValueError(f"run '{name}': {error}") from None
+        # Batch arithmetic depends on the world size, which only the sweep knows.
+        t = cfg.trainer
+        world = resources.world_size
+        if self.global_batch_size is not None:
+            per_step = world * t.grad_accum_steps
+            if self.global_batch_size % per_step:
+                raise ValueError(f"run '{name}': global_batch_size {self.global_batch_size} is not divisible by "
+                                 f"{world} ranks x {t.grad_accum_steps} accumulation steps")
+            merged["trainer.micro_batch_size"] = self.global_batch_size // per_step
+        budget = [k for k in BUDGET_AXES if point.get(k) is not None]
+        if budget:
+            key = budget[0]
+            value = point[key]
+            if key == "steps":
+                steps = int(value)
+            else:
+                micro = merged.get("trainer.micro_batch_size", t.micro_batch_size)
+                tokens_per_step = micro * t.grad_accum_steps * world * cfg.model.context_length
+                tokens = float(value)
+                if key == "flops":
+                    from ebt.flops import train_flops_per_token
+
+                    tokens = float(value) / train_flops_per_token(cfg.model)
+                steps = max(1, math.ceil(tokens / tokens_per_step))
+            merged["trainer.max_steps"] = steps
+        if len(merged) != len(overrides):
+            overrides = [f"{k}={_override_value(v)}" for k, v in merged.items()]
+            try:
+                cfg = load_config([self.base], overrides)
+            except (ValueError, FileNotFoundError) as error:
+                raise ValueError(f"run '{name}': {error}") from None
+        return RunPlan(name=name, point=dict(point), overrides=overrides, config=cfg, resources=resources,
+                       config_dict=config_to_dict(cfg))
+
+
+def _override_value(value: Any) -> str:
+    """A YAML scalar/list that OmegaConf's dotlist parses back to the same value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return repr(value) if isinstance(value, float) else str(value)
+    return json.dumps(value)
+
+
+# ---------------------------------------------------------------------------------------------- run names
+def _fmt_number(value: Any) -> str:
+    """Short, injective enough for names: 2000000 -> 2M, 0.0012 -> 0.0012, 1.5e9 -> 1.5G."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    x = float(value)
+    for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div and (x / div) == float(f"{x / div:.6g}"):
+            return f"{x / div:.6g}{suffix}"
+    return f"{x:.6g}"
+
+
+_NAME_PREFIX = {"lr": "lr", "tokens": "t", "flops": "f", "steps": "n", "seed": "s"}
+
+
+def run_name(sweep: str, point: dict[str, Any]) -> str:
+    """`<sweep>-<size>-<kind>-lr<lr>-t<tokens>-s<seed>[-<key><value>...]` from the point's own values only."""
+    parts = [sweep]
+    for axis in AXES:
+        if axis not in point or point[axis] is None:
+            continue
+        value = point[axis]
+        parts.append(f"{_NAME_PREFIX.get(axis, '')}{_fmt_number(value)}")
+    for key in sorted(k for k in point if k not in AXES):
+        short = key.rsplit(".", 1)[-1]
+        parts.append(f"{short}{_fmt_number(point[key])}")
+    name = re.sub(r"[^A-Za-z0-9_.+=-]", "_", "-".join(parts))
+    if len(name) > MAX_NAME_LEN:
+        digest = hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        name = f"{name[:MAX_NAME_LEN - 11]}-{digest}"
+    return name
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _unknown_key(where: str, key: str, valid: tuple[str, ...] | list[str]) -> ValueError:
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(valid)}"
+    return ValueError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _coerce_number(value: Any) -> Any:
+    """PyYAML reads `2.0e6` (no sign in the exponent, YAML 1.1) as a string; numeric axes accept it."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
+    return value
+
+
+NUMERIC_AXES = ("lr", "tokens", "flops", "steps", "seed")
+
+
+def _check_axis_value(where: str, key: str, value: Any) -> None:
+    from ebt.config import KINDS
+    from ebt.sizes import SIZES
+
+    if key == "size":
+        if value not in SIZES:
+            close = difflib.get_close_matches(str(value), list(SIZES), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(SIZES)}"
+            raise ValueError(f"{where}: unknown size {value!r}{hint}")
+    elif key == "kind":
+        if value not in KINDS:
+            raise ValueError(f"{where}: unknown kind {value!r}; expected one of {', '.join(KINDS)}")
+    elif key == "lr":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ValueError(f"{where}: lr must be a positive number or null, got {value!r}")
+    elif key in BUDGET_AXES:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{where}: {key} must be a positive number, got {value!r}")
+    elif key == "seed":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: seed must be an integer, got {value!r}")
+    elif "." not in key:
+        raise _unknown_key(where, key, list(AXES) + ["<section>.<key> (any trainer config key)"])
+
+
+def _expand_points(raw_grid: Any, raw_runs: Any, path: Path) -> list[dict[str, Any]]:
+    grid_points: list[dict[str, Any]] = [{}]
+    if raw_grid is not None:
+        if not isinstance(raw_grid, dict):
+            raise ValueError(f"{path}: grid must be a mapping of axis -> list of values")
+        axes = []
+        for key, values in raw_grid.items():
+            values = values if isinstance(values, list) else [values]
+            if key in NUMERIC_AXES:
+                values = [_coerce_number(v) for v in values]
+            if not values:
+                raise ValueError(f"{path}: empty grid: axis '{key}' has no values")
+            for v in values:
+                _check_axis_value(f"{path}: grid.{key}", str(key), v)
+            axes.append([(str(key), v) for v in values])
+        grid_points = [dict(combo) for combo in itertools.product(*axes)]
+    run_points: list[dict[str, Any]] = [{}]
+    if raw_runs is not None:
+        if not isinstance(raw_runs, list):
+            raise ValueError(f"{path}: runs must be a list of mappings")
+        run_points = []
+        for i, entry in enumerate(raw_runs):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path}: runs[{i}] must be a mapping, got {entry!r}")
+            entry = {str(k): _coerce_number(v) if k in NUMERIC_AXES else v for k, v in entry.items()}
+            for key, value in entry.items():
+                _check_axis_value(f"{path}: runs[{i}].{key}", key, value)
+            run_points.append(entry)
+    if (raw_grid is None or not raw_grid) and (raw_runs is None or not raw_runs):
+        raise ValueError(f"{path}: empty grid: give `grid:` axes and/or a `runs:` list")
+    points = []
+    for run in run_points:
+        for g in grid_points:
+            clash = sorted(set(run) & set(g))
+            if clash:
+                raise ValueError(f"{path}: '{clash[0]}' is set both in grid and in a runs entry ({run})")
+            point = {**g, **run}
+            budgets = [k for k in BUDGET_AXES if point.get(k) is not None]
+            if len(budgets) > 1:
+                raise ValueError(f"{path}: point {point} sets several budgets ({', '.join(budgets)}); pick one")
+            points.append(point)
+    return points
+
+
+def _resources(raw: Any, path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    from ebt.sizes import SIZES
+
+    if raw is None:
+        return {}, {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: resources must be a mapping of 'default' or a size -> settings")
+    default: dict[str, Any] = {}
+    per_size: dict[str, dict[str, Any]] = {}
+    for key, settings in raw.items():
+        where = f"{path}: resources.{key}"
+        if key != "default" and key not in SIZES:
+            close = difflib.get_close_matches(str(key), ["default", *SIZES], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; expected 'default' or one of {', '.join(SIZES)}"
+            raise ValueError(f"{where}: unknown size {key!r}{hint}")
+        if not isinstance(settings, dict):
+            raise ValueError(f"{where}: expected a mapping")
+        clean = {}
+        for name, value in settings.items():
+            if name not in RESOURCE_TYPES:
+                raise _unknown_key(where, name, tuple(RESOURCE_TYPES))
+            expected = RESOURCE_TYPES[name]
+            if value is None and expected is str:
+                clean[name] = None
+                continue
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise ValueError(f"{where}.{name}: expected {getattr(expected, '__name__', 'a number')}, "
+                                 f"got {value!r}")
+            if name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min") and value < 1:
+                raise ValueError(f"{where}.{name}: must be >= 1, got {value}")
+            if name in ("gpus_per_node", "mem_gb") and value < 0:
+                raise ValueError(f"{where}.{name}: must be >= 0, got {value}")
+            clean[name] = value
+        (default if key == "default" else per_size.setdefault(str(key), {})).update(clean)
+    return default, per_size
+
+
+def _slurm_settings(raw: Any, path: Path) -> SlurmSettings:
+    if raw is None:
+        return SlurmSettings()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: slurm must be a mapping")
+    for key in raw:
+        if key not in SLURM_KEYS:
+            raise _unknown_key(f"{path}: slurm", key, SLURM_KEYS)
+    kwargs: dict[str, Any] = {}
+    for key in ("array_parallelism", "max_requeues", "signal_delay_s"):
+        if key in raw:
+            value = raw[key]
+            low = 1 if key == "array_parallelism" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{path}: slurm.{key} must be an integer >= {low}, got {value!r}")
+            kwargs[key] = value
+    if "setup" in raw:
+        setup = raw["setup"] or []
+        if not isinstance(setup, list) or not all(isinstance(s, str) for s in setup):
+            raise ValueError(f"{path}: slurm.setup must be a list of shell lines")
+        kwargs["setup"] = tuple(setup)
+    if "sbatch" in raw:
+        extra = raw["sbatch"] or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"{path}: slurm.sbatch must be a mapping of sbatch option -> value")
+        kwargs["sbatch"] = tuple(sorted((str(k), v) for k, v in extra.items()))
+    if raw.get("python") is not None:
+        kwargs["python"] = str(raw["python"])
+    return SlurmSettings(**kwargs)
+
+
+def load_spec(path: str | Path, *, sweep_dir: str | Path | None = None) -> SweepSpec:
+    """Parse and validate a sweep YAML (structure and axis values; trainer keys are checked by `plan()`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep spec not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    for key in raw:
+        if key not in SPEC_KEYS:
+            raise _unknown_key(str(path), key, SPEC_KEYS)
+    name = raw.get("name") or path.stem
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValueError(f"{path}: name must be letters, digits, '.', '_' or '-', got {name!r}")
+    if not raw.get("base"):
+        raise ValueError(f"{path}: 'base' (the trainer config every run starts from) is required")
+    base = (path.parent / str(raw["base"])).resolve()
+    if not base.is_file():
+        raise FileNotFoundError(f"{path}: base config not found: {base}")
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{path}: overrides must be a mapping of trainer key -> value")
+    gbs = raw.get("global_batch_size")
+    if gbs is not None and (isinstance(gbs, bool) or not isinstance(gbs, int) or gbs < 1):
+        raise ValueError(f"{path}: global_batch_size must be a positive integer, got {gbs!r}")
+    points = _expand_points(raw.get("grid"), raw.get("runs"), path)
+    default_res, size_res = _resources(raw.get("resources"), path)
+    runs_dir = Path(raw.get("runs_dir") or _base_runs_dir(base)).absolute()
+    chosen_sweep_dir = sweep_dir or raw.get("sweep_dir") or Path("sweeps") / name
+    return SweepSpec(name=name, path=path.resolve(), base=base, runs_dir=runs_dir,
+                     sweep_dir=Path(chosen_sweep_dir).absolute(), points=points,
+                     overrides={str(k): v for k, v in overrides.items()}, global_batch_size=gbs,
+                     default_resources=default_res, size_resources=size_res,
+                     slurm=_slurm_settings(raw.get("slurm"), path))
+
+
+def _base_runs_dir(base: Path) -> str:
+    from launch.config import load_config
+
+    return load_config([base], []).runs_dir
+
+
+def plan_fingerprint(spec: SweepSpec, plans: list[RunPlan]) -> dict[str, Any]:
+    """What must match for a resubmit to count as 'the same sweep'."""
+    return {
+        "name": spec.name,
+        "runs": {p.name: {"config": p.config_dict, "resources": dataclasses.asdict(p.resources)} for p in plans},
+        "slurm": {k: v for k, v in dataclasses.asdict(spec.slurm).items() if k != "python"},
+    }
+
+
+def first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    """A dotted path to the first differing leaf, with both values, or None when equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                return f"{where} added"
+            if key not in new:
+                return f"{where} removed"
+            diff = first_difference(old[key], new[key], where)
+            if diff:
+                return diff
+        return None
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        if len(old) == len(new):
+            for i, (a, b) in enumerate(zip(old, new, strict=True)):
+                diff = first_difference(a, b, f"{prefix}[{i}]")
+                if diff:
+                    return diff
+            return None
+    if old != new:
+        return f"{prefix}: {old!r} -> {new!r}"
+    return None

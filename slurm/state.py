@@ -1,0 +1,203 @@
+"""A sweep's on-disk record: what was planned, what was submitted (job ids), and what each run reached.
+
+<sweep_dir>/plan.json                  fingerprint of the resolved runs (refuse a different spec unless --force)
+<sweep_dir>/jobs.json                  run -> list of submissions {job_id, executor, submitted, config_hash}
+<sweep_dir>/configs/<run>.yaml         the full trainer config each job trains from
+<sweep_dir>/state/<run>.attempts.jsonl start / preempted / finished / failed events written by the job
+<sweep_dir>/state/<run>.result.json    final metrics, written atomically by rank 0 when the trainer finished
+<sweep_dir>/submitit/                  submitit pickles and job logs
+
+Every JSON file is replaced atomically; submissions hold an exclusive lock on the sweep dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from submitit.slurm.slurm import SlurmInfoWatcher
+
+# Slurm states in which a job still owns the run: do not submit it again.
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "SPECIAL_EXIT"}
+# A job id Slurm has not reported yet (accounting lags submission by a moment) counts as active this long.
+UNKNOWN_GRACE_S = 120.0
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: corrupt sweep record ({error})") from None
+
+
+class SweepState:
+    def __init__(self, sweep_dir: Path) -> None:
+        self.dir = Path(sweep_dir)
+
+    # ------------------------------------------------------------------------------------------ paths
+    @property
+    def plan_path(self) -> Path:
+        return self.dir / "plan.json"
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.dir / "jobs.json"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def submitit_dir(self) -> Path:
+        return self.dir / "submitit"
+
+    def config_path(self, run: str) -> Path:
+        return self.dir / "configs" / f"{run}.yaml"
+
+    def result_path(self, run: str) -> Path:
+        return self.state_dir / f"{run}.result.json"
+
+    def events_path(self, run: str) -> Path:
+        return self.state_dir / f"{run}.attempts.jsonl"
+
+    # ------------------------------------------------------------------------------------------ records
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def read_plan(self) -> dict[str, Any] | None:
+        return _read_json(self.plan_path, None)
+
+    def write_plan(self, fingerprint: dict[str, Any]) -> None:
+        _atomic_write_json(self.plan_path, fingerprint)
+
+    def read_jobs(self) -> dict[str, list[dict[str, Any]]]:
+        return _read_json(self.jobs_path, {})
+
+    def record_submissions(self, entries: dict[str, dict[str, Any]]) -> None:
+        jobs = self.read_jobs()
+        for run, entry in entries.items():
+            jobs.setdefault(run, []).append(entry)
+        _atomic_write_json(self.jobs_path, jobs)
+
+    def result(self, run: str) -> dict[str, Any] | None:
+        return _read_json(self.result_path(run), None)
+
+    def events(self, run: str) -> list[dict[str, Any]]:
+        path = self.events_path(run)
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill; the others still count
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- job states
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """Current state of each job id ("123" or "123_4"): squeue for live jobs, sacct for the rest."""
+    if not job_ids or shutil.which("sacct") is None:
+        return {}
+    states: dict[str, str] = {}
+    base_ids = sorted({j.split("_")[0] for j in job_ids})
+    watcher = SlurmInfoWatcher()
+    try:
+        out = subprocess.run(["sacct", "-X", "--parsable2", "-o", "JobID,State", *[f"-j{b}" for b in base_ids]],
+                             capture_output=True, text=True, timeout=60)
+        for jid, info in watcher.read_info(out.stdout).items():
+            states[jid] = info.get("State", "UNKNOWN").split()[0]
+    except (subprocess.SubprocessError, OSError):
+        pass
+    if shutil.which("squeue") is not None:
+        try:
+            out = subprocess.run(["squeue", "-h", "-a", "-r", "-o", "%i|%T"], capture_output=True, text=True,
+                                 timeout=60)
+            text = "JobID|State\n" + out.stdout
+            for jid, info in watcher.read_info(text).items():
+                if jid.split("_")[0] in base_ids:
+                    states[jid] = info["State"]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return states
+
+
+def local_state(entry: dict[str, Any]) -> str:
+    """A local-executor job: its controller pid on this host, and submitit's result pickle."""
+    folder = Path(entry.get("folder", ""))
+    job_id = str(entry.get("job_id"))
+    result = folder / f"{job_id}_0_result.pkl"
+    if result.is_file():
+        import pickle
+
+        try:
+            with open(result, "rb") as handle:
+                outcome = pickle.load(handle)[0]
+        except Exception:  # noqa: BLE001 - an unreadable pickle is a failed job
+            outcome = "error"
+        return "COMPLETED" if outcome == "success" else "FAILED"
+    try:
+        os.kill(int(job_id), 0)
+        return "RUNNING"
+    except (ProcessLookupError, ValueError):
+        return "LOST"
+    except PermissionError:
+        return "RUNNING"
+
+
+def run_states(state: SweepState, plans: list[Any]) -> dict[str, str]:
+    """DONE (result matches the planned config), NEW (never submitted), or the latest job's scheduler state."""
+    jobs = state.read_jobs()
+    latest = {p.name: jobs[p.name][-1] for p in plans if jobs.get(p.name)}
+    slurm_ids = [str(e["job_id"]) for e in latest.values() if e.get("executor") == "slurm" and e.get("job_id")]
+    sl = slurm_states(slurm_ids)
+    out: dict[str, str] = {}
+    for plan in plans:
+        result = state.result(plan.name)
+        if result is not None and result.get("config_hash") == plan.config_hash:
+            out[plan.name] = "DONE"
+            continue
+        entry = latest.get(plan.name)
+        if entry is None:
+            out[plan.name] = "NEW"
+        elif entry.get("error"):
+            out[plan.name] = "SUBMIT_FAILED"
+        elif entry.get("executor") == "local":
+            out[plan.name] = local_state(entry)
+        else:
+            s = sl.get(str(entry["job_id"]))
+            if s is None:
+                age = time.time() - float(entry.get("submitted", 0))
+                s = "SUBMITTED" if age < UNKNOWN_GRACE_S else "LOST"
+            out[plan.name] = s
+    return out
+
+
+def is_active(state_name: str) -> bool:
+    return state_name in ACTIVE_STATES or state_name in ("SUBMITTED", "RUNNING")

@@ -1,0 +1,273 @@
+"""`ebt sweep submit`: plan the runs, skip finished/active ones, and submit the rest with submitit.
+
+Runs that ask for the same resources go out as one Slurm job array (capped by `slurm.array_parallelism`). Every
+group is first checked with `sbatch --test-only`, so a bad partition, account or QOS fails the whole submission
+with sbatch's own message and the run's name before any job is queued. Job ids are recorded after each group,
+and a group that still fails at submission is recorded with its error, so nothing is queued without a record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import submitit
+from submitit.slurm.slurm import _make_sbatch_string
+
+from slurm.job import TrainJob
+from slurm.spec import RunPlan, SweepSpec, first_difference, plan_fingerprint
+from slurm.state import SweepState, is_active, run_states
+
+
+class SubmitError(ValueError):
+    """A submission problem the user can fix (bad partition, no Slurm, changed spec): one line."""
+
+
+@dataclasses.dataclass
+class Group:
+    """Runs that share one resource request: one sbatch (an array when there are several)."""
+
+    resources: Any
+    plans: list[RunPlan]
+
+
+def sbatch_parameters(spec: SweepSpec, res: Any) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters (sbatch names) for one resource request."""
+    params: dict[str, Any] = {
+        "job_name": f"ebt-{spec.name}",
+        "time": int(res.time_min),
+        "nodes": int(res.nodes),
+        "ntasks_per_node": int(res.tasks_per_node),
+        "cpus_per_task": int(res.cpus_per_task),
+        "mem": f"{int(res.mem_gb)}GB" if float(res.mem_gb) == int(res.mem_gb) else f"{int(res.mem_gb * 1024)}MB",
+        "signal_delay_s": int(spec.slurm.signal_delay_s),
+        "array_parallelism": int(spec.slurm.array_parallelism),
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = int(res.gpus_per_node)
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(res, key)
+        if value:
+            params[key] = value
+    if spec.slurm.setup:
+        params["setup"] = list(spec.slurm.setup)
+    if spec.slurm.sbatch:
+        params["additional_parameters"] = dict(spec.slurm.sbatch)
+    return params
+
+
+def python_command(spec: SweepSpec) -> str:
+    return spec.slurm.python or shlex.quote(sys.executable)
+
+
+def sbatch_script(spec: SweepSpec, state: SweepState, group: Group) -> str:
+    """Exactly the script submitit writes for this group (same function, same parameters)."""
+    command = " ".join([python_command(spec), "-u -m submitit.core._submit", shlex.quote(str(state.submitit_dir))])
+    n = len(group.plans)
+    return _make_sbatch_string(command=command, folder=state.submitit_dir, map_count=n if n > 1 else None,
+                               **sbatch_parameters(spec, group.resources))
+
+
+def group_runs(plans: list[RunPlan]) -> list[Group]:
+    groups: dict[Any, Group] = {}
+    for plan in plans:
+        groups.setdefault(plan.resources, Group(plan.resources, [])).plans.append(plan)
+    return list(groups.values())
+
+
+def _sbatch_error(text: str) -> str:
+    """The most specific line of sbatch's stderr (it prints a generic summary line last)."""
+    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower()]
+    if not lines:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else "sbatch failed without a message"
+
+
+def preflight(spec: SweepSpec, state: SweepState, groups: list[Group]) -> None:
+    """`sbatch --test-only` every group; the first rejection aborts the submission before anything is queued."""
+    for group in groups:
+        with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as handle:
+            handle.write(sbatch_script(spec, state, group))
+            path = handle.name
+        try:
+            proc = subprocess.run(["sbatch", "--test-only", path], capture_output=True, text=True, timeout=120)
+        finally:
+            os.unlink(path)
+        if proc.returncode != 0:
+            raise SubmitError(f"run '{group.plans[0].name}': {_sbatch_error(proc.stderr + proc.stdout)}")
+
+
+def _make_executor(spec: SweepSpec, state: SweepState, res: Any, local: bool) -> submitit.AutoExecutor:
+    if local:
+        ex = submitit.AutoExecutor(folder=state.submitit_dir, cluster="local",
+                                   local_max_num_timeout=spec.slurm.max_requeues)
+        # One node locally: the same world size as tasks on one machine.
+        ex.update_parameters(timeout_min=int(res.time_min), tasks_per_node=res.world_size,
+                             gpus_per_node=int(res.gpus_per_node) or None, name=f"ebt-{spec.name}")
+        return ex
+    ex = submitit.AutoExecutor(folder=state.submitit_dir, cluster="slurm",
+                               slurm_max_num_timeout=spec.slurm.max_requeues,
+                               slurm_python=spec.slurm.python)
+    ex.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(spec, res).items()})
+    return ex
+
+
+def _write_configs(state: SweepState, plans: list[RunPlan]) -> None:
+    from launch.config import save_config
+
+    for plan in plans:
+        save_config(plan.config, state.config_path(plan.name))
+
+
+def _job_for(state: SweepState, plan: RunPlan, python: str | None) -> TrainJob:
+    return TrainJob(run_name=plan.name, config_path=str(state.config_path(plan.name)),
+                    state_dir=str(state.state_dir), run_dir=str(plan.run_dir), cwd=os.getcwd(),
+                    config_hash=plan.config_hash, python=python)
+
+
+def _submit_group(spec: SweepSpec, state: SweepState, group: Group, local: bool) -> list[Any]:
+    ex = _make_executor(spec, state, group.resources, local)
+    jobs = []
+    with ex.batch():
+        for plan in group.plans:
+            jobs.append(ex.submit(_job_for(state, plan, None)))
+    return jobs
+
+
+def format_grid(plans: list[RunPlan], states: dict[str, str] | None = None) -> list[list[str]]:
+    rows = []
+    for p in plans:
+        r = p.resources
+        row = [p.name, p.config.model.size or "-", p.config.model.kind, f"{p.config.peak_lr:g}",
+               str(p.max_steps), f"{p.max_steps * p.tokens_per_step:,}", f"{r.nodes}x{r.tasks_per_node}",
+               f"{r.time_min}m", r.partition or "(default)"]
+        if states is not None:
+            row.append(states.get(p.name, ""))
+        rows.append(row)
+    return rows
+
+
+GRID_HEADER = ["run", "size", "kind", "lr", "steps", "tokens", "nodes x tasks", "time", "partition"]
+
+
+def print_table(header: list[str], rows: list[list[str]], out: Callable[[str], None], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h)
+    for row in rows:
+        table.add_row(*row)
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - rendered, not shown
+    console.print(table)
+    out(console.export_text().rstrip())
+
+
+@dataclasses.dataclass
+class SubmitReport:
+    submitted: dict[str, str]  # run -> job id
+    skipped: dict[str, str]  # run -> why (DONE / RUNNING / ...)
+    failed: dict[str, str]  # run -> error
+
+
+def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force: bool = False,
+           wait: bool | None = None, out: Callable[[str], None] = print) -> SubmitReport:
+    """Submit every run that is not finished and not already queued/running. See the module docstring."""
+    plans = spec.plan()  # validates every point before anything else
+    state = SweepState(spec.sweep_dir)
+    groups = group_runs(plans)
+    if dry_run:
+        existing = state.read_plan()
+        states = run_states(state, plans) if existing is not None else None
+        print_table(GRID_HEADER + (["state"] if states else []), format_grid(plans, states), out,
+                    title=f"sweep {spec.name}: {len(plans)} runs in {len(groups)} job group(s)")
+        for group in groups:
+            out(f"\n# ---- sbatch script for {len(group.plans)} run(s): {', '.join(p.name for p in group.plans)}")
+            out(sbatch_script(spec, state, group))
+        return SubmitReport({}, {}, {})
+    if not local and shutil.which("sbatch") is None:
+        raise SubmitError("no Slurm found on PATH (sbatch); run the sweep on this machine with --local")
+    if local and any(p.resources.gpus_per_node for p in plans):
+        pass  # the local executor sets CUDA_VISIBLE_DEVICES for the requested GPUs
+    fingerprint = plan_fingerprint(spec, plans)
+    with state.lock():
+        existing = state.read_plan()
+        if existing is not None and not force:
+            diff = first_difference(existing, fingerprint)
+            if diff:
+                raise SubmitError(f"sweep '{spec.name}' in {state.dir} was submitted with a different spec "
+                                  f"({diff}); use a new name, or --force to replace it")
+        states = run_states(state, plans)
+        # Finished runs and runs a live job still owns are skipped; new, failed and lost ones go out.
+        todo = [p for p in plans if not (states[p.name] == "DONE" or is_active(states[p.name]))]
+        skipped = {p.name: states[p.name] for p in plans if p not in todo}
+        todo_groups = group_runs(todo)
+        if not local and todo_groups:
+            preflight(spec, state, todo_groups)
+        state.write_plan(fingerprint)
+        _write_configs(state, todo)
+        state.state_dir.mkdir(parents=True, exist_ok=True)
+        submitted: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        local_jobs: list[tuple[RunPlan, Any]] = []
+        executor = "local" if local else "slurm"
+        cap = spec.slurm.array_parallelism
+        for group in todo_groups:
+            batches = [group.plans] if not local else [group.plans[i:i + cap] for i in range(0, len(group.plans), cap)]
+            for batch in batches:
+                sub = Group(group.resources, batch)
+                if local and local_jobs:
+                    # The local executor has no scheduler: keep at most `array_parallelism` runs going.
+                    _wait_local(local_jobs, state, out, keep=max(0, cap - len(batch)))
+                try:
+                    jobs = _submit_group(spec, state, sub, local)
+                except Exception as error:  # noqa: BLE001 - recorded per run, reported below
+                    msg = _sbatch_error(str(error))
+                    state.record_submissions({p.name: {"executor": executor, "error": msg, "submitted": time.time(),
+                                                       "config_hash": p.config_hash} for p in batch})
+                    failed.update({p.name: msg for p in batch})
+                    continue
+                state.record_submissions({p.name: {"executor": executor, "job_id": str(j.job_id),
+                                                   "submitted": time.time(), "config_hash": p.config_hash,
+                                                   "folder": str(state.submitit_dir)}
+                                          for p, j in zip(batch, jobs, strict=True)})
+                submitted.update({p.name: str(j.job_id) for p, j in zip(batch, jobs, strict=True)})
+                local_jobs.extend(zip(batch, jobs, strict=True))
+    for name, why in skipped.items():
+        out(f"skip {name}: {'finished' if why == 'DONE' else why.lower()}")
+    for name, job_id in submitted.items():
+        out(f"submitted {name}: job {job_id}")
+    for name, msg in failed.items():
+        out(f"FAILED to submit {name}: {msg}")
+    if local and local_jobs and (wait is None or wait):
+        _wait_local(local_jobs, state, out, keep=0)
+    return SubmitReport(submitted, skipped, failed)
+
+
+def _wait_local(jobs: list[tuple[RunPlan, Any]], state: SweepState, out: Callable[[str], None], keep: int) -> None:
+    """Block until at most `keep` local jobs are still running, with a progress bar over finished runs."""
+    from rich.progress import Progress
+
+    def running() -> list[tuple[RunPlan, Any]]:
+        return [(p, j) for p, j in jobs if not j.done()]
+
+    total = len(jobs)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("local runs", total=total)
+        while len(running()) > keep:
+            progress.update(task, completed=total - len(running()))
+            time.sleep(1.0)
+        progress.update(task, completed=total - len(running()))
+    for plan, job in jobs:
+        if job.done() and state.result(plan.name) is None and not getattr(job, "_reported", False):
+            job._reported = True
+            out(f"run {plan.name} failed: see {job.paths.stderr}")
