@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from .api import ensure_tokenizer, prepare_if_needed
 from .config import DataConfig
 from .sources import build_source
+from .tokenizer import META_FILE, MODEL_FILE, load_meta, tokenizer_exists
 
 
 def _source_flags(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +41,18 @@ def _config(args: argparse.Namespace, **extra: object) -> DataConfig:
 def _tokenizer_train(args: argparse.Namespace) -> int:
     cfg = _config(args, tokenizer=args.out)
     start = time.perf_counter()
-    path, meta = ensure_tokenizer(cfg, build_source(cfg))
+    source = build_source(cfg)
+    if args.out and tokenizer_exists(args.out):
+        meta = load_meta(args.out)
+        same = (meta.sources_hash, meta.vocab_size, meta.max_sentences) == (
+            source.fingerprint(), cfg.vocab_size, cfg.tokenizer_max_sentences)
+        if not same and not args.force:
+            raise ValueError(f"{args.out!r} holds a tokenizer trained on other inputs or settings "
+                             "(pass --force to retrain it there, or choose another --out)")
+        if not same:
+            for name in (MODEL_FILE, META_FILE):
+                os.unlink(os.path.join(args.out, name))
+    path, meta = ensure_tokenizer(cfg, source)
     print(json.dumps({"tokenizer": path, "vocab_size": meta.vocab_size, "eos_id": meta.eos_id,
                       "sha256": meta.model_sha256, "seconds": round(time.perf_counter() - start, 2)}))
     return 0
@@ -63,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = tok_sub.add_parser("train", help="train a sentencepiece BPE tokenizer (exact round trip for code)")
     _source_flags(train)
     train.add_argument("--out", default=None, help="output directory (default: under --cache-dir)")
+    train.add_argument("--force", action="store_true", help="retrain over a tokenizer of other inputs in --out")
     train.set_defaults(func=_tokenizer_train)
 
     data = subparsers.add_parser("data", help="data tools")

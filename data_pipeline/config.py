@@ -7,7 +7,7 @@ It is built from YAML by the trainer (so only plain types) and from CLI flags by
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MODES = ("shards", "stream")
@@ -47,8 +47,6 @@ class DataConfig:
     shard_tokens: int = 1 << 25
     dtype: str = "auto"  # "auto" | "uint16" | "uint32"
     progress: bool = True
-
-    extra: dict[str, Any] = field(default_factory=dict)  # ignored; room for forward-compatible YAML keys
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -80,6 +80,13 @@ def test_cli_trains_with_vocab_and_sentence_cap(tmp_path, capsys):
     meta = load_meta(str(out))
     assert meta.vocab_size == 400 and meta.max_sentences == 150 and meta.sentences_used == 150
     assert json.loads(capsys.readouterr().out)["sha256"] == meta.model_sha256
+    # Same inputs again: a no-op. Other settings into the same directory: refused unless --force.
+    same = ["tokenizer", "train", "--source", str(corpus), "--text-field", "body", "--out", str(out),
+            "--max-sentences", "150"]
+    assert main([*same, "--vocab-size", "400"]) == 0 and load_meta(str(out)) == meta
+    assert main([*same, "--vocab-size", "420"]) == 2
+    assert "holds a tokenizer trained on other inputs or settings" in capsys.readouterr().err
+    assert main([*same, "--vocab-size", "420", "--force"]) == 0 and load_meta(str(out)).vocab_size == 420
 
 
 def test_too_small_vocab_and_empty_source_are_one_line_errors(tmp_path, capsys):
