@@ -15,6 +15,7 @@ COMMAND_MODULES: list[str] = [
     "data_pipeline.cli",
     "launch.train",
     "slurm.cli",
+    "eval.cli",
 ]
 
 

@@ -1,0 +1,95 @@
+"""`ebt eval` (held-out perplexity, System-2 grid, OOD gains) and `ebt report` (sweep -> scaling report)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _bool_list(text: str) -> list[bool]:
+    out = []
+    for v in _str_list(text):
+        if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"expected true/false values, got {v!r}")
+        out.append(v.lower() in ("true", "1", "yes"))
+    return out
+
+
+def _report(args: argparse.Namespace) -> int:
+    from eval.report import build_report
+
+    result = build_report(args.inputs, args.out, loss_column=args.loss, n_boot=args.n_boot, seed=args.seed,
+                          ci_level=args.ci, progress=not args.no_progress)
+    for warning in result.warnings:
+        print(f"ebt report: warning: {warning}", file=sys.stderr)
+    for axis, cmp in result.comparisons.items():
+        ci = "" if cmp.ci[0] != cmp.ci[0] else f" ({100 * cmp.ci_level:.0f}% CI {100 * cmp.ci[0]:+.1f}% .. " \
+             f"{100 * cmp.ci[1]:+.1f}%)"
+        print(f"L({axis}): alpha EBT {cmp.alpha_ebt:.4f}, Transformer++ {cmp.alpha_tpp:.4f}; "
+              f"EBT scaling rate {100 * cmp.rel_diff:+.1f}%{ci}")
+    print(f"wrote {args.out}/report.md, report.html, fits.json and {len(result.figures)} figure(s)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from eval.evaluate import EvalSettings, run_eval
+
+    settings = EvalSettings(steps=args.steps, samples=args.samples, selections=args.selection,
+                            accept_lower=args.accept_lower, noise=args.noise, seed=args.seed,
+                            batch_size=args.batch_size, max_batches=args.max_batches, split=args.split)
+    run_eval(args.checkpoint, args.data, args.ood, settings, out_path=args.out, progress=not args.no_progress)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    r = subparsers.add_parser("report", help="scaling fits, System-2/OOD summaries and plots from a sweep",
+                              description="Fit L(X) = E + A X^-alpha for X in parameters, tokens and FLOPs per "
+                                          "model kind, compare EBT and Transformer++ scaling rates, and write "
+                                          "report.md, report.html, PNGs and fits.json.")
+    r.add_argument("inputs", nargs="+", metavar="SWEEP_OR_RUN_DIR",
+                   help="sweep dirs (with results.csv from `ebt sweep collect`), results CSVs, run dirs, "
+                        "or dirs of run dirs")
+    r.add_argument("-o", "--out", required=True, help="output directory")
+    r.add_argument("--loss", default="val_loss", choices=["val_loss", "train_loss"], help="loss to fit")
+    r.add_argument("--n-boot", type=int, default=400, help="bootstrap draws per fit (0: no intervals)")
+    r.add_argument("--ci", type=float, default=0.95, help="confidence level of the intervals")
+    r.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_report)
+
+    e = subparsers.add_parser("eval", help="held-out perplexity; for EBTs a System-2 thinking grid; OOD gains",
+                              description="Exact per-token perplexity of a checkpoint on held-out data. For EBTs, "
+                                          "every combination of thinking steps x samples x selection x "
+                                          "accept-lower, with the mean energy per step.")
+    e.add_argument("--checkpoint", required=True, help="checkpoint dir, `ebt export` dir or run dir (newest)")
+    e.add_argument("--data", default=None,
+                   help="held-out data: a shards dir, or a source (embedded, paths/globs, hf:NAME); default: the "
+                        "checkpoint's training data")
+    e.add_argument("--ood", action="append", default=[], metavar="SOURCE",
+                   help="another source to evaluate on (repeatable), e.g. prose for a code-trained model")
+    e.add_argument("--split", default="val", choices=["val", "train"], help="split of --data (OOD: always val)")
+    e.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="thinking steps, e.g. 1,2,4,8")
+    e.add_argument("--samples", type=_int_list, default=[1, 2, 4], help="chains per token, e.g. 1,2,4")
+    e.add_argument("--selection", type=_str_list, default=["min", "max_gap"], help="sample selection rules")
+    e.add_argument("--accept-lower", type=_bool_list, default=[False, True], help="e.g. false,true")
+    e.add_argument("--noise", type=float, default=0.0, help="Langevin noise scale during thinking")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-batches", type=int, default=0, help="batches per source (0: the whole split)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the initial candidates (results are deterministic)")
+    e.add_argument("--out", default=None, help="JSON output path (default: <checkpoint>/eval.json)")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_eval)
