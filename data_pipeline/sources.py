@@ -60,7 +60,10 @@ def _stat_key(path: str) -> list[Any]:
 
 @dataclass
 class EmbeddedCorpus(Source):
-    """Stdlib `.py` sources in sorted order, then python3-doc prose, under a total byte budget."""
+    """Stdlib `.py` sources in sorted order, then python3-doc prose, filling a byte budget in that order.
+
+    Empty (whitespace-only) and non-UTF-8 files are skipped and counted in `skipped`.
+    """
 
     max_bytes: int | None = None
     include_docs: bool = True
@@ -82,9 +85,15 @@ class EmbeddedCorpus(Source):
         used = 0
         for path in candidates:
             real = os.path.realpath(path)
-            if real in seen:  # python3-doc has a symlinked html dir: the same file under two names
+            if real in seen:  # python3-doc has symlinked html dirs: the same file under several names
                 continue
             seen.add(real)
+            size = os.path.getsize(path)
+            if self.max_bytes is not None and used + size > self.max_bytes:
+                # Checked before reading, so a small budget's source is cheap to build; smaller files later
+                # in the order may still fit (the budget is filled greedily, order kept).
+                self.skipped["over_budget"] += 1
+                continue
             with open(path, "rb") as handle:
                 data = handle.read()
             if not data.strip():
@@ -94,9 +103,6 @@ class EmbeddedCorpus(Source):
                 data.decode("utf-8")
             except UnicodeDecodeError:
                 self.skipped["non_utf8"] += 1
-                continue
-            if self.max_bytes is not None and used + len(data) > self.max_bytes:
-                self.skipped["over_budget"] += 1
                 continue
             used += len(data)
             self.files.append(path)
