@@ -138,3 +138,25 @@ def test_cli_prepare_reports_counts(tmp_path, tiny, capsys):  # noqa: F811
     report = json.loads(capsys.readouterr().out)
     assert report["splits"]["train"]["documents"] == 50 and report["splits"]["val"]["documents"] == 0
     assert report["dtype"] == "uint16"
+
+
+def _prepare_in_child(tokenizer, out, queue):
+    manifest = prepare_shards(tiny_corpus(), tokenizer, out, val_fraction=0.25, num_proc=1, progress=False)
+    queue.put(manifest["key"])
+
+
+def test_concurrent_prepares_wait_for_each_other(tmp_path, tiny):  # noqa: F811
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    out = str(tmp_path / "shards")
+    children = [ctx.Process(target=_prepare_in_child, args=(tiny.tokenizer, out, queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+    assert [child.exitcode for child in children] == [0, 0]
+    keys = {queue.get(timeout=5) for _ in children}
+    assert keys == {read_manifest(out)["key"]}
+    assert listing(tmp_path) == sorted(["shards.lock", *(f"shards/{f}" for f in os.listdir(out))])
