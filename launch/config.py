@@ -212,7 +212,10 @@ def _structured(schema: type, raw: dict, prefix: str) -> Any:
         raise ValueError(f"config key '{key}': {msg}") from None
     except (ValueError, TypeError) as error:  # the dataclass's own __post_init__ validation
         msg = str(error).splitlines()[0]
-        raise ValueError(msg if msg.startswith(prefix) and prefix else f"{prefix}{msg}") from None
+        name, sep, rest = msg.partition(": ")
+        if sep and name.isidentifier():  # ModelConfig style "dim: must ..." -> name the full key
+            raise ValueError(f"config key '{prefix}{name}': {rest}") from None
+        raise ValueError(msg if prefix and msg.startswith(prefix) else f"{prefix}{msg}") from None
 
 
 def _model_from_raw(raw: dict) -> ModelConfig:

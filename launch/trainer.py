@@ -83,15 +83,21 @@ class Trainer:
             self._log(msg)
 
     def setup(self) -> None:
-        cfg = self.cfg
+        self.setup_model()
+        self.setup_data()
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last, self.rank,
+                                      self.world, barrier=barrier, log=self.log)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main)
+        self._resume()
+        self.train_iter = iter(self.loader)
         if self.is_main:
-            data_pipeline.prepare_if_needed(cfg.data)
-        barrier()
-        if cfg.model.vocab_size != data_pipeline.vocab_size(cfg.data):
-            raise ValueError(f"config key 'model.vocab_size': {cfg.model.vocab_size} differs from the tokenizer's "
-                             f"{data_pipeline.vocab_size(cfg.data)} (data.vocab_size)")
-        # Same seed on every rank: identical initial weights without a broadcast.
-        seed_everything(cfg.trainer.seed)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self._init_wandb()
+
+    def setup_model(self) -> None:
+        """Model, optimizer, scheduler, wrapped for DDP or DeepSpeed; same initial weights on every rank."""
+        cfg = self.cfg
+        seed_everything(cfg.trainer.seed)  # same seed everywhere: identical initial weights without a broadcast
         model = build_model(cfg.model)
         self.raw_model = model
         self.module = make_train_module(cfg.model)
@@ -106,20 +112,21 @@ class Trainer:
         # From here each rank draws its own MCMC noise and replay samples.
         seed_everything(cfg.trainer.seed + 1_000_003 * (self.rank + 1))
         t = cfg.trainer
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * cfg.model.context_length
+        self.flops_per_token = self.module.flops_per_token()
+        self.peak_flops = t.peak_flops or measured_peak_flops(self.device)
+
+    def setup_data(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        if self.is_main:
+            data_pipeline.prepare_if_needed(cfg.data)
+        barrier()
+        if cfg.model.vocab_size != data_pipeline.vocab_size(cfg.data):
+            raise ValueError(f"config key 'model.vocab_size': {cfg.model.vocab_size} differs from the tokenizer's "
+                             f"{data_pipeline.vocab_size(cfg.data)} (data.vocab_size)")
         self.loader = data_pipeline.build_loader(
             cfg.data, split="train", context_length=cfg.model.context_length, micro_batch_size=t.micro_batch_size,
             rank=self.rank, world_size=self.world, seed=t.seed, num_workers=t.num_workers)
-        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * cfg.model.context_length
-        self.peak_flops = t.peak_flops or measured_peak_flops(self.device)
-        self.flops_per_token = self.module.flops_per_token()
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, self.rank, self.world,
-                                      barrier=barrier, log=self.log)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main)
-        self._resume()
-        self.train_iter = iter(self.loader)
-        if self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
-        self._init_wandb()
 
     def _resume(self) -> None:
         cfg = self.cfg
