@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import DataConfig
 from .loader import ShardEvalLoader, ShardLoader
-from .prepare import dir_lock, prepare_shards, shard_dtype, shards_key
+from .prepare import dir_lock, prepare_shards, read_manifest, shard_dtype, shards_key
 from .shards import PackedShards
 from .sources import Source, build_source
 from .streaming import StreamEvalLoader, StreamLoader
@@ -54,8 +54,20 @@ def ensure_tokenizer(cfg: DataConfig, source: Source | None = None) -> tuple[str
 def prepare_if_needed(cfg: DataConfig, *, force: bool = False) -> dict[str, Any]:
     """Train the tokenizer and (in shards mode) write shards when missing; a no-op when they exist.
 
-    `force` replaces shards of other inputs found in an explicitly configured `shards_dir`.
+    `force` replaces shards of other inputs found in an explicitly configured `shards_dir`. When both
+    `tokenizer` and `shards_dir` are given and already hold a matching pair, the raw source is not needed
+    (a training node may have the shards but not the corpus they were made from).
     """
+    if cfg.mode == "shards" and cfg.tokenizer and cfg.shards_dir and not force:
+        manifest = read_manifest(cfg.shards_dir)
+        if manifest is not None and tokenizer_exists(cfg.tokenizer):
+            meta = load_meta(cfg.tokenizer)
+            try:
+                build_source(cfg)
+            except FileNotFoundError:
+                if manifest["tokenizer"]["sha256"] == meta.model_sha256:
+                    return {"tokenizer": cfg.tokenizer, "vocab_size": meta.vocab_size,
+                            "shards_dir": cfg.shards_dir, "manifest": manifest}
     source = build_source(cfg)
     tok_dir, meta = ensure_tokenizer(cfg, source)
     result: dict[str, Any] = {"tokenizer": tok_dir, "vocab_size": meta.vocab_size, "shards_dir": None}
@@ -68,19 +80,22 @@ def prepare_if_needed(cfg: DataConfig, *, force: bool = False) -> dict[str, Any]
     return result
 
 
-def _resolved(cfg: DataConfig) -> tuple[Source, str, TokenizerMeta]:
-    source = build_source(cfg)
-    tok_dir = tokenizer_dir(cfg, source)
+def _tokenizer(cfg: DataConfig, source: Source | None) -> tuple[str, TokenizerMeta]:
+    tok_dir = cfg.tokenizer or tokenizer_dir(cfg, source or build_source(cfg))
     if not tokenizer_exists(tok_dir):
         raise FileNotFoundError(f"no tokenizer at {tok_dir!r}: run `ebt data prepare` "
                                 "or data_pipeline.prepare_if_needed first")
-    return source, tok_dir, load_meta(tok_dir)
+    return tok_dir, load_meta(tok_dir)
+
+
+def _resolved(cfg: DataConfig) -> tuple[Source, str, TokenizerMeta]:
+    source = build_source(cfg)
+    return (source, *_tokenizer(cfg, source))
 
 
 def vocab_size(cfg: DataConfig) -> int:
     """The trained tokenizer's vocabulary size (cfg.vocab_size if it is not trained yet: they are equal)."""
-    source = build_source(cfg)
-    path = tokenizer_dir(cfg, source)
+    path = cfg.tokenizer or tokenizer_dir(cfg, build_source(cfg))
     return load_meta(path).vocab_size if tokenizer_exists(path) else cfg.vocab_size
 
 
@@ -90,9 +105,11 @@ def _check_split(split: str) -> None:
 
 
 def open_shards(cfg: DataConfig, split: str, context_length: int) -> PackedShards:
-    source, _tok_dir, meta = _resolved(cfg)
-    return PackedShards(shards_dir(cfg, source, meta), split, context_length,
-                        tokenizer_sha256=meta.model_sha256, vocab_size=meta.vocab_size)
+    # With explicit tokenizer and shard paths the raw source is not needed (nor even present, maybe).
+    source = None if (cfg.tokenizer and cfg.shards_dir) else build_source(cfg)
+    _tok_dir, meta = _tokenizer(cfg, source)
+    out = cfg.shards_dir or shards_dir(cfg, source, meta)  # type: ignore[arg-type]
+    return PackedShards(out, split, context_length, tokenizer_sha256=meta.model_sha256, vocab_size=meta.vocab_size)
 
 
 def build_loader(cfg: DataConfig, *, split: str, context_length: int, micro_batch_size: int, rank: int,

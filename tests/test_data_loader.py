@@ -188,3 +188,18 @@ def test_workers_reopen_memmaps(tiny):  # noqa: F811
     assert loader.shards._maps is not None
     clone = __import__("pickle").loads(__import__("pickle").dumps(loader.shards))
     assert clone._maps is None and os.path.isfile(clone.files[0])
+
+
+def test_explicit_paths_work_without_the_raw_source(tmp_path, tiny):  # noqa: F811
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"def f{i}():\n    return {i}\n" * 20}) + "\n" for i in range(60)))
+    cfg = tiny.with_(source=str(corpus), tokenizer=tiny.tokenizer, shards_dir=str(tmp_path / "shards"),
+                     val_fraction=0.0)
+    made = prepare_if_needed(cfg)
+    reference = _take(_loader(tiny, cfg=cfg), 3)
+    corpus.unlink()  # e.g. a training node that only has the shards
+    assert prepare_if_needed(cfg)["manifest"] == made["manifest"]
+    assert vocab_size(cfg) == 512
+    assert all(torch.equal(a, b) for a, b in zip(reference, _take(_loader(tiny, cfg=cfg), 3), strict=True))
+    with pytest.raises(FileNotFoundError, match="corpus.jsonl' does not exist"):
+        prepare_if_needed(cfg, force=True)
