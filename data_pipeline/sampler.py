@@ -30,6 +30,8 @@ def advance(n_windows: int, world_size: int, epoch: int, offset: int, samples: i
         take = min(samples, remaining)
         offset += take * world_size
         samples -= take
+    if (n_windows - offset) // world_size == 0:  # a finished epoch reads as the start of the next one
+        epoch, offset = epoch + 1, 0
     return epoch, offset
 
 
