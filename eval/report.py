@@ -1,0 +1,328 @@
+"""`ebt report`: from a finished sweep (or run dirs) to report.md, report.html, PNGs and fits.json.
+
+The report is assembled as a list of blocks rendered twice (Markdown and self-contained HTML with the PNGs
+inlined as base64), so both always say the same thing. All files are produced in memory first and then
+moved into place one by one with atomic renames: a failure leaves no half-written report behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval import plots
+from eval.isoflop import IsoFlopResult, isoflop
+from eval.scaling import PowerLawFit, RateComparison, compare_rates, fit_power_law
+from eval.sweep_data import EVAL_SCHEMA, KINDS, Exclusion, RunRecord, gather, read_metrics, screen
+
+AXES = {"N": "n_params", "D": "tokens", "C": "flops"}
+AXIS_NAMES = {"N": "parameters", "D": "tokens", "C": "FLOPs"}
+
+
+@dataclass
+class Block:
+    kind: str  # h1 | h2 | p | list | table | img
+    content: Any
+
+
+@dataclass
+class ReportResult:
+    out_dir: Path
+    files: list[Path]
+    fits: dict[str, dict[str, PowerLawFit]]
+    comparisons: dict[str, RateComparison]
+    excluded: list[Exclusion]
+    warnings: list[str]
+    figures: list[str] = field(default_factory=list)
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def _ci(ci: tuple[float, float], digits: int = 4) -> str:
+    return "n/a" if not math.isfinite(ci[0]) else f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN/inf become null: JSON has no spelling for them and strict parsers reject Python's."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _load_evals(files: list[Path], warnings: list[str]) -> list[dict[str, Any]]:
+    evals = []
+    for file in files:
+        data = json.loads(file.read_text())
+        if data.get("schema") != EVAL_SCHEMA or not isinstance(data.get("sources"), list):
+            warnings.append(f"{file}: not an `ebt eval` result; skipped")
+            continue
+        data["file"] = str(file)
+        evals.append(data)
+    return evals
+
+
+def _fit_all(kept: list[RunRecord], loss_column: str, n_boot: int, seed: int, ci_level: float,
+             notes: list[str], progress: bool):
+    fits: dict[str, dict[str, PowerLawFit]] = {a: {} for a in AXES}
+    points: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {a: {} for a in AXES}
+    jobs = []
+    for axis, attr in AXES.items():
+        for kind in KINDS:
+            rows = [r for r in kept if r.kind == kind and math.isfinite(getattr(r, attr)) and getattr(r, attr) > 0]
+            if not rows:
+                continue
+            x = np.array([getattr(r, attr) for r in rows])
+            y = np.array([r.loss(loss_column) for r in rows])
+            points[axis][kind] = (x, y)
+            distinct = len(np.unique(x))
+            if distinct < 3:
+                notes.append(f"L({axis}) for {kind} not fitted: {distinct} distinct {AXIS_NAMES[axis]} value(s) "
+                             f"among {len(rows)} runs (needs 3; add budgets/sizes to the sweep grid)")
+                continue
+            jobs.append((axis, kind, x, y))
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"fitting ({n_boot} bootstrap draws each)", total=len(jobs))
+        for i, (axis, kind, x, y) in enumerate(jobs):
+            fits[axis][kind] = fit_power_law(x, y, n_boot=n_boot, seed=seed + i, ci_level=ci_level,
+                                             label=f"{kind}/L({axis})")
+            bar.advance(task)
+    return fits, points
+
+
+def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: str = "val_loss", n_boot: int = 400,
+                 seed: int = 0, ci_level: float = 0.95, progress: bool = True) -> ReportResult:
+    if not 0 < ci_level < 1:
+        raise ValueError(f"--ci must lie in (0, 1), got {ci_level}")
+    inputs = gather(paths)
+    warnings = list(inputs.warnings)
+    if not inputs.records and not inputs.eval_files:
+        raise ValueError(f"no runs found in {', '.join(map(str, paths))}")
+    kept, excluded = screen(inputs.records, loss_column)
+    for ex in excluded:
+        warnings.append(f"excluded run '{ex.run}': {ex.reason}")
+    notes: list[str] = []
+    fits, points = _fit_all(kept, loss_column, n_boot, seed, ci_level, notes, progress)
+    warnings += notes
+    comparisons = {axis: compare_rates(f["ebt"], f["transformer"], axis)
+                   for axis, f in fits.items() if "ebt" in f and "transformer" in f}
+    iso = [isoflop(kept, kind, loss_column) for kind in KINDS if any(r.kind == kind for r in kept)]
+    evals = _load_evals(inputs.eval_files, warnings)
+
+    curves = {r.run: (r, read_metrics(r.run_dir)) for r in inputs.records if r.run_dir is not None}
+    missing_dirs = [r.run for r in inputs.records if r.run_dir is None]
+    if missing_dirs:
+        warnings.append(f"no run dir (metrics.jsonl) found for {len(missing_dirs)} run(s): "
+                        f"{', '.join(missing_dirs[:5])}{' ...' if len(missing_dirs) > 5 else ''}; no loss curves")
+
+    figures: dict[str, bytes | None] = {"loss_curves.png": plots.loss_curves(curves)}
+    for axis in AXES:
+        figures[f"scaling_{axis}.png"] = plots.scaling_fit(axis, points[axis], fits[axis], loss_column)
+    figures["isoflop.png"] = plots.isoflop_plot(iso)
+    figures["system2_gain.png"] = plots.system2_curves(evals)
+    figures["ood_gain.png"] = plots.ood_gains(evals)
+    figures = {k: v for k, v in figures.items() if v is not None}
+
+    blocks = _blocks(inputs.records, kept, excluded, warnings, fits, comparisons, iso, evals, figures, loss_column,
+                     n_boot, ci_level)
+    fits_json = {
+        "schema": "ebt-report/1", "loss_column": loss_column, "ci_level": ci_level, "n_boot": n_boot, "seed": seed,
+        "fits": {a: {k: f.to_dict() for k, f in by_kind.items()} for a, by_kind in fits.items()},
+        "comparisons": {a: c.to_dict() for a, c in comparisons.items()},
+        "isoflop": [r.to_dict() for r in iso],
+        "system2": [_system2_summary(e) for e in evals],
+        "runs_used": [r.run for r in kept],
+        "excluded": [{"run": e.run, "reason": e.reason} for e in excluded],
+        "warnings": warnings,
+    }
+    contents: dict[str, bytes] = dict(figures)
+    contents["report.md"] = _markdown(blocks).encode()
+    contents["report.html"] = _html(blocks, figures).encode()
+    contents["fits.json"] = json.dumps(_jsonable(fits_json), indent=1, allow_nan=False).encode()
+    files = _write_all(Path(out_dir), contents)
+    return ReportResult(Path(out_dir), files, fits, comparisons, excluded, warnings, sorted(figures))
+
+
+def _write_all(out: Path, contents: dict[str, bytes]) -> list[Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for name, data in contents.items():
+            (tmp / name).write_bytes(data)
+        out.mkdir(exist_ok=True)
+        written = []
+        for name in contents:
+            os.replace(tmp / name, out / name)
+            written.append(out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def _system2_summary(e: dict[str, Any]) -> dict[str, Any]:
+    return {"run": e.get("run"), "kind": e.get("kind"), "checkpoint": e.get("checkpoint"),
+            "sources": [{k: s.get(k) for k in ("name", "ood", "tokens", "base", "best", "gain_pct", "plain")}
+                        for s in e["sources"]]}
+
+
+def _cell_label(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "n/a"
+    return (f"steps={cell['steps']}, samples={cell['samples']}, {cell['selection']}"
+            + (", accept-lower" if cell["accept_lower"] else ""))
+
+
+def _blocks(records, kept, excluded, warnings, fits, comparisons, iso: list[IsoFlopResult], evals, figures,
+            loss_column, n_boot, ci_level) -> list[Block]:
+    pct = int(round(100 * ci_level))
+    b = [Block("h1", "EBT vs. Transformer++ scaling report")]
+    b.append(Block("p", f"{len(records)} run(s) read, {len(kept)} used in fits, {len(excluded)} excluded. "
+                        f"Loss: `{loss_column}`. Fits: L(X) = E + A·X^(−alpha), Huber loss on log-residuals, "
+                        f"multi-start L-BFGS; {pct}% intervals from {n_boot} residual-bootstrap draws."))
+    if warnings:
+        b += [Block("h2", "Warnings"), Block("list", warnings)]
+
+    b.append(Block("h2", "Scaling fits"))
+    rows = []
+    for axis, by_kind in fits.items():
+        for kind, f in sorted(by_kind.items()):
+            rows.append([f"L({axis})", kind, str(f.n_points), _fmt(f.E), _ci(f.E_ci), f"{f.log10_A:.3f}",
+                         _fmt(f.alpha), _ci(f.alpha_ci)])
+    if rows:
+        b.append(Block("table", (["fit", "kind", "points", "E", f"E {pct}% CI", "log10 A", "alpha",
+                                  f"alpha {pct}% CI"], rows)))
+    else:
+        b.append(Block("p", "No fit was possible (see warnings): each kind needs 3 finished runs with distinct X."))
+
+    b.append(Block("h2", "EBT vs. Transformer++ scaling rate"))
+    if comparisons:
+        b.append(Block("p", "Relative scaling-rate difference = alpha_EBT / alpha_Transformer++ − 1 (positive: EBT "
+                            "improves faster with X). P(EBT faster) is the share of paired bootstrap draws with "
+                            "alpha_EBT > alpha_Transformer++."))
+        b.append(Block("table", (["axis", "alpha EBT", "alpha Transformer++", "relative difference",
+                                  f"{pct}% CI", "P(EBT faster)"],
+                                 [[f"L({c.axis})", _fmt(c.alpha_ebt), _fmt(c.alpha_tpp), f"{100 * c.rel_diff:+.1f}%",
+                                   "n/a" if not math.isfinite(c.ci[0]) else
+                                   f"[{100 * c.ci[0]:+.1f}%, {100 * c.ci[1]:+.1f}%]", _fmt(c.prob_ebt_faster, 3)]
+                                  for c in comparisons.values()])))
+    else:
+        b.append(Block("p", "Not available: needs a fit for both kinds on the same axis."))
+
+    b.append(Block("h2", "IsoFLOP analysis"))
+    iso_rows = [[r.kind, _fmt(bf.budget, 3), str(len(bf.n_params)), _fmt(bf.n_opt, 4), _fmt(bf.loss_opt), bf.note]
+                for r in iso for bf in r.budgets]
+    if iso_rows:
+        b.append(Block("table", (["kind", "FLOP budget", "sizes", "N_opt", "loss at N_opt", "note"], iso_rows)))
+    for r in iso:
+        if r.exponent is not None:
+            b.append(Block("p", f"{r.kind}: N_opt ∝ C^{r.exponent:.3f}"))
+        elif r.note:
+            b.append(Block("p", f"{r.kind}: {r.note}."))
+
+    b.append(Block("h2", "System-2 thinking and OOD gains"))
+    s2_rows = []
+    for e in evals:
+        for s in e["sources"]:
+            if s.get("plain"):
+                s2_rows.append([str(e.get("run")), "transformer", s["name"], "yes" if s.get("ood") else "no",
+                                _fmt(s["plain"]["ppl"]), "n/a", "n/a", "n/a"])
+            else:
+                s2_rows.append([str(e.get("run")), "ebt", s["name"], "yes" if s.get("ood") else "no",
+                                _fmt((s.get("base") or {}).get("ppl")), _cell_label(s.get("best")),
+                                _fmt((s.get("best") or {}).get("ppl")), f"{_fmt(s.get('gain_pct'), 3)}%"])
+    if s2_rows:
+        b.append(Block("p", "Gain = perplexity reduction of the best grid cell relative to the trained number of "
+                            "steps with one sample. Compare the gain across sources to see whether thinking helps "
+                            "more out of distribution."))
+        b.append(Block("table", (["run", "kind", "source", "OOD", "base ppl", "best setting", "best ppl", "gain"],
+                                 s2_rows)))
+    else:
+        b.append(Block("p", "No `ebt eval` results (eval*.json) found in the inputs; run `ebt eval --checkpoint "
+                            "RUN_DIR --ood SOURCE --out RUN_DIR/eval.json` to add System-2 and OOD curves."))
+
+    b.append(Block("h2", "Figures"))
+    for name in figures:
+        b.append(Block("img", name))
+
+    b.append(Block("h2", "Excluded runs"))
+    if excluded:
+        b.append(Block("table", (["run", "reason"], [[e.run, e.reason] for e in excluded])))
+    else:
+        b.append(Block("p", "None."))
+    return b
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(blocks: list[Block]) -> str:
+    out = []
+    for blk in blocks:
+        if blk.kind == "h1":
+            out.append(f"# {blk.content}\n")
+        elif blk.kind == "h2":
+            out.append(f"## {blk.content}\n")
+        elif blk.kind == "p":
+            out.append(f"{blk.content}\n")
+        elif blk.kind == "list":
+            out.append("\n".join(f"- {_md_cell(item)}" for item in blk.content) + "\n")
+        elif blk.kind == "table":
+            header, rows = blk.content
+            lines = ["| " + " | ".join(map(_md_cell, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
+            out.append("\n".join(lines) + "\n")
+        elif blk.kind == "img":
+            out.append(f"![{blk.content}]({blk.content})\n")
+    return "\n".join(out)
+
+
+def _html(blocks: list[Block], figures: dict[str, bytes]) -> str:
+    esc = html.escape
+    body = []
+    for blk in blocks:
+        if blk.kind in ("h1", "h2"):
+            body.append(f"<{blk.kind}>{esc(blk.content)}</{blk.kind}>")
+        elif blk.kind == "p":
+            body.append(f"<p>{esc(blk.content)}</p>")
+        elif blk.kind == "list":
+            body.append("<ul>" + "".join(f"<li>{esc(str(i))}</li>" for i in blk.content) + "</ul>")
+        elif blk.kind == "table":
+            header, rows = blk.content
+            body.append("<table><tr>" + "".join(f"<th>{esc(str(h))}</th>" for h in header) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+                        + "</table>")
+        elif blk.kind == "img":
+            data = base64.b64encode(figures[blk.content]).decode()
+            body.append(f'<figure><img alt="{esc(blk.content)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{esc(blk.content)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "font-size:0.9em}th{background:#f3f3f3}img{max-width:100%}figure{margin:1.5em 0}")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>EBT scaling report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
