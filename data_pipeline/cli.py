@@ -59,10 +59,21 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    cfg = _config(args, tokenizer=args.tokenizer, shards_dir=args.out, val_fraction=args.val_fraction,
-                  shuffle_seed=args.seed, shard_tokens=args.shard_tokens, dtype=args.dtype,
-                  progress=not args.no_progress)
+    if args.config:
+        # Exactly the data a training run of this config will use (its `data:` section and overrides).
+        from launch.config import load_config
+
+        cfg = load_config(args.config, args.overrides).data
+    elif args.overrides:
+        raise ValueError(f"key=value overrides need --config (got {' '.join(args.overrides)})")
+    else:
+        cfg = _config(args, tokenizer=args.tokenizer, shards_dir=args.out, val_fraction=args.val_fraction,
+                      shuffle_seed=args.seed, shard_tokens=args.shard_tokens, dtype=args.dtype,
+                      progress=not args.no_progress)
     result = prepare_if_needed(cfg, force=args.force)
+    if "manifest" not in result:  # stream mode: only the tokenizer is prepared
+        print(json.dumps({"tokenizer": result["tokenizer"], "vocab_size": result["vocab_size"]}))
+        return 0
     manifest = result["manifest"]
     print(json.dumps({"shards_dir": result["shards_dir"], "tokenizer": result["tokenizer"], "dtype": manifest["dtype"],
                       "splits": {k: {"documents": v["documents"], "tokens": v["tokens"],
@@ -83,6 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prepare = data_sub.add_parser("prepare", help="tokenize a source into packed token shards + manifest")
     _source_flags(prepare)
+    prepare.add_argument("--config", default=None,
+                         help="a training YAML: prepare its `data:` section (the source flags are then ignored)")
+    prepare.add_argument("overrides", nargs="*", help="key=value overrides of --config, as for `ebt train`")
     prepare.add_argument("--tokenizer", default=None, help="tokenizer directory (trained there if missing)")
     prepare.add_argument("--out", default=None, help="shard directory (default: under --cache-dir)")
     prepare.add_argument("--val-fraction", type=float, default=0.02)

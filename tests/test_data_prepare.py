@@ -160,3 +160,18 @@ def test_concurrent_prepares_wait_for_each_other(tmp_path, tiny):  # noqa: F811
     keys = {queue.get(timeout=5) for _ in children}
     assert keys == {read_manifest(out)["key"]}
     assert listing(tmp_path) == sorted(["shards.lock", *(f"shards/{f}" for f in os.listdir(out))])
+
+
+def test_cli_prepares_a_training_configs_data_section(tmp_path, tiny, capsys):  # noqa: F811
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": f"x = {i}\n" * 30}) + "\n" for i in range(40)))
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "train", "quickstart.yaml")
+    out = tmp_path / "shards"
+    rc = main(["data", "prepare", "--config", config, f"data.source={path}", f"data.tokenizer={tiny.tokenizer}",
+               f"data.shards_dir={out}", "data.progress=false", "data.num_proc=1"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["shards_dir"] == str(out)
+    assert read_manifest(str(out))["splits"]["train"]["documents"] + \
+        read_manifest(str(out))["splits"]["val"]["documents"] == 40
+    assert main(["data", "prepare", "data.vocab_size=8"]) == 2
+    assert "overrides need --config" in capsys.readouterr().err
