@@ -1,0 +1,117 @@
+"""Exact resume: after kill -9, preemption (SIGUSR2) or a truncated checkpoint, every later metrics row's training
+values equal an uninterrupted run's bit for bit (JSON floats round-trip exactly), with 1 and 2 ranks."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+
+import pytest
+from test_train_support import (
+    kill_group,
+    run_train,
+    start_train,
+    tiny_raw,
+    training_rows,
+    wait_for_step,
+    write_config,
+)
+
+from launch.signals import PREEMPTED_EXIT_CODE
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 24
+
+
+def resume_raw(nproc: int) -> dict:
+    # The replay buffer and gradient accumulation are on, so their state and the no_sync path are covered too.
+    model = {"replay_capacity": 8, "replay_fraction": 0.25}
+    trainer = {"max_steps": MAX_STEPS, "grad_accum_steps": 2 if nproc == 2 else 1}
+    return tiny_raw(model=model, trainer=trainer, checkpoint={"every": 4, "keep_last": 3})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, per rank count, computed once: (work dir, config path, rows)."""
+    cache: dict[int, tuple] = {}
+
+    def get(nproc: int):
+        if nproc not in cache:
+            work = tmp_path_factory.mktemp(f"ref{nproc}")
+            config = write_config(work, resume_raw(nproc))
+            done = run_train(work, config, "name=ref", nproc=nproc)
+            assert done.returncode == 0, done.stdout + done.stderr
+            rows = training_rows(work / "runs" / "ref")
+            assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
+            assert all(not r["skipped"] for r in rows)
+            cache[nproc] = (work, config, rows)
+        return cache[nproc]
+
+    return get
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_at_a_random_step_then_restart_is_bit_exact(reference, nproc):
+    work, config, expected = reference(nproc)
+    kill_at = random.SystemRandom().randint(5, MAX_STEPS - 4)
+    proc = start_train(work, config, "name=killed", nproc=nproc)
+    try:
+        seen = wait_for_step(proc, work / "runs" / "killed", kill_at)
+    finally:
+        kill_group(proc, signal.SIGKILL)  # the whole group: torchrun and every rank die at once
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (work / "runs" / "killed" / "checkpoints").is_dir(), f"killed at step {seen} before any checkpoint"
+    done = run_train(work, config, "name=killed", nproc=nproc)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resumed from" in done.stdout, f"killed at step {seen}: did not resume\n{done.stdout}"
+    got = training_rows(work / "runs" / "killed")
+    assert got == expected, f"killed at step {seen} (asked {kill_at})"
+
+
+def test_sigusr2_checkpoints_exits_with_the_preemption_code_and_continues_exactly(reference):
+    work, config, expected = reference(1)
+    run_dir = work / "runs" / "preempted"
+    proc = start_train(work, config, "name=preempted")
+    try:
+        wait_for_step(proc, run_dir, random.SystemRandom().randint(5, MAX_STEPS - 6))
+        os.kill(proc.pid, signal.SIGUSR2)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    stopped = training_rows(run_dir)[-1]["step"]
+    assert stopped < MAX_STEPS
+    assert f"saved checkpoint at step {stopped}" in out
+    assert (run_dir / "checkpoints" / f"step_{stopped}" / "manifest.json").is_file()
+    done = run_train(work, config, "name=preempted")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"step_{stopped} (step {stopped})" in done.stdout
+    assert training_rows(run_dir) == expected
+
+
+def test_truncated_newest_checkpoint_falls_back_says_so_and_continues_exactly(reference):
+    work, config, expected = reference(1)
+    shutil.copytree(work / "runs" / "ref", work / "runs" / "truncated")
+    checkpoints = work / "runs" / "truncated" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_16", "step_20", "step_24"]
+    model = checkpoints / "step_24" / "model.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+    done = run_train(work, config, "name=truncated")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "step_24 is unusable (model.pt is truncated" in done.stdout
+    assert "resumed from" in done.stdout and "step_20 (step 20)" in done.stdout
+    assert training_rows(work / "runs" / "truncated") == expected
+
+
+def test_resuming_with_a_different_model_names_the_key(reference):
+    work, config, _ = reference(1)
+    done = run_train(work, config, "name=ref", "model.dim=64")
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ebt train: error: config key 'model.dim'"), done.stderr
+    assert "trained with 32" in err[0] and "64" in err[0]
