@@ -208,8 +208,12 @@ def _read_txt(path: str) -> Iterator[str]:
 
 
 def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({error.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -228,7 +232,10 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
 def _read_parquet(path: str, text_field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises several types for corrupt or non-parquet files
+        raise ValueError(f"{path}: not a readable parquet file ({str(error).splitlines()[0]})") from None
     if text_field not in parquet.schema_arrow.names:
         raise ValueError(f"{path}: no {text_field!r} column (columns: {', '.join(parquet.schema_arrow.names)})")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):

@@ -119,3 +119,21 @@ def test_jsonl_without_field_names_file_and_line(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(ValueError, match=r"p\.parquet: no 'text' column"):
         list(LocalFiles(str(tmp_path / "p.parquet")).documents())
+
+
+def test_unreadable_files_are_named(tmp_path):
+    bad = tmp_path / "latin.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin\.jsonl:2: not UTF-8"):
+        list(LocalFiles(str(bad)).documents())
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: invalid JSON"):
+        list(LocalFiles(str(broken)).documents())
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(ValueError, match=r"fake\.parquet: not a readable parquet file"):
+        list(LocalFiles(str(fake)).documents())
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(ValueError, match=r"notes\.md': unsupported type"):
+        LocalFiles(str(tmp_path / "notes.md"))
