@@ -7,6 +7,7 @@
 #   slurm/dev-cluster.sh stop                cancel our jobs, stop our daemons, drop our /etc/hosts line
 #   slurm/dev-cluster.sh status              exit 0 when up; prints SLURM_CONF=... when up
 #   slurm/dev-cluster.sh env                 print `export SLURM_CONF=...` for eval in a shell
+#   slurm/dev-cluster.sh install             only install the Debian packages (CI does this before tests)
 #
 # Needs root (Slurm runs as SlurmUser=root; node names go into /etc/hosts). Tested on Debian 12 (Slurm
 # 22.05, MariaDB 10.11) without systemd. Environment: EBT_DEV_CLUSTER_DIR (state dir, default
@@ -289,13 +290,13 @@ cmd_status() {
 
 main() {
     local cmd=${1:-} nodes=2
-    [[ -n $cmd ]] || die "usage: $0 start|stop|status|env [--nodes N]"
+    [[ -n $cmd ]] || die "usage: $0 start|stop|status|env|install [--nodes N]"
     shift
     while [[ $# -gt 0 ]]; do
         case $1 in
             --nodes) [[ ${2:-} =~ ^[1-9][0-9]?$ ]] || die "--nodes needs a number 1-99, got '${2:-}'"; nodes=$2; shift 2 ;;
             --nodes=*) nodes=${1#--nodes=}; [[ $nodes =~ ^[1-9][0-9]?$ ]] || die "--nodes needs a number 1-99, got '$nodes'"; shift ;;
-            *) die "unknown argument '$1' (usage: $0 start|stop|status|env [--nodes N])" ;;
+            *) die "unknown argument '$1' (usage: $0 start|stop|status|env|install [--nodes N])" ;;
         esac
     done
     case $cmd in
@@ -303,7 +304,8 @@ main() {
         stop) cmd_stop ;;
         status) cmd_status ;;
         env) echo "export SLURM_CONF=$CONF" ;;
-        *) die "unknown command '$cmd' (usage: $0 start|stop|status|env [--nodes N])" ;;
+        install) mkdir -p "$DIR/log"; ensure_packages ;;
+        *) die "unknown command '$cmd' (usage: $0 start|stop|status|env|install [--nodes N])" ;;
     esac
 }
 

@@ -79,11 +79,14 @@ class RunPlan:
     overrides: list[str]
     config: Any  # launch.config.TrainConfig
     resources: Resources
-    config_dict: dict[str, Any] = field(default_factory=dict)
+    # What the sweep decides for this run: the base config files' digests and every key=value it sets. The
+    # resolved config is deliberately not used: a trainer release that adds a config field with a default
+    # would otherwise make every finished run look changed.
+    inputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config_hash(self) -> str:
-        blob = json.dumps(self.config_dict, sort_keys=True, default=str).encode()
+        blob = json.dumps(self.inputs, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
@@ -136,7 +139,7 @@ class SweepSpec:
 
     def _plan_point(self, point: dict[str, Any]) -> RunPlan:
         from ebt.sizes import SIZES
-        from launch.config import config_to_dict, load_config
+        from launch.config import load_config
 
         name = run_name(self.name, point)
         pre: dict[str, Any] = {}
@@ -198,8 +201,26 @@ class SweepSpec:
                 cfg = load_config([self.base], overrides)
             except (ValueError, FileNotFoundError) as error:
                 raise ValueError(f"run '{name}': {error}") from None
+        inputs = {"base": base_digests(self.base), "overrides": {k: merged[k] for k in sorted(merged)}}
         return RunPlan(name=name, point=dict(point), overrides=overrides, config=cfg, resources=resources,
-                       config_dict=config_to_dict(cfg))
+                       inputs=inputs)
+
+
+def base_digests(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, str]:
+    """sha256 of the base config and of every file it pulls in with `include:` (the trainer's YAML merging)."""
+    path = path.resolve()
+    if path in seen or not path.is_file():
+        return {}
+    text = path.read_bytes()
+    out = {str(path): hashlib.sha256(text).hexdigest()[:16]}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return out
+    includes = data.get("include", []) if isinstance(data, dict) else []
+    for inc in [includes] if isinstance(includes, str) else includes or []:
+        out.update(base_digests(path.parent / str(inc), seen + (path,)))
+    return out
 
 
 def _override_value(value: Any) -> str:
@@ -453,7 +474,7 @@ def plan_fingerprint(spec: SweepSpec, plans: list[RunPlan]) -> dict[str, Any]:
     """What must match for a resubmit to count as 'the same sweep'."""
     return {
         "name": spec.name,
-        "runs": {p.name: {"config": p.config_dict, "resources": dataclasses.asdict(p.resources)} for p in plans},
+        "runs": {p.name: {**p.inputs, "resources": dataclasses.asdict(p.resources)} for p in plans},
         "slurm": {k: v for k, v in dataclasses.asdict(spec.slurm).items() if k != "python"},
     }
 

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 # Slurm states in which a job still owns the run: do not submit it again.
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "SPECIAL_EXIT"}
-# A job id Slurm has not reported yet (accounting lags submission by a moment) counts as active this long.
-UNKNOWN_GRACE_S = 120.0
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
@@ -122,30 +119,34 @@ class SweepState:
 
 # ---------------------------------------------------------------------------------------------- job states
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """Current state of each job id ("123" or "123_4"): squeue for live jobs, sacct for the rest."""
-    if not job_ids or shutil.which("sacct") is None:
+    """State of each job id ("123" or "123_4"): the controller's view (squeue, which keeps ended jobs for
+    MinJobAge) wins over accounting (sacct). A job neither knows is LOST: an array task cancelled while pending
+    leaves no record at all. When the controller cannot be asked, the state is UNKNOWN (never resubmitted)."""
+    if not job_ids:
         return {}
-    states: dict[str, str] = {}
     base_ids = sorted({j.split("_")[0] for j in job_ids})
     watcher = SlurmInfoWatcher()
-    try:
-        out = subprocess.run(["sacct", "-X", "--parsable2", "-o", "JobID,State", *[f"-j{b}" for b in base_ids]],
-                             capture_output=True, text=True, timeout=60)
-        for jid, info in watcher.read_info(out.stdout).items():
-            states[jid] = info.get("State", "UNKNOWN").split()[0]
-    except (subprocess.SubprocessError, OSError):
-        pass
+    states: dict[str, str] = {}
+    controller_ok = False
+    if shutil.which("sacct") is not None:
+        try:
+            out = subprocess.run(["sacct", "-X", "--parsable2", "-o", "JobID,State", *[f"-j{b}" for b in base_ids]],
+                                 capture_output=True, text=True, timeout=60)
+            for jid, info in watcher.read_info(out.stdout).items():
+                states[jid] = info.get("State", "UNKNOWN").split()[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
     if shutil.which("squeue") is not None:
         try:
-            out = subprocess.run(["squeue", "-h", "-a", "-r", "-o", "%i|%T"], capture_output=True, text=True,
-                                 timeout=60)
-            text = "JobID|State\n" + out.stdout
-            for jid, info in watcher.read_info(text).items():
+            out = subprocess.run(["squeue", "-h", "-a", "-r", "-t", "all", "-o", "%i|%T"], capture_output=True,
+                                 text=True, timeout=60)
+            controller_ok = out.returncode == 0
+            for jid, info in watcher.read_info("JobID|State\n" + out.stdout).items():
                 if jid.split("_")[0] in base_ids:
                     states[jid] = info["State"]
         except (subprocess.SubprocessError, OSError):
             pass
-    return states
+    return {j: states.get(j, "LOST" if controller_ok else "UNKNOWN") for j in job_ids}
 
 
 def local_state(entry: dict[str, Any]) -> str:
@@ -191,13 +192,9 @@ def run_states(state: SweepState, plans: list[Any]) -> dict[str, str]:
         elif entry.get("executor") == "local":
             out[plan.name] = local_state(entry)
         else:
-            s = sl.get(str(entry["job_id"]))
-            if s is None:
-                age = time.time() - float(entry.get("submitted", 0))
-                s = "SUBMITTED" if age < UNKNOWN_GRACE_S else "LOST"
-            out[plan.name] = s
+            out[plan.name] = sl.get(str(entry["job_id"]), "UNKNOWN")
     return out
 
 
 def is_active(state_name: str) -> bool:
-    return state_name in ACTIVE_STATES or state_name in ("SUBMITTED", "RUNNING")
+    return state_name in ACTIVE_STATES or state_name in ("UNKNOWN", "RUNNING")
