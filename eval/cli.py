@@ -50,7 +50,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     settings = EvalSettings(steps=args.steps, samples=args.samples, selections=args.selection,
                             accept_lower=args.accept_lower, noise=args.noise, seed=args.seed,
-                            batch_size=args.batch_size, max_batches=args.max_batches, split=args.split)
+                            batch_size=args.batch_size, max_batches=args.max_batches, split=args.split,
+                            tokenizer=args.tokenizer)
     run_eval(args.checkpoint, args.data, args.ood, settings, out_path=args.out, progress=not args.no_progress)
     return 0
 
@@ -81,7 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "checkpoint's training data")
     e.add_argument("--ood", action="append", default=[], metavar="SOURCE",
                    help="another source to evaluate on (repeatable), e.g. prose for a code-trained model")
-    e.add_argument("--split", default="val", choices=["val", "train"], help="split of --data (OOD: always val)")
+    e.add_argument("--split", default="val", choices=["val", "train", "all"],
+                   help="split of --data; all: every document (OOD sources always use every document)")
+    e.add_argument("--tokenizer", default=None,
+                   help="tokenizer dir (needed only when the checkpoint has no data config, e.g. an export dir)")
     e.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="thinking steps, e.g. 1,2,4,8")
     e.add_argument("--samples", type=_int_list, default=[1, 2, 4], help="chains per token, e.g. 1,2,4")
     e.add_argument("--selection", type=_str_list, default=["min", "max_gap"], help="sample selection rules")

@@ -1,0 +1,307 @@
+"""`ebt eval`: held-out perplexity of a checkpoint; for EBTs a System-2 thinking grid per data source.
+
+Every grid cell of one batch starts from the same initial candidates (drawn from a generator seeded by the
+eval seed and the batch index), so differences between cells are paired comparisons, not start noise, and the
+whole grid is reproducible for a seed. Sample m of a cell with M samples is the m-th draw, so the one-sample
+cells reuse the first chain of the many-sample cells.
+
+The thinking gain of a cell is its perplexity reduction relative to the System-1 setting the model was
+trained with (mcmc_steps steps, one sample, no accept-lower), in percent of that perplexity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eval.perplexity import EnergySums, TokenNLL
+from eval.sweep_data import EVAL_SCHEMA
+
+SELECTIONS = ("min", "max_gap", "max")
+
+
+@dataclass
+class EvalSettings:
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    samples: list[int] = field(default_factory=lambda: [1, 2, 4])
+    selections: list[str] = field(default_factory=lambda: ["min", "max_gap"])
+    accept_lower: list[bool] = field(default_factory=lambda: [False, True])
+    noise: float = 0.0
+    seed: int = 0
+    batch_size: int = 8
+    max_batches: int = 0  # 0: the whole split
+    split: str = "val"  # of --data; "all": every document (OOD sources always use all)
+    tokenizer: str | None = None  # needed when the checkpoint carries no data config (an `ebt export` dir)
+
+    def validate(self) -> None:
+        if not self.steps or min(self.steps) < 0:
+            raise ValueError(f"--steps: need non-negative step counts, got {self.steps}")
+        if not self.samples or min(self.samples) < 1:
+            raise ValueError(f"--samples: need counts >= 1, got {self.samples}")
+        for s in self.selections:
+            if s not in SELECTIONS:
+                raise ValueError(f"--selection: unknown selection {s!r}; expected one of {', '.join(SELECTIONS)}")
+        if not self.selections or not self.accept_lower:
+            raise ValueError("--selection and --accept-lower need at least one value each")
+        if self.batch_size < 1 or self.max_batches < 0:
+            raise ValueError(f"--batch-size must be >= 1 and --max-batches >= 0, got {self.batch_size}, "
+                             f"{self.max_batches}")
+        if self.noise < 0:
+            raise ValueError(f"--noise must be >= 0, got {self.noise}")
+        if self.split not in ("val", "train", "all"):
+            raise ValueError(f"--split must be val, train or all, got {self.split!r}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    steps: int
+    samples: int
+    selection: str  # "none" with one sample: there is nothing to select
+    accept_lower: bool
+
+    def key(self) -> tuple:
+        return (self.steps, self.samples, self.selection, self.accept_lower)
+
+
+def grid_cells(settings: EvalSettings, trained_steps: int) -> list[Cell]:
+    """Every distinct cell of the grid, plus the System-1 baseline (trained steps, one sample)."""
+    cells: dict[tuple, Cell] = {}
+    for steps in settings.steps:
+        for samples in settings.samples:
+            # One sample leaves nothing to select; zero steps leave no proposal to accept or reject.
+            for selection in ["none"] if samples == 1 else settings.selections:
+                for accept in sorted(set(settings.accept_lower)) if steps > 0 else [False]:
+                    cell = Cell(steps, samples, selection, accept)
+                    cells.setdefault(cell.key(), cell)
+    baseline = Cell(trained_steps, 1, "none", False)
+    cells.setdefault(baseline.key(), baseline)
+    return sorted(cells.values(), key=Cell.key)
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    data: str
+    split: str
+    ood: bool
+    cfg: Any  # data_pipeline.DataConfig
+
+
+def _batch_generator(seed: int, batch_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
+
+
+def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress=None, task=None) -> dict[str, Any]:
+    """Perplexity (Transformer++) or the thinking grid (EBT) over an iterable of LongTensor[B, S+1]."""
+    settings.validate()
+    is_ebt = model_cfg.kind == "ebt"
+    cells = grid_cells(settings, model_cfg.mcmc_steps) if is_ebt else []
+    nll = {c.key(): TokenNLL() for c in cells} if is_ebt else {"plain": TokenNLL()}
+    energies = {c.key(): EnergySums() for c in cells}
+    max_samples = max((c.samples for c in cells), default=1)
+    n_batches = 0
+    model.eval()
+    for index, batch in enumerate(batches):
+        if settings.max_batches and index >= settings.max_batches:
+            break
+        tokens, targets = batch[:, :-1], batch[:, 1:]
+        n_batches += 1
+        if not is_ebt:
+            with torch.no_grad():
+                logits, _ = model.logits(tokens)
+            nll["plain"].add(logits, targets)
+            if progress is not None:
+                progress.advance(task)
+            continue
+        shape = (tokens.shape[0], tokens.shape[1], model_cfg.vocab_size)
+        gen = _batch_generator(settings.seed, index)
+        starts = torch.stack([model.initial_logits(shape, model.alpha_raw, gen) for _ in range(max_samples)], dim=1)
+        for cell in cells:
+            noise_gen = _batch_generator(settings.seed + 1, index)
+            result = model.think(tokens, cell.steps, cell.samples,
+                                 "min" if cell.selection == "none" else cell.selection, cell.accept_lower,
+                                 settings.noise, generator=noise_gen, starts=starts[:, :cell.samples])
+            nll[cell.key()].add(result.logits, targets)
+            energies[cell.key()].add(result.mean_energy_per_step, targets.numel())
+            if progress is not None:
+                progress.advance(task)
+    if n_batches == 0:
+        raise ValueError("the data yielded no batch: the split is empty or shorter than one context window")
+    out: dict[str, Any] = {"batches": n_batches, "tokens": next(iter(nll.values())).tokens}
+    if not is_ebt:
+        out.update(plain={"loss": nll["plain"].loss, "ppl": nll["plain"].ppl}, grid=[], base=None, best=None,
+                   gain_pct=None)
+        return out
+    grid = [{"steps": c.steps, "samples": c.samples, "selection": c.selection, "accept_lower": c.accept_lower,
+             "loss": nll[c.key()].loss, "ppl": nll[c.key()].ppl, "mean_energy_per_step": energies[c.key()].means()}
+            for c in cells]
+    base = next(g for g in grid if (g["steps"], g["samples"], g["selection"], g["accept_lower"])
+                == (model_cfg.mcmc_steps, 1, "none", False))
+    for g in grid:
+        g["gain_pct"] = 100.0 * (base["ppl"] - g["ppl"]) / base["ppl"]
+    best = min(grid, key=lambda g: g["ppl"])
+    out.update(plain=None, grid=grid, base=base, best=best, gain_pct=best["gain_pct"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- data sources
+
+
+def _train_data_config(checkpoint: Path):
+    """The DataConfig the checkpoint was trained with (None for an export dir, which keeps only the model)."""
+    import yaml
+
+    from data_pipeline import DataConfig
+
+    for path in (checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml"):
+        if path.is_file():
+            data = (yaml.safe_load(path.read_text()) or {}).get("data")
+            if isinstance(data, dict):
+                return DataConfig(**data), path
+    return None, None
+
+
+def _tokenizer_of(train_cfg, settings: EvalSettings) -> str:
+    if settings.tokenizer:
+        if not Path(settings.tokenizer, "tokenizer.model").is_file():
+            raise FileNotFoundError(f"--tokenizer {settings.tokenizer}: no tokenizer.model there")
+        return settings.tokenizer
+    if train_cfg is None:
+        raise ValueError("the checkpoint has no data config (an `ebt export` dir?): pass --tokenizer DIR")
+    from data_pipeline.api import tokenizer_dir
+    from data_pipeline.sources import build_source
+
+    return train_cfg.tokenizer or tokenizer_dir(train_cfg, build_source(train_cfg))
+
+
+def resolve_sources(checkpoint: Path, data: str | None, ood: list[str], settings: EvalSettings) -> list[SourceSpec]:
+    from data_pipeline import DataConfig
+    from data_pipeline.prepare import read_manifest
+
+    train_cfg, _ = _train_data_config(checkpoint)
+    if data is None and train_cfg is None:
+        raise ValueError("the checkpoint has no data config (an `ebt export` dir?): pass --data")
+    base = dataclasses.asdict(train_cfg) if train_cfg is not None else {}
+    base["progress"] = False
+    tokenizer = _tokenizer_of(train_cfg, settings)
+    specs = []
+    if data is None:
+        cfg = DataConfig(**{**base, "tokenizer": tokenizer})
+        specs.append(_spec(f"{cfg.source} ({settings.split})", cfg.source, settings.split, False, cfg))
+    elif Path(data).is_dir() and read_manifest(data) is not None:
+        cfg = DataConfig(**{**base, "mode": "shards", "shards_dir": data, "tokenizer": tokenizer})
+        specs.append(_spec(f"{Path(data).name} ({settings.split})", data, settings.split, False, cfg))
+    else:
+        cfg = DataConfig(**{**base, "source": data, "mode": "stream", "tokenizer": tokenizer})
+        specs.append(_spec(f"{_short(data)} ({settings.split})", data, settings.split, False, cfg))
+    for source in ood:
+        # The whole OOD source is unseen by the model, so every document counts (split "all").
+        cfg = DataConfig(**{**base, "source": source, "mode": "stream", "tokenizer": tokenizer})
+        specs.append(_spec(_short(source), source, "all", True, cfg))
+    return specs
+
+
+def _spec(name: str, data: str, split: str, ood: bool, cfg) -> SourceSpec:
+    if split == "all":
+        cfg = dataclasses.replace(cfg, val_fraction=0.0)
+        if cfg.mode == "shards":
+            raise ValueError("--split all needs a source, not a shards dir (shards hold fixed train/val splits)")
+    return SourceSpec(name, data, "train" if split == "all" else split, ood, cfg)
+
+
+def _short(source: str) -> str:
+    name = source.split(",")[0].rstrip("/")
+    return Path(name).name or name
+
+
+def _loader(spec: SourceSpec, context_length: int, batch_size: int):
+    import data_pipeline
+
+    return data_pipeline.build_eval_loader(spec.cfg, split=spec.split, context_length=context_length,
+                                           micro_batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings: EvalSettings, *,
+             out_path: str | Path | None = None, progress: bool = True, print_table: bool = True) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ebt.flops import parameter_count
+    from launch.checkpoint import load_model, resolve_checkpoint
+
+    settings.validate()
+    torch.set_flush_denormal(True)
+    torch.manual_seed(settings.seed)
+    path = resolve_checkpoint(checkpoint)
+    model, model_cfg = load_model(path)
+    specs = resolve_sources(path, data, ood, settings)
+    is_ebt = model_cfg.kind == "ebt"
+    n_cells = len(grid_cells(settings, model_cfg.mcmc_steps)) if is_ebt else 1
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not progress, transient=True) as bar:
+        for spec in specs:
+            loader = _loader(spec, model_cfg.context_length, settings.batch_size)
+            total = len(loader) if hasattr(loader, "__len__") else None
+            if total is not None and settings.max_batches:
+                total = min(total, settings.max_batches)
+            task = bar.add_task(f"eval {spec.name}", total=None if total is None else total * n_cells)
+            try:
+                res = evaluate_batches(model, model_cfg, loader, settings, bar, task)
+            except ValueError as error:
+                raise ValueError(f"source {spec.data!r}: {error}") from None
+            results.append({"name": spec.name, "data": spec.data, "split": spec.split, "ood": spec.ood, **res})
+    report = {
+        "schema": EVAL_SCHEMA, "checkpoint": str(path), "run": _run_name(path), "kind": model_cfg.kind,
+        "size": model_cfg.size, "n_params": parameter_count(model_cfg),
+        "mcmc_steps": model_cfg.mcmc_steps if is_ebt else None,
+        "settings": dataclasses.asdict(settings), "sources": results,
+    }
+    out = Path(out_path) if out_path else path / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, allow_nan=True))
+    os.replace(tmp, out)
+    if print_table:
+        _print_tables(report)
+        print(f"wrote {out}")
+    return report
+
+
+def _run_name(path: Path) -> str:
+    # checkpoints live at <run>/checkpoints/step_N; an export dir is its own name
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+
+
+def _print_tables(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for src in report["sources"]:
+        title = f"{report['run']} on {src['name']}{' (OOD)' if src['ood'] else ''}: {src['tokens']:,} tokens"
+        if src["plain"] is not None:
+            table = Table("loss", "perplexity", title=title)
+            table.add_row(f"{src['plain']['loss']:.4f}", f"{src['plain']['ppl']:.3f}")
+            console.print(table)
+            continue
+        table = Table("steps", "samples", "selection", "accept lower", "loss", "perplexity", "gain %",
+                      "energy first -> last", title=title)
+        for g in src["grid"]:
+            e = g["mean_energy_per_step"]
+            table.add_row(str(g["steps"]), str(g["samples"]), g["selection"], "yes" if g["accept_lower"] else "no",
+                          f"{g['loss']:.4f}", f"{g['ppl']:.3f}", f"{g['gain_pct']:+.2f}",
+                          f"{e[0]:.4g} -> {e[-1]:.4g}" if e else "")
+        console.print(table)
+        best = src["best"]
+        console.print(f"best: steps={best['steps']} samples={best['samples']} {best['selection']}"
+                      f"{' accept-lower' if best['accept_lower'] else ''}: perplexity {best['ppl']:.3f}, "
+                      f"thinking gain {src['gain_pct']:+.2f}% vs. {report['mcmc_steps']} trained steps")
