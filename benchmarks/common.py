@@ -1,0 +1,45 @@
+"""Shared helpers for benchmarks: isolated child processes, peak RSS and README table updates."""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_isolated(module_args: list[str]) -> dict:
+    """Run `python -m <module_args>` in a fresh process (so peak RSS is its own) and parse its last JSON line."""
+    completed = subprocess.run(
+        [sys.executable, "-m", *module_args], capture_output=True, text=True, cwd=BENCH_DIR.parent, check=False
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(module_args)} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def write_results(name: str, payload: dict, table: str) -> Path:
+    """Save JSON under benchmarks/results/ and replace this benchmark's section of benchmarks/README.md."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    readme = BENCH_DIR / "README.md"
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    section = f"{begin}\n{table.rstrip()}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    readme.write_text(text)
+    return path
