@@ -268,7 +268,13 @@ class HFDataset(Source):
         kwargs: dict[str, Any] = {"split": self.split, "streaming": True}
         if self.data_files:
             kwargs["data_files"] = self.data_files
-        return load_dataset(self.path, self.config, **kwargs)
+        try:
+            return load_dataset(self.path, self.config, **kwargs)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as error:  # e.g. ConnectionError without network: one line, not a traceback
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(f"dataset {self.path!r} could not be opened: {type(error).__name__}: {first}") from None
 
     def _texts(self, dataset) -> Iterator[str]:  # noqa: ANN001
         # `.iter(batch_size)` rather than `for example in dataset`: the latter detects a torch DataLoader

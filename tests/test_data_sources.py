@@ -137,3 +137,14 @@ def test_unreadable_files_are_named(tmp_path):
     (tmp_path / "notes.md").write_text("x")
     with pytest.raises(ValueError, match=r"notes\.md': unsupported type"):
         LocalFiles(str(tmp_path / "notes.md"))
+
+
+def test_unreachable_dataset_is_one_line(monkeypatch):
+    import datasets
+
+    def offline(*_args, **_kwargs):
+        raise ConnectionError("Couldn't reach 'org/name' on the Hub (OfflineModeIsEnabled)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=r"^dataset 'org/name' could not be opened: ConnectionError: .*Hub[^\n]*$"):
+        list(build_source(DataConfig(source="hf:org/name")).documents())
