@@ -285,7 +285,8 @@ def _print_tables(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Wide enough for the grid table without wrapping when stdout is a file or a narrow pipe.
+    console = Console(width=max(Console().width, 100))
     for src in report["sources"]:
         title = f"{report['run']} on {src['name']}{' (OOD)' if src['ood'] else ''}: {src['tokens']:,} tokens"
         if src["plain"] is not None:
@@ -293,13 +294,13 @@ def _print_tables(report: dict[str, Any]) -> None:
             table.add_row(f"{src['plain']['loss']:.4f}", f"{src['plain']['ppl']:.3f}")
             console.print(table)
             continue
-        table = Table("steps", "samples", "selection", "accept lower", "loss", "perplexity", "gain %",
-                      "energy first -> last", title=title)
+        table = Table("steps", "samples", "select", "acc.lower", "loss", "ppl", "gain %", "energy 0 -> last",
+                      title=title)
         for g in src["grid"]:
             e = g["mean_energy_per_step"]
             table.add_row(str(g["steps"]), str(g["samples"]), g["selection"], "yes" if g["accept_lower"] else "no",
-                          f"{g['loss']:.4f}", f"{g['ppl']:.3f}", f"{g['gain_pct']:+.2f}",
-                          f"{e[0]:.4g} -> {e[-1]:.4g}" if e else "")
+                          f"{g['loss']:.4f}", f"{g['ppl']:.5g}", f"{g['gain_pct']:+.2f}",
+                          f"{e[0]:.3g} -> {e[-1]:.3g}" if e else "")
         console.print(table)
         best = src["best"]
         console.print(f"best: steps={best['steps']} samples={best['samples']} {best['selection']}"

@@ -1,0 +1,137 @@
+"""`ebt eval` end to end on local files: a real tokenizer, saved checkpoints, OOD source, JSON into the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_model
+
+from data_pipeline import DataConfig, prepare_if_needed
+from ebt import ModelConfig, build_model
+from eval.report import build_report
+from launch.cli import main
+
+torch.set_num_threads(1)
+CTX = 16
+WORDS = ("the of and a to in is was he for it with as his on be at by had are but from or have an they which one "
+         "you were her all she there would their we him been has when who will more no if out so said what").split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalcli")
+    code, prose = root / "code", root / "prose"
+    code.mkdir()
+    prose.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for i, name in enumerate(["textwrap.py", "bisect.py", "colorsys.py", "fnmatch.py", "keyword.py", "heapq.py",
+                              "shlex.py", "glob.py", "string.py", "numbers.py"]):
+        text = (stdlib / name).read_text(encoding="utf-8")
+        (code / f"{i}.txt").write_text("".join(c for c in text if ord(c) < 128)[:8000])
+    rng = random.Random(0)
+    for i in range(6):
+        (prose / f"{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(600)).capitalize() + ".\n")
+    data = DataConfig(source=str(code), mode="stream", vocab_size=512, cache_dir=str(root / "cache"),
+                      val_fraction=0.3, num_proc=1, progress=False)
+    info = prepare_if_needed(data)
+    checkpoints = {}
+    for kind in ("ebt", "transformer"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(kind=kind, vocab_size=info["vocab_size"], context_length=CTX, dim=32, n_layers=1,
+                          n_heads=2, alpha_init=5.0)
+        out = root / f"ckpt-{kind}"
+        out.mkdir()
+        save_model(build_model(cfg), str(out / "model.safetensors"))
+        # A checkpoint-style config.yaml: model plus the data section it was trained on.
+        (out / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(cfg),
+                                                         "data": dataclasses.asdict(data)}))
+        checkpoints[kind] = out
+    return {"root": root, "code": code, "prose": prose, "ckpt": checkpoints, "tokenizer": info["tokenizer"]}
+
+
+ARGS = ["--steps", "0,1", "--samples", "1,2", "--max-batches", "2", "--batch-size", "2", "--no-progress"]
+
+
+def test_ebt_eval_on_training_data_and_an_ood_source(setup, capsys):
+    out = setup["root"] / "ebt-eval.json"
+    argv = ["eval", "--checkpoint", str(setup["ckpt"]["ebt"]), "--ood", str(setup["prose"]), "--out", str(out), *ARGS]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "thinking gain" in stdout and "(OOD)" in stdout and f"wrote {out}" in stdout
+    result = json.loads(out.read_text())
+    assert result["schema"] == "ebt-eval/1" and result["kind"] == "ebt" and result["mcmc_steps"] == 2
+    names = [(s["name"], s["ood"], s["split"]) for s in result["sources"]]
+    assert names == [(f"{setup['code']} (val)", False, "val"), ("prose", True, "train")]
+    for src in result["sources"]:
+        assert src["tokens"] == 2 * 2 * CTX
+        # steps {0, 1} x samples {1, 2} x selections x accept-lower, deduplicated, plus the 2-step baseline
+        assert len(src["grid"]) == 1 + 2 + 2 + 4 + 1
+        assert src["base"]["steps"] == 2 and src["gain_pct"] == pytest.approx(src["best"]["gain_pct"])
+    again = setup["root"] / "ebt-eval-2.json"
+    assert main([*argv[:-len(ARGS) - 2], "--out", str(again), *ARGS]) == 0
+    assert json.loads(again.read_text())["sources"] == result["sources"]
+
+
+def test_transformer_eval_reports_plain_perplexity(setup, capsys):
+    out = setup["root"] / "tpp-eval.json"
+    assert main(["eval", "--checkpoint", str(setup["ckpt"]["transformer"]), "--out", str(out), *ARGS]) == 0
+    src = json.loads(out.read_text())["sources"][0]
+    assert src["grid"] == [] and src["plain"]["ppl"] > 1 and src["gain_pct"] is None
+
+
+def test_eval_json_feeds_the_report(setup, tmp_path):
+    runs = tmp_path / "runs"
+    for kind in ("ebt", "transformer"):
+        for i, size in enumerate(["4xs", "3xs", "xxs"]):
+            run = runs / f"{kind}-{size}"
+            run.mkdir(parents=True)
+            (run / "config.yaml").write_text(yaml.safe_dump({"name": run.name, "model": {
+                "kind": kind, "size": size, "vocab_size": 256, "context_length": 32, "dim": 64 * (i + 1),
+                "n_layers": 2, "n_heads": 2}}))
+            rows = [{"step": 1, "tokens": 1000, "loss": 6.0}, {"step": 1, "tokens": 1000, "final": True,
+                                                               "val_loss": 3.0 + 2.0 / (i + 1)}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for kind in ("ebt", "transformer"):
+        assert main(["eval", "--checkpoint", str(setup["ckpt"][kind]), "--ood", str(setup["prose"]),
+                     "--out", str(runs / f"{kind}-xxs" / "eval.json"), *ARGS]) == 0
+    result = build_report([runs], tmp_path / "report", n_boot=0, progress=False)
+    assert {"system2_gain.png", "ood_gain.png"} <= set(result.figures)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| prose | yes |" in md
+
+
+def test_export_dir_without_data_config_needs_tokenizer(setup, tmp_path, capsys):
+    bare = tmp_path / "export"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((setup["ckpt"]["ebt"] / "model.safetensors").read_bytes())
+    cfg = yaml.safe_load((setup["ckpt"]["ebt"] / "config.yaml").read_text())
+    (bare / "config.yaml").write_text(yaml.safe_dump({"model": cfg["model"]}))
+    assert main(["eval", "--checkpoint", str(bare), "--data", str(setup["code"]), "--out", str(tmp_path / "e.json"),
+                 *ARGS]) == 2
+    assert "pass --tokenizer DIR" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(bare), "--data", str(setup["code"]), "--tokenizer",
+                 setup["tokenizer"], "--split", "all", "--out", str(tmp_path / "e.json"), *ARGS]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["sources"][0]["split"] == "train"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--checkpoint", "/nonexistent/ckpt"], "no such checkpoint or run directory: /nonexistent/ckpt"),
+        (["--ood", "/nonexistent/prose"], "data source path '/nonexistent/prose' does not exist"),
+        (["--selection", "best"], "unknown selection 'best'"),
+    ],
+)
+def test_eval_errors_are_one_line(setup, tmp_path, capsys, extra, message):
+    argv = ["eval", "--checkpoint", str(setup["ckpt"]["ebt"]), "--out", str(tmp_path / "e.json"), *ARGS, *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ebt eval: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "e.json").exists()
