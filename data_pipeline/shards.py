@@ -40,7 +40,8 @@ class PackedShards:
         self.files = [os.path.join(shards_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
         tokens = np.array([s["tokens"] for s in manifest["splits"][split]["shards"]], dtype=np.int64)
         if len(tokens) == 0:
-            raise ValueError(f"split {split!r} in {shards_dir!r} has no tokens")
+            raise ValueError(f"split {split!r} in {shards_dir!r} has no tokens "
+                             f"(val_fraction={manifest.get('val_fraction')} selected no documents)")
         if context_length < 1:
             raise ValueError(f"context length must be positive, got {context_length}")
         per_shard = np.maximum((tokens - 1) // context_length, 0)

@@ -217,3 +217,12 @@ def test_epoch_after_a_worker_resume_is_complete(tiny):  # noqa: F811
     assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["offset"] == 0
     epoch_one = [tuple(b[0].tolist()) for b in _take(resumed, n)]
     assert len(set(epoch_one)) == n and resumed.state_dict()["epoch"] == 2
+
+
+def test_empty_val_split_names_the_fraction(tmp_path, tiny):  # noqa: F811
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"y = {i}\n" * 40}) + "\n" for i in range(20)))
+    cfg = tiny.with_(source=str(corpus), tokenizer=tiny.tokenizer, shards_dir=str(tmp_path / "s"), val_fraction=0.0)
+    prepare_if_needed(cfg)
+    with pytest.raises(ValueError, match=r"split 'val' .* has no tokens \(val_fraction=0.0 selected no documents\)"):
+        build_eval_loader(cfg, context_length=CTX, micro_batch_size=2)
