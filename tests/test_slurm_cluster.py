@@ -1,0 +1,330 @@
+"""Sweeps against a REAL Slurm cluster on this machine (slurm/dev-cluster.sh; 2 emulated nodes, accounting).
+
+Every job runs the real trainer (`ebt train` per rank) on a tiny model and a small local corpus. The fixture
+starts the cluster when it is not running (installing the Debian packages if missing; needs root) and stops
+it again at the end if it started it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launch.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = REPO / "configs" / "train" / "quickstart.yaml"
+CLUSTER = REPO / "slurm" / "dev-cluster.sh"
+TIMING_KEYS = ("time", "tokens_per_s", "mfu", "peak_mem_mb")
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    if os.geteuid() != 0:
+        pytest.fail("the Slurm dev cluster needs root (SlurmUser=root, /etc/hosts entries)")
+    was_up = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True).returncode == 0
+    proc = subprocess.run([str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    conf = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+    if not was_up:
+        subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def data_overrides(tmp_path_factory):
+    """A ~300 KB corpus of many small documents (real Python source), tokenized once for every test."""
+    import sysconfig
+
+    from data_pipeline import prepare_if_needed
+    from launch.config import load_config
+
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(errors="ignore")
+        docs.extend(text[i:i + 1500] for i in range(0, min(len(text), 6000), 1500))
+        if sum(map(len, docs)) > 300_000:
+            break
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    overrides = {"data.source": str(corpus), "data.cache_dir": str(root / "cache"), "data.val_fraction": 0.1,
+                 "data.vocab_size": 512, "data.progress": False, "model.context_length": 32,
+                 "trainer.micro_batch_size": 4, "trainer.eval_every": 0, "trainer.eval_batches": 2,
+                 "trainer.log_every": 1, "trainer.peak_flops": 1.0e10, "logging.wandb": False,
+                 "logging.progress": False, "checkpoint.every": 1000}
+    cfg = load_config([BASE], [f"{k}={v}" for k, v in overrides.items()])
+    prepare_if_needed(cfg.data)
+    return overrides
+
+
+@pytest.fixture
+def sweep_env(tmp_path, monkeypatch, slurm_cluster, data_overrides):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def write_spec(root: Path, name: str, grid: dict, overrides: dict, **fields) -> Path:
+    spec = {"name": name, "base": str(BASE), "runs_dir": str(root / "runs"), "sweep_dir": str(root / name),
+            "grid": grid, "overrides": overrides,
+            "resources": {"default": {"mem_gb": 1, "time_min": 10, "cpus_per_task": 1}}, **fields}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def jobs_of(sweep_dir: Path) -> dict:
+    path = sweep_dir / "jobs.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def events(sweep_dir: Path, run: str) -> list[str]:
+    path = sweep_dir / "state" / f"{run}.attempts.jsonl"
+    return [json.loads(x)["event"] for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def done(sweep_dir: Path, runs: list[str]) -> bool:
+    return all((sweep_dir / "state" / f"{r}.result.json").is_file() for r in runs)
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def job_log(sweep_dir: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted((sweep_dir / "submitit").glob("*.err")))
+
+
+def reference_run(config: Path, root: Path, name: str, *overrides: str) -> subprocess.Popen:
+    """The same run, uninterrupted and on one process, with the trainer's own CLI."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(config), f"name={name}",
+                             f"runs_dir={root / 'ref'}", *overrides], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def sacct_states(job_id: str) -> list[str]:
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True,
+                         text=True).stdout
+    return [s.split()[0] for s in out.split()]
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_micro_sweep_completes_and_resubmit_skips_finished_runs(sweep_env, data_overrides, capsys):
+    root = sweep_env
+    spec = write_spec(root, "micro", {"size": ["4xs", "3xs"], "kind": ["ebt", "transformer"], "steps": [3]},
+                      data_overrides, slurm={"array_parallelism": 4})
+    runs = ["micro-4xs-ebt-n3", "micro-4xs-transformer-n3", "micro-3xs-ebt-n3", "micro-3xs-transformer-n3"]
+    assert main(["sweep", "submit", str(spec)]) == 0
+    jobs = jobs_of(root / "micro")
+    assert sorted(jobs) == sorted(runs)
+    ids = [jobs[r][0]["job_id"] for r in runs]
+    assert len({i.split("_")[0] for i in ids}) == 1  # same resources: one job array for all four runs
+    # Cancel one array task at once: it must count as failed and be resubmitted later.
+    cancelled = jobs["micro-3xs-transformer-n3"][0]["job_id"]
+    subprocess.run(["scancel", cancelled], check=True)
+    wait_until(lambda: done(root / "micro", runs[:3]), 300, "3 runs to finish")
+    capsys.readouterr()
+    assert main(["sweep", "status", str(spec), "--json"]) == 0
+    table = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
+    assert [table[r]["state"] for r in runs[:3]] == ["DONE"] * 3
+    # A pending array task cancelled before it started leaves no record in squeue or sacct.
+    assert table["micro-3xs-transformer-n3"]["state"] in ("LOST", "CANCELLED")
+
+    # Resubmit: finished runs are skipped, the cancelled one goes out again.
+    assert main(["sweep", "submit", str(spec)]) == 0
+    out = capsys.readouterr().out
+    for r in runs[:3]:
+        assert f"skip {r}: finished" in out
+    assert "submitted micro-3xs-transformer-n3" in out
+    jobs = jobs_of(root / "micro")
+    assert [len(jobs[r]) for r in runs] == [1, 1, 1, 2]
+    wait_until(lambda: done(root / "micro", runs), 240, "the resubmitted run")
+
+    # Everything finished: a third submit queues nothing.
+    assert main(["sweep", "submit", str(spec)]) == 0
+    assert "submitted" not in capsys.readouterr().out
+    assert [len(jobs_of(root / "micro")[r]) for r in runs] == [1, 1, 1, 2]
+    for r in runs:
+        final = metric_rows(root / "runs" / r)[-1]
+        assert final["final"] is True and final["step"] == 3 and math.isfinite(final["val_loss"])
+
+    assert main(["sweep", "collect", str(spec)]) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(root / "micro" / "results.parquet").to_pylist()
+    assert sorted(r["run"] for r in table) == sorted(runs)
+    assert all(r["finished"] and r["step"] == 3 and r["train_flops"] > 0 for r in table)
+    assert {(r["size"], r["kind"]) for r in table} == {(s, k) for s in ("4xs", "3xs") for k in ("ebt", "transformer")}
+    csv_text = (root / "micro" / "results.csv").read_text()
+    assert csv_text.startswith("run,sweep,size,kind,lr") and csv_text.count("\n") == 5
+
+    # A changed spec under the same name is refused; --force accepts it (finished runs stay finished).
+    spec2 = write_spec(root, "micro", {"size": ["4xs", "3xs"], "kind": ["ebt", "transformer"], "steps": [3]},
+                       data_overrides, slurm={"array_parallelism": 2})
+    assert main(["sweep", "submit", str(spec2)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different spec (slurm.array_parallelism: 4 -> 2)" in err and "--force" in err and "\n" not in err
+    assert main(["sweep", "submit", str(spec2), "--force"]) == 0
+    assert "submitted" not in capsys.readouterr().out
+
+
+def test_two_node_ddp_matches_one_rank(sweep_env, data_overrides):
+    root = sweep_env
+    over = {k: v for k, v in data_overrides.items() if k != "trainer.micro_batch_size"}
+    spec = write_spec(root, "ddp", {"size": ["4xs"], "kind": ["transformer"], "steps": [5]}, over,
+                      global_batch_size=8,
+                      resources={"default": {"nodes": 2, "tasks_per_node": 1, "mem_gb": 1, "time_min": 10}})
+    run = "ddp-4xs-transformer-n5"
+    assert main(["sweep", "submit", str(spec)]) == 0
+    # Meanwhile: the same global batch of 8 on one process.
+    ref = reference_run(root / "ddp" / "configs" / f"{run}.yaml", root, "one-rank", "trainer.micro_batch_size=8")
+    wait_until(lambda: done(root / "ddp", [run]), 300, "the 2-node run")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    job_id = jobs_of(root / "ddp")[run][0]["job_id"]
+    nodes = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "NNodes,NodeList", "-j", job_id],
+                           capture_output=True, text=True).stdout.split()
+    assert nodes and nodes[0].startswith("2|"), nodes  # two Slurm nodes, one task each
+    assert json.loads((root / "ddp" / "state" / f"{run}.attempts.jsonl").read_text().splitlines()[0])["world_size"] == 2
+
+    two, one = metric_rows(root / "runs" / run), metric_rows(root / "ref" / "one-rank")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4, 5, 5]
+    assert two[-1]["tokens"] == one[-1]["tokens"] == 5 * 8 * 32
+    for a, b in zip(two[:-1], one[:-1], strict=True):
+        # The all-reduced gradient equals the one-rank gradient: same norm before clipping, same loss.
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5, abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    from launch.checkpoint import load_model
+
+    m2, _ = load_model(root / "runs" / run / "checkpoints" / "step_5")
+    m1, _ = load_model(root / "ref" / "one-rank" / "checkpoints" / "step_5")
+    for (name, p2), (_, p1) in zip(m2.state_dict().items(), m1.state_dict().items(), strict=True):
+        torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_usr2_preemption_requeues_and_matches_uninterrupted_run(sweep_env, data_overrides):
+    root = sweep_env
+    spec = write_spec(root, "pre", {"size": ["4xs"], "kind": ["ebt"], "steps": [24]}, data_overrides)
+    run = "pre-4xs-ebt-n24"
+    assert main(["sweep", "submit", str(spec)]) == 0
+    job_id = jobs_of(root / "pre")[run][0]["job_id"]
+    ref = reference_run(root / "pre" / "configs" / f"{run}.yaml", root, "uninterrupted")
+    metrics = root / "runs" / run / "metrics.jsonl"
+    wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 4, 300, "4 logged steps")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_until(lambda: done(root / "pre", [run]), 300, f"the requeued run\n{job_log(root / 'pre')}")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    assert events(root / "pre", run) == ["start", "preempted", "start", "finished"]
+    assert "REQUEUED" in sacct_states(job_id)
+    resumed = sorted(int(p.name.split("_")[1]) for p in (root / "runs" / run / "checkpoints").iterdir())
+    assert 4 <= resumed[0] < 24  # the preemption checkpoint, then the final one
+    assert metric_rows(root / "runs" / run) == metric_rows(root / "ref" / "uninterrupted")
+    status = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", "status", str(spec), "--json"],
+                            capture_output=True, text=True, check=True)
+    (row,) = json.loads(status.stdout)
+    assert row["state"] == "DONE" and row["requeues"] == 1 and row["attempts"] == 2 and row["step"] == 24
+
+
+def _seconds_per_step(root: Path, overrides: dict) -> float:
+    """Measure this machine's speed now, so the time-limit run is long enough to be cut by its 1 min limit."""
+    spec = write_spec(root, "calib", {"size": ["4xs"], "kind": ["ebt"], "steps": [12]}, overrides)
+    from slurm.spec import load_spec
+    from slurm.state import SweepState
+    from slurm.submit import _write_configs
+
+    plans = load_spec(spec).plan()
+    _write_configs(SweepState(root / "calib"), plans)
+    proc = reference_run(root / "calib" / "configs" / f"{plans[0].name}.yaml", root, "calib")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    times = [json.loads(x)["time"] for x in (root / "ref" / "calib" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    return (times[-1] - times[1]) / (len(times) - 2)
+
+
+def test_time_limit_signal_requeues_and_finishes(sweep_env, data_overrides):
+    root = sweep_env
+    # With --time=1 Slurm sends the USR2 29-59 s after the start (its timer ticks every 30 s and signals at the
+    # last tick before time - signal_delay_s) and kills at the following tick. Train for ~75 s of steps so the
+    # first attempt is always cut.
+    step_s = _seconds_per_step(root, data_overrides)
+    steps = int(min(3000, max(60, 75 / step_s)))
+    spec = write_spec(root, "tl", {"size": ["4xs"], "kind": ["ebt"], "steps": [steps]}, data_overrides,
+                      resources={"default": {"mem_gb": 1, "time_min": 1}}, slurm={"signal_delay_s": 1})
+    run = f"tl-4xs-ebt-n{steps}"
+    assert main(["sweep", "submit", str(spec)]) == 0
+    job_id = jobs_of(root / "tl")[run][0]["job_id"]
+    wait_until(lambda: done(root / "tl", [run]), 480, f"the time-limited run\n{job_log(root / 'tl')}", poll=2)
+    ev = events(root / "tl", run)
+    assert ev[0] == "start" and ev[-1] == "finished" and ev.count("preempted") >= 1
+    assert ev.count("start") == ev.count("preempted") + 1
+    assert sacct_states(job_id).count("REQUEUED") == ev.count("preempted")
+    final = metric_rows(root / "runs" / run)[-1]
+    assert final["final"] and final["step"] == steps
+    # Resume was exact: the step sequence has no gaps and no repeats.
+    assert [r["step"] for r in metric_rows(root / "runs" / run)[:-1]] == list(range(1, steps + 1))
+
+
+def test_bad_partition_is_reported_with_the_run_and_nothing_is_queued(sweep_env, data_overrides, capsys):
+    root = sweep_env
+    spec = write_spec(root, "badpart", {"size": ["4xs", "3xs"], "kind": ["ebt"], "steps": [3]}, data_overrides,
+                      resources={"default": {"mem_gb": 1, "time_min": 5}, "3xs": {"partition": "nosuchpart"}})
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert main(["sweep", "submit", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ebt sweep: error: run 'badpart-3xs-ebt-n3': sbatch: error:")
+    assert "invalid partition" in err.lower() and "\n" not in err
+    assert jobs_of(root / "badpart") == {}  # the valid 4xs group was not submitted either
+    assert not (root / "badpart" / "plan.json").exists()
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def test_no_slurm_on_path_suggests_local_which_works(sweep_env, data_overrides, capsys, monkeypatch):
+    root = sweep_env
+    spec = write_spec(root, "loc", {"size": ["4xs"], "kind": ["transformer"], "steps": [3]}, data_overrides)
+    monkeypatch.setenv("PATH", str(root / "empty-bin"))
+    assert shutil.which("sbatch") is None
+    assert main(["sweep", "submit", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ebt sweep: error: no Slurm found on PATH (sbatch); run the sweep on this machine with --local"
+    assert not (root / "loc").exists()
+    # --local: the same sweep through submitit's local executor; it waits for the runs.
+    assert main(["sweep", "submit", str(spec), "--local"]) == 0
+    run = "loc-4xs-transformer-n3"
+    assert done(root / "loc", [run]), job_log(root / "loc")
+    assert jobs_of(root / "loc")[run][0]["executor"] == "local"
+    assert metric_rows(root / "runs" / run)[-1]["step"] == 3
+    assert main(["sweep", "submit", str(spec), "--local"]) == 0
+    assert f"skip {run}: finished" in capsys.readouterr().out

@@ -1,0 +1,128 @@
+"""Sweep spec parsing and planning (no cluster): grid expansion, names, budgets, resources, input errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ebt.flops import train_flops_per_token
+from ebt.sizes import SIZES
+from launch.cli import main
+from slurm.spec import first_difference, load_spec, plan_fingerprint, run_name
+from slurm.state import SweepState
+from slurm.submit import group_runs, sbatch_script
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = REPO / "configs" / "train" / "quickstart.yaml"
+
+
+def write_spec(tmp_path: Path, **fields) -> Path:
+    spec = {"name": "t", "base": str(BASE), "runs_dir": str(tmp_path / "runs"),
+            "sweep_dir": str(tmp_path / "sweep"), **fields}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_grid_times_runs_with_size_table_lr_and_budgets(tmp_path):
+    path = write_spec(tmp_path, grid={"size": ["4xs", "3xs"], "kind": ["ebt", "transformer"], "seed": [0, 1]},
+                      runs=[{"tokens": "2.0e6"}, {"steps": 7, "lr": 5e-4}],
+                      overrides={"model.context_length": 32, "trainer.grad_accum_steps": 2},
+                      global_batch_size=16,
+                      resources={"default": {"mem_gb": 2, "time_min": 30}, "3xs": {"nodes": 2, "partition": "big"}})
+    plans = load_spec(path).plan()
+    assert len(plans) == 2 * 2 * 2 * 2
+    by_name = {p.name: p for p in plans}
+    p = by_name["t-4xs-ebt-t2M-s1"]
+    assert p.config.optim.lr == SIZES["4xs"].peak_lr  # lr defaults to the size table
+    assert p.config.trainer.seed == 1 and p.config.model.kind == "ebt"
+    assert p.config.trainer.micro_batch_size == 16 // (1 * 2)  # global batch / (ranks x accumulation)
+    assert p.max_steps == math.ceil(2e6 / (16 * 32))
+    q = by_name["t-3xs-transformer-lr0.0005-n7-s0"]
+    assert q.config.optim.lr == 5e-4 and q.max_steps == 7
+    assert q.resources.nodes == 2 and q.resources.partition == "big" and q.resources.mem_gb == 2.0
+    assert q.config.trainer.micro_batch_size == 16 // (2 * 2)  # two nodes: half the micro batch
+    assert q.tokens_per_step == 16 * 32
+    # Names depend on the point only: planning again gives the same names and hashes.
+    again = {p.name: p.config_hash for p in load_spec(path).plan()}
+    assert again == {p.name: p.config_hash for p in plans}
+
+
+def test_flops_budget_and_trainer_key_axis(tmp_path):
+    path = write_spec(tmp_path, grid={"kind": ["ebt"], "flops": [1e12], "optim.warmup_steps": [3, 5]},
+                      overrides={"model.context_length": 32, "trainer.micro_batch_size": 4})
+    plans = load_spec(path).plan()
+    assert [p.config.optim.warmup_steps for p in plans] == [3, 5]
+    fpt = train_flops_per_token(plans[0].config.model)
+    assert plans[0].max_steps == math.ceil(1e12 / fpt / (4 * 32))
+    assert plans[0].name == "t-ebt-f1T-warmup_steps3"
+
+
+def test_run_name_is_stable_and_bounded():
+    assert run_name("s", {"kind": "ebt", "size": "xs", "lr": 0.001, "tokens": 2_500_000, "seed": 3}) == \
+        "s-xs-ebt-lr0.001-t2.5M-s3"
+    long = run_name("s", {f"trainer.k{i}": i for i in range(60)})
+    assert len(long) <= 120 and long != run_name("s", {f"trainer.k{i}": i + 1 for i in range(60)})
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"grid": {"size": ["4xs", "huge"]}}, "unknown size 'huge'"),
+    ({"grid": {"kind": ["ebt", "rnn"]}}, "unknown kind 'rnn'"),
+    ({"grid": {"size": []}}, "empty grid: axis 'size' has no values"),
+    ({"grid": {}}, "empty grid"),
+    ({"grid": {"tokens": [1e6], "steps": [3]}}, "sets several budgets"),
+    ({"grid": {"sizes": ["4xs"]}}, "unknown key 'sizes'; did you mean 'size'?"),
+    ({"grid": {"trainer.max_stepz": [3]}}, "unknown config key 'trainer.max_stepz'"),
+    ({"grid": {"kind": ["ebt"]}, "resources": {"xxxl": {"nodes": 2}}}, "resources.xxxl: unknown size"),
+    ({"grid": {"kind": ["ebt"]}, "resources": {"default": {"gpus": 2}}}, "unknown key 'gpus'"),
+    ({"grid": {"kind": ["ebt"]}, "global_batch_size": 7, "resources": {"default": {"nodes": 2}}}, "not divisible"),
+    ({"grid": {"kind": ["ebt"]}, "slurm": {"array_paralellism": 2}}, "did you mean 'array_parallelism'?"),
+])
+def test_bad_specs_fail_in_one_line(tmp_path, capsys, fields, message):
+    path = write_spec(tmp_path, **fields)
+    assert main(["sweep", "submit", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ebt sweep: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "sweep").exists()  # nothing written
+
+
+def test_missing_spec_and_base(tmp_path, capsys):
+    assert main(["sweep", "status", str(tmp_path / "nope.yaml")]) == 2
+    assert "sweep spec not found" in capsys.readouterr().err
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\nbase: missing.yaml\ngrid: {kind: [ebt]}\n")
+    assert main(["sweep", "submit", str(path), "--dry-run"]) == 2
+    assert "base config not found" in capsys.readouterr().err
+
+
+def test_dry_run_prints_grid_and_the_sbatch_script(tmp_path, capsys):
+    path = write_spec(tmp_path, grid={"size": ["4xs", "3xs"], "kind": ["transformer"], "steps": [5]},
+                      resources={"default": {"time_min": 17, "qos": "low", "account": "proj"},
+                                 "3xs": {"nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4, "constraint": "h100"}},
+                      slurm={"array_parallelism": 3, "setup": ["module load cuda"], "signal_delay_s": 200})
+    assert main(["sweep", "submit", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "t-4xs-transformer-n5" in out and "t-3xs-transformer-n5" in out
+    for line in ("#SBATCH --time=17", "#SBATCH --qos=low", "#SBATCH --account=proj", "#SBATCH --nodes=2",
+                 "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --constraint=h100",
+                 "#SBATCH --signal=USR2@200", "module load cuda", "srun --unbuffered"):
+        assert line in out, line
+    assert not (tmp_path / "sweep").exists()
+    # The script is submitit's own rendering of the same parameters, one array per resource group.
+    spec = load_spec(path)
+    groups = group_runs(spec.plan())
+    assert len(groups) == 2
+    assert sbatch_script(spec, SweepState(spec.sweep_dir), groups[0]) in out
+
+
+def test_fingerprint_difference_names_the_key(tmp_path):
+    path = write_spec(tmp_path, grid={"kind": ["ebt"], "steps": [5]})
+    spec = load_spec(path)
+    old = plan_fingerprint(spec, spec.plan())
+    path2 = write_spec(tmp_path, grid={"kind": ["ebt"], "steps": [5]}, overrides={"optim.warmup_steps": 9})
+    spec2 = load_spec(path2)
+    diff = first_difference(old, plan_fingerprint(spec2, spec2.plan()))
+    assert diff == "runs.t-ebt-n5.overrides.optim.warmup_steps added"
