@@ -8,13 +8,15 @@ from slurm.spec import load_spec
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from launch.cli import UserError
     from slurm.submit import submit
 
     spec = load_spec(args.spec, sweep_dir=args.sweep_dir)
     report = submit(spec, dry_run=args.dry_run, local=args.local, force=args.force)
+    if report.run_failures:
+        first = next(iter(report.run_failures.items()))
+        raise UserError(f"{len(report.run_failures)} local run(s) failed; first: run '{first[0]}', log {first[1]}")
     if report.failed:
-        from launch.cli import UserError
-
         first = next(iter(report.failed.items()))
         raise UserError(f"{len(report.failed)} run(s) not submitted (recorded in {spec.sweep_dir}/jobs.json); "
                         f"first: run '{first[0]}': {first[1]}")

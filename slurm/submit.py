@@ -176,7 +176,8 @@ def print_table(header: list[str], rows: list[list[str]], out: Callable[[str], N
 class SubmitReport:
     submitted: dict[str, str]  # run -> job id
     skipped: dict[str, str]  # run -> why (DONE / RUNNING / ...)
-    failed: dict[str, str]  # run -> error
+    failed: dict[str, str]  # run -> error (not submitted)
+    run_failures: dict[str, str] = dataclasses.field(default_factory=dict)  # --local: run -> log file
 
 
 def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force: bool = False,
@@ -220,6 +221,9 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
         failed: dict[str, str] = {}
         local_jobs: list[tuple[RunPlan, Any]] = []
         executor = "local" if local else "slurm"
+        for plan in todo:
+            if local and plan.resources.nodes > 1:
+                out(f"local: {plan.name} runs its {plan.resources.world_size} ranks as processes on this machine")
         cap = spec.slurm.array_parallelism
         for group in todo_groups:
             batches = [group.plans] if not local else [group.plans[i:i + cap] for i in range(0, len(group.plans), cap)]
@@ -250,7 +254,8 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
         out(f"FAILED to submit {name}: {msg}")
     if local and local_jobs and (wait is None or wait):
         _wait_local(local_jobs, state, out, keep=0)
-    return SubmitReport(submitted, skipped, failed)
+    run_failures = {p.name: str(j.paths.stderr) for p, j in local_jobs if j.done() and state.result(p.name) is None}
+    return SubmitReport(submitted, skipped, failed, run_failures)
 
 
 def _wait_local(jobs: list[tuple[RunPlan, Any]], state: SweepState, out: Callable[[str], None], keep: int) -> None:
