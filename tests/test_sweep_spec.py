@@ -126,3 +126,10 @@ def test_fingerprint_difference_names_the_key(tmp_path):
     spec2 = load_spec(path2)
     diff = first_difference(old, plan_fingerprint(spec2, spec2.plan()))
     assert diff == "runs.t-ebt-n5.overrides.optim.warmup_steps added"
+
+
+def test_shipped_example_spec_plans(tmp_path, capsys):
+    spec = REPO / "configs" / "sweeps" / "scaling_demo.yaml"
+    assert main(["sweep", "submit", str(spec), "--dry-run", "--sweep-dir", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("scaling_demo-") >= 4 and "#SBATCH --array=0-1%" in out
