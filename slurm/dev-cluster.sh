@@ -84,6 +84,11 @@ ensure_packages() {
 # ---------------------------------------------------------------- daemons
 start_munge() {
     pid_alive "$DIR/munge/munged.pid" && return 0
+    local d=$DIR
+    while [[ $d != / ]]; do  # munged refuses a socket below a directory others cannot traverse
+        [[ $(( 0$(stat -c '%a' "$d") & 01 )) -ne 0 ]] || die "munged needs every directory above its socket to be traversable by all (o+x): $d is not; choose another EBT_DEV_CLUSTER_DIR"
+        d=$(dirname "$d")
+    done
     if [[ ! -s $DIR/munge/munge.key ]]; then
         head -c 1024 /dev/urandom >"$DIR/munge/munge.key"
         chmod 400 "$DIR/munge/munge.key"

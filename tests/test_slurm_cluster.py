@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -244,6 +245,10 @@ def test_usr2_preemption_requeues_and_matches_uninterrupted_run(sweep_env, data_
     ref = reference_run(root / "pre" / "configs" / f"{run}.yaml", root, "uninterrupted")
     metrics = root / "runs" / run / "metrics.jsonl"
     wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 4, 300, "4 logged steps")
+    status = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", "status", str(spec), "--json"],
+                            capture_output=True, text=True, check=True)
+    (row,) = json.loads(status.stdout)
+    assert row["state"] == "RUNNING" and 4 <= row["step"] < 24 and row["eta_s"] > 0 and row["requeues"] == 0
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     wait_until(lambda: done(root / "pre", [run]), 300, f"the requeued run\n{job_log(root / 'pre')}")
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
@@ -328,3 +333,54 @@ def test_no_slurm_on_path_suggests_local_which_works(sweep_env, data_overrides, 
     assert metric_rows(root / "runs" / run)[-1]["step"] == 3
     assert main(["sweep", "submit", str(spec), "--local"]) == 0
     assert f"skip {run}: finished" in capsys.readouterr().out
+
+
+def test_dev_cluster_is_idempotent_and_stop_touches_only_its_own_daemons(slurm_cluster, tmp_path):
+    # pytest's tmp dirs are 0700, below which munged refuses its socket: the script says so in one line.
+    env = {**os.environ, "EBT_DEV_CLUSTER_DIR": str(tmp_path / "c2"), "EBT_DEV_CLUSTER_PORT_BASE": "18400"}
+    refused = subprocess.run([str(CLUSTER), "start", "--nodes", "1"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and "traversable by all (o+x)" in refused.stderr
+
+    out = subprocess.run([str(CLUSTER), "start", "--nodes", "2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "already running" in out.stderr
+    assert out.stdout.strip() == f"SLURM_CONF={slurm_cluster}"
+    bad = subprocess.run([str(CLUSTER), "start", "--nodes", "3"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "already running with 2 nodes" in bad.stderr
+    bad = subprocess.run([str(CLUSTER), "start", "--nodes", "x"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip() == "dev-cluster: error: --nodes needs a number 1-99, got 'x'"
+
+    # A second, private cluster next to the first one: start it, run a job on it, stop it.
+    second = Path(tempfile.mkdtemp(prefix="ebt-dev-cluster-test-", dir="/tmp"))
+    second.chmod(0o755)
+    env["EBT_DEV_CLUSTER_DIR"] = str(second)
+    main_pids = sorted((Path(slurm_cluster).parents[1] / "run").glob("*.pid"))
+    try:
+        _second_cluster_round_trip(env, second, slurm_cluster)
+    finally:  # never leave the second cluster's daemons behind, even when an assertion failed
+        subprocess.run([str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(second, ignore_errors=True)
+    # The first cluster is untouched.
+    for pidfile in main_pids:
+        os.kill(int(pidfile.read_text()), 0)
+    assert subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
+
+
+def _second_cluster_round_trip(env: dict, second: Path, first_conf: str) -> None:
+    up = subprocess.run([str(CLUSTER), "start", "--nodes", "1"], env=env, capture_output=True, text=True,
+                        timeout=300)
+    assert up.returncode == 0, up.stderr
+    conf2 = up.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    assert conf2 != first_conf
+    pids2 = [int(p.read_text()) for p in second.rglob("*.pid")]
+    assert len(pids2) == 5  # munged, mariadbd, slurmdbd, slurmctld, one slurmd
+    hosts = Path("/etc/hosts").read_text()
+    assert f"# ebt-dev-cluster {second}" in hosts
+    run = subprocess.run(["srun", "-N1", "printenv", "SLURMD_NODENAME"], env={**env, "SLURM_CONF": conf2},
+                         capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "n1", run.stderr
+    down = subprocess.run([str(CLUSTER), "stop"], env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    for pid in pids2:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert f"# ebt-dev-cluster {second}" not in Path("/etc/hosts").read_text()
