@@ -32,7 +32,7 @@ def _png(fig: Figure) -> bytes:
 
 def loss_curves(curves: dict[str, tuple[RunRecord, list[dict[str, Any]]]]) -> bytes | None:
     """Training loss (lines) and validation loss (markers) against tokens, one colour per kind."""
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    fig = Figure(figsize=(9, 4.2), layout="constrained")
     ax = fig.add_subplot()
     drawn = False
     sizes = sorted({rec.n_params for rec, _ in curves.values()})
@@ -58,7 +58,7 @@ def loss_curves(curves: dict[str, tuple[RunRecord, list[dict[str, Any]]]]) -> by
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (lines: train, dots: validation)")
     ax.set_title("Loss curves")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -72,8 +72,8 @@ def _finite(value: Any) -> bool:
 
 def scaling_fit(axis: str, points: dict[str, tuple[np.ndarray, np.ndarray]], fits: dict[str, PowerLawFit],
                 loss_column: str) -> bytes | None:
-    """Points, the fitted E + A X^-alpha, and its bootstrap band per kind (log-log)."""
-    if not points:
+    """Points, the fitted E + A X^-alpha and its bootstrap band per kind; None without a fit."""
+    if not fits:
         return None
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -90,8 +90,9 @@ def scaling_fit(axis: str, points: dict[str, tuple[np.ndarray, np.ndarray]], fit
         ci = f" [{lo_a:.3f}, {hi_a:.3f}]" if math.isfinite(lo_a) else ""
         ax.plot(grid, fit.predict(grid), color=color,
                 label=f"{KIND_LABELS.get(kind, kind)} fit: E={fit.E:.3f}, alpha={fit.alpha:.3f}{ci}")
+    # Log x, linear y: losses span well under a decade, where a log y axis has no labelled ticks, and with
+    # the offset E the curve is not a straight line on either scale.
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel(AXIS_LABELS.get(axis, axis))
     ax.set_ylabel(loss_column)
     ax.set_title(f"L({axis}) = E + A {axis}^-alpha, {int(round(100 * _level(fits)))}% bootstrap band")

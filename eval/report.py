@@ -26,6 +26,7 @@ from eval.sweep_data import EVAL_SCHEMA, KINDS, Exclusion, RunRecord, gather, re
 
 AXES = {"N": "n_params", "D": "tokens", "C": "flops"}
 AXIS_NAMES = {"N": "parameters", "D": "tokens", "C": "FLOPs"}
+ALPHA_FLOOR = 1e-4  # fits ending at or below this exponent are flat: say so instead of reporting "-100%"
 
 
 @dataclass
@@ -106,8 +107,12 @@ def _fit_all(kept: list[RunRecord], loss_column: str, n_boot: int, seed: int, ci
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"fitting ({n_boot} bootstrap draws each)", total=len(jobs))
         for i, (axis, kind, x, y) in enumerate(jobs):
-            fits[axis][kind] = fit_power_law(x, y, n_boot=n_boot, seed=seed + i, ci_level=ci_level,
-                                             label=f"{kind}/L({axis})")
+            fit = fits[axis][kind] = fit_power_law(x, y, n_boot=n_boot, seed=seed + i, ci_level=ci_level,
+                                                   label=f"{kind}/L({axis})")
+            if fit.alpha <= ALPHA_FLOOR:
+                notes.append(f"{kind}/L({axis}): alpha fell to its lower bound ({fit.alpha:.0e}): the loss does not "
+                             f"decrease with {AXIS_NAMES[axis]} in these runs, so the fit is degenerate "
+                             "(train longer, or check the runs)")
             bar.advance(task)
     return fits, points
 
