@@ -153,6 +153,9 @@ def system2_curves(evals: list[dict[str, Any]]) -> bytes | None:
                 line = sorted((c["steps"], c["ppl"]) for c in cells if c["samples"] == samples)
                 ax.plot(*zip(*line, strict=True), styles[j % len(styles)], marker="o", ms=3,
                         color=KIND_COLORS["ebt"], label=f"{label}, {samples} sample(s)")
+        steps = sorted({c["steps"] for e in evals for s in e["sources"] if s["name"] == source for c in s["grid"]})
+        if steps:
+            ax.set_xticks(steps)
         ax.set_xlabel("thinking steps")
         ax.set_ylabel("perplexity")
         ax.set_title(f"System-2 thinking: {source}")
