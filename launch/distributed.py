@@ -76,7 +76,10 @@ def make_accelerator(cfg: TrainConfig):
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
-    return Accelerator(cpu=not use_cuda, mixed_precision=mixed, kwargs_handlers=handlers,
+    # Accelerate only switches to DeepSpeed when cpu=False (on a CPU-only machine DeepSpeed then picks gloo
+    # itself); for DDP, cpu=True is what makes it set up a gloo process group on CPU.
+    cpu = not use_cuda and plugin is None
+    return Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers,
                        deepspeed_plugin=plugin, step_scheduler_with_optimizer=False)
 
 

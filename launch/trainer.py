@@ -63,10 +63,16 @@ class Trainer:
         self.accelerator = make_accelerator(cfg)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Accelerate's DeepSpeed path on CPU leaves its own counters at one process while DeepSpeed has set
+            # up the real gloo group (FACTS.md); the process group is the truth.
+            self.rank = torch.distributed.get_rank()
+            self.world = torch.distributed.get_world_size()
         self.device = self.accelerator.device
         self.is_main = self.rank == 0
         self._log = log or print
         self.is_deepspeed = cfg.distributed.strategy == "deepspeed"
+        self.reshaped_scalars: list[str] = []
         self.run_dir = cfg.run_dir
         self.step = 0
         self.tokens = 0
@@ -104,6 +110,7 @@ class Trainer:
         optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(optimizer, cfg)
         if self.is_deepspeed:
+            self.reshaped_scalars = _scalar_params_as_1d(model)
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         else:
             self.model = self.accelerator.prepare_model(model)
@@ -239,6 +246,8 @@ class Trainer:
                 grad = safe_get_full_grad(param)
             else:
                 grad = param.grad
+            if grad is not None and name in self.reshaped_scalars:
+                grad = grad.reshape(())
             out[name] = None if grad is None else grad.detach().float().cpu().clone()
         return out
 
@@ -319,7 +328,7 @@ class Trainer:
             "trainer": {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
                         "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
                         "wandb_id": self.wandb_id},
-            "model": self.raw_model.state_dict(),
+            "model": self.model_state_dict(),
         }
         if not self.is_deepspeed:
             shared["optimizer"] = self.optimizer.state_dict()
@@ -330,6 +339,13 @@ class Trainer:
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(self.cfg)))
         return self.ckpt.save(self.step, shared, per_rank, config_yaml,
                               deepspeed_engine=self.model if self.is_deepspeed else None)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights in its own shapes (see _scalar_params_as_1d)."""
+        state = self.raw_model.state_dict()
+        for name in self.reshaped_scalars:
+            state[name] = state[name].reshape(())
+        return state
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -383,6 +399,19 @@ class Trainer:
     def close(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _scalar_params_as_1d(model: torch.nn.Module) -> list[str]:
+    """DeepSpeed 0.19.8 broadcasts each parameter as `p.data.view(torch.uint8)`, which fails for 0-dim tensors
+    (the EBT's alpha). Give them shape [1] for the whole DeepSpeed run: they broadcast against the same tensors,
+    and restoring the shape later would break DeepSpeed's gradient hooks, which record the shape they saw.
+    Returns their names so checkpoints can store the model's own shapes."""
+    names = []
+    for name, p in model.named_parameters():
+        if p.dim() == 0:
+            p.data = p.data.reshape(1)
+            names.append(name)
+    return names
 
 
 class _Progress:
