@@ -10,6 +10,7 @@ from ebt.sizes import SIZES
 
 KINDS = ("ebt", "transformer")
 VARIANTS = ("default", "time_embed", "adaln")
+CHECKPOINTING = ("none", "block", "mcmc_step", "block+mcmc_step", "auto")
 
 
 @dataclass
@@ -49,6 +50,11 @@ class ModelConfig:
     contrastive_margin: float = 1.0
     replay_capacity: int = 0  # sequences kept in the replay buffer (0 disables it)
     replay_fraction: float = 0.0  # share of each training batch continued from the buffer
+    # Memory (ebt.checkpointing): none | block | mcmc_step | block+mcmc_step | auto. Gradients are identical
+    # under every policy; auto asks ebt.planner for the fastest one whose predicted peak fits memory_budget_gb
+    # (None: the device's capacity minus a margin).
+    checkpointing: str = "none"
+    memory_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +92,11 @@ class ModelConfig:
             raise ValueError(f"alpha_jitter: must lie in [0, 1), got {self.alpha_jitter}")
         if self.alpha_init <= self.alpha_min:
             raise ValueError(f"alpha_init: must exceed alpha_min={self.alpha_min}, got {self.alpha_init}")
+        if self.checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing: unknown policy {self.checkpointing!r}; expected one of "
+                             f"{', '.join(CHECKPOINTING)}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(f"memory_budget_gb: must be > 0, got {self.memory_budget_gb}")
         if not 0.0 <= self.replay_fraction <= 1.0:
             raise ValueError(f"replay_fraction: must lie in [0, 1], got {self.replay_fraction}")
 

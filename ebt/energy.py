@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ebt.attention import candidate_attention, visibility_bias
 from ebt.config import ModelConfig
@@ -58,6 +59,8 @@ class EnergyTransformer(nn.Module):
         elif cfg.variant == "adaln":
             self.step_emb = nn.Embedding(cfg.max_step_embeddings, cfg.dim)
             self.adaln = nn.ModuleList(nn.Linear(cfg.dim, 4 * cfg.dim, bias=False) for _ in range(cfg.n_layers))
+        # Set by ebt.checkpointing from cfg.checkpointing ("block" policies); a runtime switch, not a weight.
+        self.checkpoint_blocks = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -111,21 +114,37 @@ class EnergyTransformer(nn.Module):
         last_visible = candidate_index + context.offset
         positions = last_visible + 1
         bias = visibility_bias(last_visible, context.length, hidden.dtype)
-        modulation = None
-        if self.adaln is not None:
-            step_vector = self.step_emb.weight[self.step_index(step)]
-        for layer, block in enumerate(self.blocks):
-            if self.adaln is not None:
-                modulation = self.adaln[layer](step_vector).chunk(4)
-            normed = block.attn_norm(hidden)
-            if modulation is not None:
-                normed = normed * (1 + modulation[1]) + modulation[0]
-            q, k, v = block.qkv(normed)
-            q, k = self.rope(q, positions), self.rope(k, positions)
-            attended = candidate_attention(q, k, v, context.keys[layer], context.values[layer], bias)
-            hidden = hidden + block.wo(block.merge_heads(attended))
-            normed = block.ffn_norm(hidden)
-            if modulation is not None:
-                normed = normed * (1 + modulation[3]) + modulation[2]
-            hidden = hidden + block.mlp(normed)
+        step_vector = self.step_emb.weight[self.step_index(step)] if self.adaln is not None else None
+        for layer in range(len(self.blocks)):
+            args = (layer, hidden, positions, context.keys[layer], context.values[layer], bias, step_vector)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                # ebt.checkpointing's "block" policy: non-reentrant, the only kind that survives autograd.grad.
+                hidden = checkpoint(self.candidate_layer, *args, use_reentrant=False)
+            else:
+                hidden = self.candidate_layer(*args)
         return self.energy_head(self.final_norm(hidden)).squeeze(-1)
+
+    def candidate_layer(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor,
+        step_vector: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One block of the candidate stream over the real stream's `keys`/`values` of that layer."""
+        block = self.blocks[layer]
+        modulation = None if step_vector is None else self.adaln[layer](step_vector).chunk(4)
+        normed = block.attn_norm(hidden)
+        if modulation is not None:
+            normed = normed * (1 + modulation[1]) + modulation[0]
+        q, k, v = block.qkv(normed)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        attended = candidate_attention(q, k, v, keys, values, bias)
+        hidden = hidden + block.wo(block.merge_heads(attended))
+        normed = block.ffn_norm(hidden)
+        if modulation is not None:
+            normed = normed * (1 + modulation[3]) + modulation[2]
+        return hidden + block.mlp(normed)

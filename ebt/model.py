@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ebt.checkpointing import RebindableEnergy
+from ebt.checkpointing import configure as configure_checkpointing
 from ebt.config import ModelConfig
 from ebt.energy import EnergyTransformer, RealContext
 from ebt.inference import think
@@ -12,6 +14,30 @@ from ebt.losses import contrastive_energy_loss, smoothing_schedule, token_cross_
 from ebt.mcmc import Trajectory, run_mcmc
 from ebt.replay import ReplayBuffer
 from ebt.validation import check_candidates, check_positive_int, check_tokens
+
+
+class ContextEnergy(RebindableEnergy):
+    """E(probs, step) over the real context of `tokens`: the cached one, or one computed per step (time_embed)."""
+
+    def __init__(self, model: EnergyTransformer, tokens: torch.Tensor, context: RealContext | None) -> None:
+        self.model, self.tokens, self.context = model, tokens, context
+
+    def __call__(self, probs: torch.Tensor, step: int) -> torch.Tensor:
+        context = self.context if self.context is not None else self.model.context(self.tokens, step)
+        return self.model.candidate_energies(context, probs, step)
+
+    def captured(self) -> list[torch.Tensor]:
+        return [] if self.context is None else [*self.context.keys, *self.context.values]
+
+    def rebind(self, tensors) -> ContextEnergy:
+        if self.context is None:
+            return self
+        layers = len(self.context.keys)
+        context = RealContext(list(tensors[:layers]), list(tensors[layers:]), self.context.offset)
+        return ContextEnergy(self.model, self.tokens, context)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
 
 class EnergyBasedTransformer(nn.Module):
@@ -24,6 +50,8 @@ class EnergyBasedTransformer(nn.Module):
         self.replay_buffer = (
             ReplayBuffer(cfg.replay_capacity, cfg.replay_fraction) if cfg.replay_capacity > 0 else None
         )
+        # How "mcmc_step" checkpointing runs a step: "function" (RematerialisedStep) or "generic" (benchmarks).
+        self.step_impl = "function"
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -37,17 +65,11 @@ class EnergyBasedTransformer(nn.Module):
         check_positive_int("step", step, minimum=0)
         return self.energy_model.candidate_energies(self.energy_model.context(tokens, step), candidate_probs, step)
 
-    def energy_fn(self, tokens: torch.Tensor, context: RealContext | None = None):
+    def energy_fn(self, tokens: torch.Tensor, context: RealContext | None = None) -> ContextEnergy:
         """E(probs, step) for a fixed context; the real stream is shared by every step when the variant allows."""
-        model = self.energy_model
         if context is None and self.cfg.caches_context:
-            context = model.context(tokens)
-
-        def energy(probs: torch.Tensor, step: int) -> torch.Tensor:
-            step_context = context if context is not None else model.context(tokens, step)
-            return model.candidate_energies(step_context, probs, step)
-
-        return energy
+            context = self.energy_model.context(tokens)
+        return ContextEnergy(self.energy_model, tokens, context)
 
     def initial_logits(self, shape: tuple[int, ...], like: torch.Tensor, generator=None) -> torch.Tensor:
         noise = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -82,6 +104,7 @@ class EnergyBasedTransformer(nn.Module):
             jitter = torch.rand(batch, length, 1, dtype=dtype, device=tokens.device)
             alpha_scale = 1 - cfg.alpha_jitter + 2 * cfg.alpha_jitter * jitter
 
+        _, step_runner = configure_checkpointing(self, batch, self.step_impl)
         energy = self.energy_fn(inputs)
         trajectory = run_mcmc(
             energy,
@@ -93,6 +116,7 @@ class EnergyBasedTransformer(nn.Module):
             langevin_noise_std=cfg.langevin_noise_std if self.training else 0.0,
             grad_clamp=cfg.grad_clamp,
             alpha_scale=alpha_scale,
+            step_runner=step_runner,
         )
         loss, metrics = self._trajectory_loss(trajectory, targets)
         if cfg.contrastive_weight > 0:

@@ -1,0 +1,189 @@
+"""Activation checkpointing built for second-order EBT training (cfg.checkpointing).
+
+Why not the standard recipes: EBT training differentiates through dE/dlogits, so every MCMC step leaves a
+second-order graph (the step's forward plus its create_graph=True inner backward) alive until the outer
+backward, and the K graphs dominate memory. Per-block checkpointing only drops the forward's share of one
+block at a time (FACTS.md: 0-12% saved); reentrant checkpointing raises under autograd.grad; selective
+checkpointing raises on the second backward.
+
+Policies (gradients are identical under all of them; tests/test_second_order_policies.py checks it in fp64):
+- "none": keep every step's graph.
+- "block": non-reentrant torch.utils.checkpoint around each candidate-stream block.
+- "mcmc_step": each second-order MCMC step is one `RematerialisedStep` (a custom autograd.Function). Its
+  forward computes the step FIRST-ORDER (no create_graph, so nothing of the step survives it) and saves only
+  the step's inputs: the logits and the step size (the real stream's keys/values and the parameters are
+  shared by every step and alive anyway). Its backward recomputes the step with create_graph=True and runs
+  the outer vector-Jacobian product through it, so one step's second-order graph is live at a time.
+  Compared with wrapping the step in torch.utils.checkpoint (`generic_step_runner`, kept for the benchmark),
+  the forward builds no double-backward graph at all and no saved-tensor hooks run.
+- "block+mcmc_step": both (the recomputed step checkpoints its blocks too).
+- "auto": ebt.planner picks the fastest policy whose predicted peak fits cfg.memory_budget_gb.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ebt.mcmc import EnergyFn, StepRunner, mcmc_step
+
+POLICIES = ("none", "block", "mcmc_step", "block+mcmc_step")
+
+
+@dataclass(frozen=True)
+class Policy:
+    block: bool
+    step: bool
+
+    @property
+    def name(self) -> str:
+        parts = [p for p, on in (("block", self.block), ("mcmc_step", self.step)) if on]
+        return "+".join(parts) or "none"
+
+
+def parse_policy(name: str) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"checkpointing: unknown policy {name!r}; expected one of {', '.join(POLICIES)} or auto")
+    return Policy(block="block" in name, step="mcmc_step" in name)
+
+
+class RebindableEnergy:
+    """What RematerialisedStep needs from an energy function besides E(probs, step).
+
+    captured(): the non-parameter tensors it closes over that may carry gradient (the real stream's per-layer
+    keys and values); rebind(tensors): the same energy over replacements for them; parameters(): the weights.
+    """
+
+    def __call__(self, probs: torch.Tensor, step: int) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def captured(self) -> list[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def rebind(self, tensors: Sequence[torch.Tensor]) -> RebindableEnergy:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class _StepSpec:
+    energy_fn: RebindableEnergy
+    step: int
+    grad_clamp: float | None
+    n_captured: int
+    n_params: int
+    autocast: tuple[str, bool, torch.dtype] | None
+
+
+def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype] | None:
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    return kind, True, torch.get_autocast_dtype(kind)
+
+
+class RematerialisedStep(torch.autograd.Function):
+    """One MCMC step whose second-order graph exists only inside the outer backward (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, spec: _StepSpec, logits, step_size, *tensors):  # type: ignore[override]
+        captured = tensors[: spec.n_captured]
+        with torch.enable_grad():
+            start = logits.detach().requires_grad_(True)
+            energy_fn = spec.energy_fn.rebind([t.detach() for t in captured])
+            new, energy = mcmc_step(energy_fn, start, step_size.detach(), spec.step, create_graph=False,
+                                    grad_clamp=spec.grad_clamp)
+        ctx.spec = spec
+        ctx.save_for_backward(logits, step_size, *captured)
+        ctx.params = tensors[spec.n_captured :]
+        energy = energy.detach()
+        ctx.mark_non_differentiable(energy)
+        return new.detach(), energy
+
+    @staticmethod
+    def backward(ctx, grad_new, _grad_energy):  # type: ignore[override]
+        spec: _StepSpec = ctx.spec
+        logits, step_size, *captured = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        with torch.enable_grad(), _maybe_autocast(spec.autocast):
+            start = logits.detach().requires_grad_(True)
+            size = step_size.detach().requires_grad_(step_size.requires_grad)
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in captured]
+            new, _ = mcmc_step(spec.energy_fn.rebind(leaves), start, size, spec.step, create_graph=True,
+                               grad_clamp=spec.grad_clamp)
+            inputs = [start, size, *leaves, *ctx.params]
+            wanted = [i for i, (tensor, need) in enumerate(zip(inputs, needs, strict=True))
+                      if need and tensor.requires_grad]
+            grads = torch.autograd.grad(new, [inputs[i] for i in wanted], grad_new, allow_unused=True)
+        out: list[torch.Tensor | None] = [None] * len(inputs)
+        for i, grad in zip(wanted, grads, strict=True):
+            out[i] = grad
+        return (None, *out)
+
+
+class _maybe_autocast:
+    """Re-enter the forward's autocast state in the backward (which autograd runs with autocast off)."""
+
+    def __init__(self, state: tuple[str, bool, torch.dtype] | None) -> None:
+        self.ctx = None if state is None else torch.autocast(state[0], dtype=state[2], enabled=state[1])
+
+    def __enter__(self):
+        return None if self.ctx is None else self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return None if self.ctx is None else self.ctx.__exit__(*exc)
+
+
+def rematerialised_step_runner(
+    energy_fn: EnergyFn, logits: torch.Tensor, step_size: torch.Tensor, step: int, grad_clamp: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """StepRunner for "mcmc_step": the custom-Function implementation (the default)."""
+    if not isinstance(energy_fn, RebindableEnergy):
+        raise TypeError("checkpointing=mcmc_step needs an energy function with captured()/rebind()/parameters()")
+    captured = energy_fn.captured()
+    params = energy_fn.parameters()
+    spec = _StepSpec(energy_fn, step, grad_clamp, len(captured), len(params), _autocast_state(logits.device))
+    return RematerialisedStep.apply(spec, logits, step_size, *captured, *params)
+
+
+def generic_step_runner(
+    energy_fn: EnergyFn, logits: torch.Tensor, step_size: torch.Tensor, step: int, grad_clamp: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward recipe: the whole step inside one non-reentrant torch.utils.checkpoint.
+
+    Kept as the benchmark's comparison point for RematerialisedStep; exact as well."""
+
+    def run(x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new, energy = mcmc_step(energy_fn, x, size, step, create_graph=True, grad_clamp=grad_clamp)
+        return new, energy.detach()
+
+    return checkpoint(run, logits, step_size, use_reentrant=False)
+
+
+STEP_RUNNERS: dict[str, StepRunner] = {"function": rematerialised_step_runner, "generic": generic_step_runner}
+
+
+def configure(
+    model: torch.nn.Module, batch_size: int, step_impl: str = "function"
+) -> tuple[Policy, StepRunner | None]:
+    """Apply cfg.checkpointing to an EnergyBasedTransformer for this micro-batch; return the policy and the
+    step runner to hand to run_mcmc (None: plain steps). "auto" asks the planner (cached per batch size)."""
+    name = model.cfg.checkpointing
+    if name == "auto":
+        from ebt.planner import choose_policy
+
+        cache: dict = model.__dict__.setdefault("_auto_policy", {})
+        if batch_size not in cache:
+            device = next(model.parameters()).device
+            cache[batch_size] = choose_policy(model.cfg, batch_size, device, model.cfg.memory_budget_gb)
+        name = cache[batch_size]
+    policy = parse_policy(name)
+    model.energy_model.checkpoint_blocks = policy.block
+    runner = STEP_RUNNERS[step_impl] if policy.step else None
+    return policy, runner
+
