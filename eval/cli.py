@@ -51,7 +51,7 @@ def _eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(steps=args.steps, samples=args.samples, selections=args.selection,
                             accept_lower=args.accept_lower, noise=args.noise, seed=args.seed,
                             batch_size=args.batch_size, max_batches=args.max_batches, split=args.split,
-                            tokenizer=args.tokenizer)
+                            tokenizer=args.tokenizer, device=args.device)
     run_eval(args.checkpoint, args.data, args.ood, settings, out_path=args.out, progress=not args.no_progress)
     return 0
 
@@ -93,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--noise", type=float, default=0.0, help="Langevin noise scale during thinking")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-batches", type=int, default=0, help="batches per source (0: the whole split)")
+    e.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (starts drawn on the CPU)")
     e.add_argument("--seed", type=int, default=0, help="seed of the initial candidates (results are deterministic)")
     e.add_argument("--out", default=None, help="JSON output path (default: <checkpoint>/eval.json)")
     e.add_argument("--no-progress", action="store_true")

@@ -38,6 +38,7 @@ class EvalSettings:
     max_batches: int = 0  # 0: the whole split
     split: str = "val"  # of --data; "all": every document (OOD sources always use all)
     tokenizer: str | None = None  # needed when the checkpoint carries no data config (an `ebt export` dir)
+    device: str = "cpu"
 
     def validate(self) -> None:
         if not self.steps or min(self.steps) < 0:
@@ -93,8 +94,8 @@ class SourceSpec:
     cfg: Any  # data_pipeline.DataConfig
 
 
-def _batch_generator(seed: int, batch_index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
+def _batch_generator(seed: int, batch_index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
 
 
 def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress=None, task=None) -> dict[str, Any]:
@@ -110,6 +111,8 @@ def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress
     for index, batch in enumerate(batches):
         if settings.max_batches and index >= settings.max_batches:
             break
+        device = model.alpha_raw.device if is_ebt else next(model.parameters()).device
+        batch = batch.to(device)
         tokens, targets = batch[:, :-1], batch[:, 1:]
         n_batches += 1
         if not is_ebt:
@@ -120,10 +123,12 @@ def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress
                 progress.advance(task)
             continue
         shape = (tokens.shape[0], tokens.shape[1], model_cfg.vocab_size)
+        # Starts are drawn on the CPU and moved, so a seed gives the same starts on every device.
         gen = _batch_generator(settings.seed, index)
-        starts = torch.stack([model.initial_logits(shape, model.alpha_raw, gen) for _ in range(max_samples)], dim=1)
+        like = torch.empty((), dtype=model.alpha_raw.dtype)
+        starts = torch.stack([model.initial_logits(shape, like, gen) for _ in range(max_samples)], dim=1).to(device)
         for cell in cells:
-            noise_gen = _batch_generator(settings.seed + 1, index)
+            noise_gen = _batch_generator(settings.seed + 1, index, device)
             result = model.think(tokens, cell.steps, cell.samples,
                                  "min" if cell.selection == "none" else cell.selection, cell.accept_lower,
                                  settings.noise, generator=noise_gen, starts=starts[:, :cell.samples])
@@ -241,7 +246,7 @@ def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings:
     torch.set_flush_denormal(True)
     torch.manual_seed(settings.seed)
     path = resolve_checkpoint(checkpoint)
-    model, model_cfg = load_model(path)
+    model, model_cfg = load_model(path, device=settings.device)
     specs = resolve_sources(path, data, ood, settings)
     is_ebt = model_cfg.kind == "ebt"
     n_cells = len(grid_cells(settings, model_cfg.mcmc_steps)) if is_ebt else 1
