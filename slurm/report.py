@@ -96,7 +96,7 @@ def status(spec: SweepSpec, out: Callable[[str], None] = print, as_json: bool = 
 
 COLLECT_COLUMNS = ["run", "sweep", "size", "kind", "lr", "seed", "context_length", "params", "flops_per_token",
                    "max_steps", "tokens_per_step", "budget_tokens", "budget_flops", "state", "finished", "step",
-                   "tokens", "train_flops", "train_loss", "val_loss", "val_ppl", "requeues", "job_id"]
+                   "tokens", "train_flops", "train_loss", "val_loss", "val_ppl", "requeues", "job_id", "run_dir"]
 
 
 def collect_rows(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -117,7 +117,7 @@ def collect_rows(spec: SweepSpec) -> list[dict[str, Any]]:
             "flops_per_token": fpt, "max_steps": plan.max_steps, "tokens_per_step": plan.tokens_per_step,
             "budget_tokens": plan.point.get("tokens"), "budget_flops": plan.point.get("flops"),
             "state": states[plan.name], "finished": result is not None,
-            "requeues": sum(1 for e in events if e.get("event") == "preempted"),
+            "requeues": sum(1 for e in events if e.get("event") == "preempted"), "run_dir": str(plan.run_dir),
         }
         if result is not None:
             tokens = result.get("tokens")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import itertools
 import json
@@ -129,6 +130,12 @@ class SweepSpec:
         return plans
 
     # ------------------------------------------------------------------------------------------ internals
+    @functools.cached_property
+    def _base_config(self) -> Any:
+        from launch.config import load_config
+
+        return load_config([self.base], [])
+
     def _resources_for(self, size: str | None) -> Resources:
         merged = dict(self.default_resources)
         if size is not None:
@@ -143,14 +150,18 @@ class SweepSpec:
 
         name = run_name(self.name, point)
         pre: dict[str, Any] = {}
-        base_cfg = load_config([self.base], [])
+        base_cfg = self._base_config
         size = point.get("size", base_cfg.model.size)
         if point.get("lr") is None and size in SIZES:
             pre["optim.lr"] = SIZES[size].peak_lr  # the size table's reference peak LR
         post: dict[str, Any] = {}
         for key, value in point.items():
             if key == "size":
-                post["model.size"] = value
+                # The size's dims too: a base config that includes configs/model/<other>.yaml sets dims
+                # explicitly, and explicit dims would otherwise win over model.size.
+                spec = SIZES[value]
+                post.update({"model.size": value, "model.n_layers": spec.n_layers, "model.n_heads": spec.n_heads,
+                             "model.dim": spec.dim})
             elif key == "kind":
                 post["model.kind"] = value
             elif key == "lr":

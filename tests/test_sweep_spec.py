@@ -46,6 +46,9 @@ def test_grid_times_runs_with_size_table_lr_and_budgets(tmp_path):
     assert q.resources.nodes == 2 and q.resources.partition == "big" and q.resources.mem_gb == 2.0
     assert q.config.trainer.micro_batch_size == 16 // (2 * 2)  # two nodes: half the micro batch
     assert q.tokens_per_step == 16 * 32
+    # The size sets the dims even though the base config includes configs/model/4xs.yaml with explicit dims.
+    assert (q.config.model.n_layers, q.config.model.n_heads, q.config.model.dim) == (4, 4, 256)
+    assert (p.config.model.n_layers, p.config.model.dim) == (2, 128)
     # Names depend on the point only: planning again gives the same names and hashes.
     again = {p.name: p.config_hash for p in load_spec(path).plan()}
     assert again == {p.name: p.config_hash for p in plans}
