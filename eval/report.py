@@ -12,6 +12,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,6 +308,11 @@ def _markdown(blocks: list[Block]) -> str:
     return "\n".join(out)
 
 
+def _inline(text: str) -> str:
+    """Escaped text with Markdown `code` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(str(text)))
+
+
 def _html(blocks: list[Block], figures: dict[str, bytes]) -> str:
     esc = html.escape
     body = []
@@ -314,9 +320,9 @@ def _html(blocks: list[Block], figures: dict[str, bytes]) -> str:
         if blk.kind in ("h1", "h2"):
             body.append(f"<{blk.kind}>{esc(blk.content)}</{blk.kind}>")
         elif blk.kind == "p":
-            body.append(f"<p>{esc(blk.content)}</p>")
+            body.append(f"<p>{_inline(blk.content)}</p>")
         elif blk.kind == "list":
-            body.append("<ul>" + "".join(f"<li>{esc(str(i))}</li>" for i in blk.content) + "</ul>")
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in blk.content) + "</ul>")
         elif blk.kind == "table":
             header, rows = blk.content
             body.append("<table><tr>" + "".join(f"<th>{esc(str(h))}</th>" for h in header) + "</tr>"

@@ -177,7 +177,7 @@ def record_from_run_dir(run_dir: Path) -> RunRecord:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / "metrics.jsonl").is_file() or (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+    return (path / "metrics.jsonl").is_file() or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir())
 
 
 def _eval_files(root: Path) -> list[Path]:
