@@ -168,7 +168,10 @@ def _train_data_config(checkpoint: Path):
         if path.is_file():
             data = (yaml.safe_load(path.read_text()) or {}).get("data")
             if isinstance(data, dict):
-                return DataConfig(**data), path
+                try:
+                    return DataConfig(**data), path
+                except TypeError as error:
+                    raise ValueError(f"{path}: data section does not match DataConfig ({error})") from None
     return None, None
 
 
@@ -185,7 +188,20 @@ def _tokenizer_of(train_cfg, settings: EvalSettings) -> str:
     return train_cfg.tokenizer or tokenizer_dir(train_cfg, build_source(train_cfg))
 
 
-def resolve_sources(checkpoint: Path, data: str | None, ood: list[str], settings: EvalSettings) -> list[SourceSpec]:
+def _check_vocab(tokenizer: str, model_vocab: int) -> None:
+    """A tokenizer with more pieces than the model's vocabulary would feed it out-of-range ids."""
+    from data_pipeline.tokenizer import load_meta, tokenizer_exists
+
+    if not tokenizer_exists(tokenizer):
+        raise FileNotFoundError(f"no tokenizer at {tokenizer!r}: run `ebt data prepare` with the training config")
+    vocab = load_meta(tokenizer).vocab_size
+    if vocab > model_vocab:
+        raise ValueError(f"tokenizer {tokenizer} has {vocab} pieces but the model's vocab_size is {model_vocab}: "
+                         "not the tokenizer this model was trained with")
+
+
+def resolve_sources(checkpoint: Path, data: str | None, ood: list[str], settings: EvalSettings,
+                    model_vocab: int | None = None) -> list[SourceSpec]:
     from data_pipeline import DataConfig
     from data_pipeline.prepare import read_manifest
 
@@ -195,6 +211,8 @@ def resolve_sources(checkpoint: Path, data: str | None, ood: list[str], settings
     base = dataclasses.asdict(train_cfg) if train_cfg is not None else {}
     base["progress"] = False
     tokenizer = _tokenizer_of(train_cfg, settings)
+    if model_vocab is not None:
+        _check_vocab(tokenizer, model_vocab)
     specs = []
     if data is None:
         cfg = DataConfig(**{**base, "tokenizer": tokenizer})
@@ -247,7 +265,7 @@ def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings:
     torch.manual_seed(settings.seed)
     path = resolve_checkpoint(checkpoint)
     model, model_cfg = load_model(path, device=settings.device)
-    specs = resolve_sources(path, data, ood, settings)
+    specs = resolve_sources(path, data, ood, settings, model_vocab=model_cfg.vocab_size)
     is_ebt = model_cfg.kind == "ebt"
     n_cells = len(grid_cells(settings, model_cfg.mcmc_steps)) if is_ebt else 1
     results = []

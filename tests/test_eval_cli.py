@@ -135,3 +135,15 @@ def test_eval_errors_are_one_line(setup, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("ebt eval: error:") and message in err and "\n" not in err
     assert not (tmp_path / "e.json").exists()
+
+
+def test_tokenizer_larger_than_the_model_vocab_is_refused(setup, tmp_path, capsys):
+    cfg = ModelConfig(kind="ebt", vocab_size=256, context_length=CTX, dim=32, n_layers=1, n_heads=2)
+    ckpt = tmp_path / "small-vocab"
+    ckpt.mkdir()
+    save_model(build_model(cfg), str(ckpt / "model.safetensors"))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(cfg)}))
+    argv = ["eval", "--checkpoint", str(ckpt), "--data", str(setup["code"]), "--tokenizer", setup["tokenizer"],
+            "--out", str(tmp_path / "e.json"), *ARGS]
+    assert main(argv) == 2
+    assert "but the model's vocab_size is 256" in capsys.readouterr().err
