@@ -362,7 +362,8 @@ class Trainer:
                     row = self.train_step()
                     throughput.add(self.tokens_per_step)
                     if t.eval_every and self.step % t.eval_every == 0:
-                        row.update(self.evaluate())
+                        eval_start = time.perf_counter()
+                        row.update(self.evaluate(), eval_s=time.perf_counter() - eval_start)
                     if self.step % t.log_every == 0 or row.keys() & {"val_loss"}:
                         tps = throughput.rate()
                         row.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / (self.peak_flops * self.world),
