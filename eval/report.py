@@ -22,7 +22,15 @@ import numpy as np
 
 from eval import plots
 from eval.isoflop import IsoFlopResult, isoflop
-from eval.scaling import PowerLawFit, RateComparison, compare_rates, fit_power_law
+from eval.scaling import (
+    LogLogSlope,
+    PowerLawFit,
+    RateComparison,
+    compare_rates,
+    compare_slopes,
+    fit_loglog_slope,
+    fit_power_law,
+)
 from eval.sweep_data import EVAL_SCHEMA, KINDS, Exclusion, RunRecord, gather, read_metrics, screen
 
 AXES = {"N": "n_params", "D": "tokens", "C": "flops"}
@@ -45,6 +53,8 @@ class ReportResult:
     excluded: list[Exclusion]
     warnings: list[str]
     figures: list[str] = field(default_factory=list)
+    slopes: dict[str, dict[str, LogLogSlope]] = field(default_factory=dict)
+    slope_comparisons: dict[str, RateComparison] = field(default_factory=dict)
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -134,6 +144,13 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: s
     warnings += notes
     comparisons = {axis: compare_rates(f["ebt"], f["transformer"], axis)
                    for axis, f in fits.items() if "ebt" in f and "transformer" in f}
+    # The slope's bootstrap is closed form, so it affords the many draws that far-tail percentiles need.
+    slope_boot = max(n_boot, 4000) if n_boot > 0 else 0
+    slopes = {axis: {kind: fit_loglog_slope(*points[axis][kind], n_boot=slope_boot, seed=seed + 100 + i,
+                                            ci_level=ci_level, label=f"{kind}/log-log L({axis})")
+                     for i, kind in enumerate(by_kind)} for axis, by_kind in fits.items()}
+    slope_comparisons = {axis: compare_slopes(s["ebt"], s["transformer"], axis)
+                         for axis, s in slopes.items() if "ebt" in s and "transformer" in s}
     iso = [isoflop(kept, kind, loss_column) for kind in KINDS if any(r.kind == kind for r in kept)]
     evals = _load_evals(inputs.eval_files, warnings)
 
@@ -152,11 +169,13 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: s
     figures = {k: v for k, v in figures.items() if v is not None}
 
     blocks = _blocks(inputs.records, kept, excluded, warnings, fits, comparisons, iso, evals, figures, loss_column,
-                     n_boot, ci_level)
+                     n_boot, ci_level, slopes, slope_comparisons)
     fits_json = {
         "schema": "ebt-report/1", "loss_column": loss_column, "ci_level": ci_level, "n_boot": n_boot, "seed": seed,
         "fits": {a: {k: f.to_dict() for k, f in by_kind.items()} for a, by_kind in fits.items()},
         "comparisons": {a: c.to_dict() for a, c in comparisons.items()},
+        "loglog_slopes": {a: {k: f.to_dict() for k, f in by_kind.items()} for a, by_kind in slopes.items()},
+        "loglog_comparisons": {a: c.to_dict() for a, c in slope_comparisons.items()},
         "isoflop": [r.to_dict() for r in iso],
         "system2": [_system2_summary(e) for e in evals],
         "runs_used": [r.run for r in kept],
@@ -168,7 +187,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: s
     contents["report.html"] = _html(blocks, figures).encode()
     contents["fits.json"] = json.dumps(_jsonable(fits_json), indent=1, allow_nan=False).encode()
     files = _write_all(Path(out_dir), contents)
-    return ReportResult(Path(out_dir), files, fits, comparisons, excluded, warnings, sorted(figures))
+    return ReportResult(Path(out_dir), files, fits, comparisons, excluded, warnings, sorted(figures), slopes,
+                        slope_comparisons)
 
 
 def _write_all(out: Path, contents: dict[str, bytes]) -> list[Path]:
@@ -203,8 +223,14 @@ def _cell_label(cell: dict[str, Any] | None) -> str:
             + (", accept-lower" if cell["accept_lower"] else ""))
 
 
+def _rate_rows(comparisons: dict[str, RateComparison]) -> list[list[str]]:
+    return [[f"L({c.axis})", _fmt(c.alpha_ebt), _fmt(c.alpha_tpp), f"{100 * c.rel_diff:+.1f}%",
+             "n/a" if not math.isfinite(c.ci[0]) else f"[{100 * c.ci[0]:+.1f}%, {100 * c.ci[1]:+.1f}%]",
+             _fmt(c.prob_ebt_faster, 3)] for c in comparisons.values()]
+
+
 def _blocks(records, kept, excluded, warnings, fits, comparisons, iso: list[IsoFlopResult], evals, figures,
-            loss_column, n_boot, ci_level) -> list[Block]:
+            loss_column, n_boot, ci_level, slopes, slope_comparisons) -> list[Block]:
     pct = int(round(100 * ci_level))
     b = [Block("h1", "EBT vs. Transformer++ scaling report")]
     b.append(Block("p", f"{len(records)} run(s) read, {len(kept)} used in fits, {len(excluded)} excluded. "
@@ -231,11 +257,11 @@ def _blocks(records, kept, excluded, warnings, fits, comparisons, iso: list[IsoF
                             "improves faster with X). P(EBT faster) is the share of paired bootstrap draws with "
                             "alpha_EBT > alpha_Transformer++."))
         b.append(Block("table", (["axis", "alpha EBT", "alpha Transformer++", "relative difference",
-                                  f"{pct}% CI", "P(EBT faster)"],
-                                 [[f"L({c.axis})", _fmt(c.alpha_ebt), _fmt(c.alpha_tpp), f"{100 * c.rel_diff:+.1f}%",
-                                   "n/a" if not math.isfinite(c.ci[0]) else
-                                   f"[{100 * c.ci[0]:+.1f}%, {100 * c.ci[1]:+.1f}%]", _fmt(c.prob_ebt_faster, 3)]
-                                  for c in comparisons.values()])))
+                                  f"{pct}% CI", "P(EBT faster)"], _rate_rows(comparisons))))
+        b.append(Block("p", "The paper draws scaling rates as straight lines on log-log axes. The same comparison "
+                            "for the least-squares slope s of log L = c − s·log X (no irreducible term):"))
+        b.append(Block("table", (["axis", "slope EBT", "slope Transformer++", "relative difference",
+                                  f"{pct}% CI", "P(EBT faster)"], _rate_rows(slope_comparisons))))
     else:
         b.append(Block("p", "Not available: needs a fit for both kinds on the same axis."))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.scaling import compare_rates, fit_power_law
+from eval.scaling import compare_rates, compare_slopes, fit_loglog_slope, fit_power_law
 
 E_TRUE, A_TRUE, ALPHA_TRUE = 1.8, 400.0, 0.34
 
@@ -99,3 +99,18 @@ def test_rate_comparison_reports_relative_difference_with_ci():
     assert cmp.ci[0] < cmp.rel_diff < cmp.ci[1]
     assert cmp.ci[0] < 0.4 / 0.3 - 1 < cmp.ci[1]
     assert cmp.prob_ebt_faster > 0.9
+
+
+def test_loglog_slope_is_exact_on_a_pure_power_law_and_calibrated_with_noise():
+    x = np.geomspace(1e6, 1e9, 6)
+    exact = fit_loglog_slope(x, 50.0 * x**-0.2, n_boot=0)
+    assert exact.slope == pytest.approx(0.2, rel=1e-12)
+    hits = 0
+    for seed in range(100):  # closed form: cheap enough for 100 trials
+        rng = np.random.default_rng(seed)
+        fit = fit_loglog_slope(x, 50.0 * x**-0.2 * np.exp(rng.normal(0, 0.02, 6)), n_boot=2000, seed=seed)
+        hits += fit.slope_ci[0] <= 0.2 <= fit.slope_ci[1]
+    assert hits >= 90, hits
+    fast = fit_loglog_slope(x, 50.0 * x**-0.3, n_boot=50)
+    cmp = compare_slopes(fast, exact_with_boot := fit_loglog_slope(x, 50.0 * x**-0.2, n_boot=50), "N")
+    assert cmp.rel_diff == pytest.approx(0.5, rel=1e-9) and exact_with_boot.n_boot == 50
