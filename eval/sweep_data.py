@@ -71,17 +71,22 @@ def _bool(value: Any) -> bool:
 
 
 def load_results_csv(path: str | Path) -> list[RunRecord]:
-    """Rows of a collected sweep CSV; a missing column is a one-line ValueError naming it."""
+    """Rows of a collected sweep (.csv, or the .parquet twin); a missing column is a one-line ValueError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such results file: {path}")
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        for column in REQUIRED_COLUMNS:
-            if column not in columns:
-                raise ValueError(f"{path}: missing column '{column}' (written by `ebt sweep collect`)")
-        rows = list(reader)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        columns, rows = table.column_names, table.to_pylist()
+    else:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns, rows = list(reader.fieldnames or []), list(reader)
+    for column in REQUIRED_COLUMNS:
+        if column not in columns:
+            raise ValueError(f"{path}: missing column '{column}' (written by `ebt sweep collect`)")
     sweep_dir = path.parent
     records = []
     for row in rows:
@@ -90,20 +95,20 @@ def load_results_csv(path: str | Path) -> list[RunRecord]:
             flops = tokens * _float(row.get("flops_per_token"))
         records.append(
             RunRecord(
-                run=row["run"],
-                kind=row["kind"],
-                size=row["size"],
+                run=str(row["run"]),
+                kind=str(row["kind"]),
+                size=str(row["size"] or ""),
                 n_params=_float(row["params"]),
                 tokens=tokens,
                 flops=flops,
                 train_loss=_float(row["train_loss"]),
                 val_loss=_float(row["val_loss"]),
                 finished=_bool(row["finished"]),
-                state=row.get("state") or "",
-                seed=row.get("seed") or "",
+                state=str(row.get("state") or ""),
+                seed=str(row.get("seed") if row.get("seed") is not None else ""),
                 budget_flops=_float(row.get("budget_flops")),
                 budget_tokens=_float(row.get("budget_tokens")),
-                run_dir=_locate_run_dir(sweep_dir, row["run"]),
+                run_dir=_locate_run_dir(sweep_dir, str(row["run"])),
                 source=str(path),
             )
         )
@@ -200,8 +205,8 @@ def gather(paths: list[str | Path]) -> SweepInputs:
         if not path.exists():
             raise FileNotFoundError(f"no such sweep or run directory: {path}")
         if path.is_file():
-            if path.suffix != ".csv":
-                raise ValueError(f"{path}: expected a results .csv, a sweep dir or a run dir")
+            if path.suffix not in (".csv", ".parquet"):
+                raise ValueError(f"{path}: expected a results .csv/.parquet, a sweep dir or a run dir")
             out.records += load_results_csv(path)
             eval_roots.append(path.parent)
         elif (path / RESULTS_NAME).is_file():

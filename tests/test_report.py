@@ -233,3 +233,24 @@ def test_report_from_bare_run_dirs(tmp_path):
     assert set(result.fits["N"]) == {"ebt", "transformer"}
     assert result.fits["N"]["ebt"].n_points == 3
     assert (tmp_path / "r" / "loss_curves.png").stat().st_size > 5000
+
+
+def test_parquet_twin_reads_like_the_csv(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sweep = write_sweep(tmp_path, evals=False)
+    rows = [{c: row.get(c) for c in COLUMNS} for row in csv.DictReader(open(sweep / "results.csv"))]
+    floats = ("val_loss", "train_loss", "tokens", "train_flops")
+    typed = [{**r, **{k: float(r[k]) for k in floats}, "finished": r["finished"] == "True",
+              "params": int(r["params"]), "seed": None, "job_id": None} for r in rows]
+    typed[0]["val_loss"] = None  # a run without a validation loss, as collect writes it
+    pq.write_table(pa.Table.from_pylist(typed), tmp_path / "results.parquet")
+    from_csv, from_parquet = load_results_csv(sweep / "results.csv"), load_results_csv(tmp_path / "results.parquet")
+    assert [(r.run, r.kind, r.n_params, r.finished) for r in from_parquet] == \
+        [(r.run, r.kind, r.n_params, r.finished) for r in from_csv]
+    assert math.isnan(from_parquet[0].val_loss) and from_parquet[1].val_loss == from_csv[1].val_loss
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in t.items() if k != "train_flops"} for t in typed]),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="missing column 'train_flops'"):
+        load_results_csv(tmp_path / "bad.parquet")
