@@ -28,13 +28,42 @@ def run_training(cfg: TrainConfig, log=None) -> dict[str, Any]:
     return result
 
 
-def _relaunch_with_torchrun(args: argparse.Namespace) -> int:
-    """`--nproc N` on one machine: re-run this command under torchrun with N local processes."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    cmd = torchrun + ["-m", "launch.cli", "train", *args.configs, *args.overrides]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    return subprocess.call(cmd, env=env)
+def _launch_local_processes(args: argparse.Namespace) -> int:
+    """`--nproc N` on one machine: N copies of this command with the torch.distributed variables set.
+
+    Not torchrun: its agent turns every worker exit code into 1, which would hide PREEMPTED_EXIT_CODE from a
+    scheduler. Here preemption signals are forwarded to every rank and the ranks' own codes are returned.
+    """
+    import signal
+    import socket
+
+    from launch.signals import PREEMPTION_SIGNALS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "launch.cli", "train", *args.configs, *args.overrides]
+    procs = []
+    for rank in range(args.nproc):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(args.nproc),
+                   RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(args.nproc))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+        procs.append(subprocess.Popen(cmd, env=env))
+
+    def forward(signum, frame):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in PREEMPTION_SIGNALS}
+    try:
+        codes = [proc.wait() for proc in procs]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if all(code == PREEMPTED_EXIT_CODE for code in codes):
+        return PREEMPTED_EXIT_CODE
+    return next((code for code in codes if code != 0), 0)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -45,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
     args.configs, args.overrides = configs, overrides
     cfg = load_config(configs, overrides)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_with_torchrun(args)
+        return _launch_local_processes(args)
     result = run_training(cfg)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if result["preempted"]:
@@ -72,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "processes with torchrun, accelerate launch, srun or --nproc.")
     p.add_argument("configs", nargs="+", help="config YAML file(s), merged in order, then key=value overrides")
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
-    p.add_argument("--nproc", type=int, default=1, help="local processes (re-launches under torchrun)")
+    p.add_argument("--nproc", type=int, default=1, help="local processes (gloo on CPU, nccl on GPU)")
     p.set_defaults(func=_train)
 
     e = subparsers.add_parser("export", help="write safetensors weights + config.yaml from a checkpoint")
