@@ -39,7 +39,7 @@ class MetricsWriter:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a row torn by kill -9
                 continue
-            if row.get("step", 0) <= step:
+            if row.get("step", 0) <= step and not row.get("final"):  # the resumed run writes its own final row
                 keep.append(line)
         atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
 

@@ -320,10 +320,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ save
     def save_checkpoint(self) -> Path:
-        if not self.is_deepspeed:
-            finite = all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters())
-            if not finite:
-                raise NonFiniteAbort(f"refusing to checkpoint non-finite weights at step {self.step}")
+        # Under ZeRO-1/2 every rank holds the full weights too, so this check is the same on every rank.
+        if not all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters()):
+            raise NonFiniteAbort(f"refusing to checkpoint non-finite weights at step {self.step}")
         shared: dict[str, Any] = {
             "trainer": {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
                         "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,

@@ -11,6 +11,7 @@ import signal
 import pytest
 from test_train_support import (
     kill_group,
+    read_rows,
     run_train,
     start_train,
     tiny_raw,
@@ -70,6 +71,7 @@ def test_sigkill_at_a_random_step_then_restart_is_bit_exact(reference, nproc):
     assert "resumed from" in done.stdout, f"killed at step {seen}: did not resume\n{done.stdout}"
     got = training_rows(work / "runs" / "killed")
     assert got == expected, f"killed at step {seen} (asked {kill_at})"
+    assert sum(bool(r.get("final")) for r in read_rows(work / "runs" / "killed")) == 1
 
 
 def test_sigusr2_checkpoints_exits_with_the_preemption_code_and_continues_exactly(reference):
