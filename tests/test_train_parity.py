@@ -73,7 +73,11 @@ def worker(strategy: str, zero_stage: int | None, out: str) -> None:
             results[kind] = {"diffs": diffs, "scales": scales}
         trainer.accelerator.wait_for_everyone()
         if trainer.is_deepspeed:
-            break  # one DeepSpeed engine per process: the Accelerate plugin state cannot be re-initialised
+            # Accelerate keeps one DeepSpeed plugin per process; reset its singletons for the next engine.
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
     if int(os.environ["RANK"]) == 0:
         Path(out).write_text(json.dumps(results))
 
@@ -109,6 +113,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
 def test_deepspeed_zero_two_ranks_match_one_process(tmp_path, stage):
     result = run_parity(tmp_path, "deepspeed", stage)
     assert_parity(result, "ebt")
+    assert_parity(result, "transformer")
 
 
 if __name__ == "__main__":
