@@ -9,6 +9,7 @@ shifts the training stream, and metrics.jsonl is cut back to the checkpoint's st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -89,8 +90,8 @@ class Trainer:
             self._log(msg)
 
     def setup(self) -> None:
-        self.setup_model()
         self.setup_data()
+        self.setup_model()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last, self.rank,
                                       self.world, barrier=barrier, log=self.log)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main)
@@ -116,18 +117,19 @@ class Trainer:
             self.model = self.accelerator.prepare_model(model)
             self.optimizer = optimizer
         self.model.train()
-        # From here each rank draws its own MCMC noise and replay samples.
-        seed_everything(cfg.trainer.seed + 1_000_003 * (self.rank + 1))
         t = cfg.trainer
         self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * cfg.model.context_length
         self.flops_per_token = self.module.flops_per_token()
         self.peak_flops = t.peak_flops or measured_peak_flops(self.device)
+        # From here each rank draws its own MCMC noise and replay samples.
+        seed_everything(cfg.trainer.seed + 1_000_003 * (self.rank + 1))
 
     def setup_data(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
-        if self.is_main:
-            data_pipeline.prepare_if_needed(cfg.data)
-        barrier()
+        # Every rank calls it: the first prepares under the data pipeline's directory lock while the others
+        # wait on that lock, which has no collective timeout (a long tokenisation must not trip
+        # distributed.timeout_s), and ranks on nodes without a shared filesystem prepare their own copy.
+        data_pipeline.prepare_if_needed(dataclasses.replace(cfg.data, progress=cfg.data.progress and self.is_main))
         if cfg.model.vocab_size != data_pipeline.vocab_size(cfg.data):
             raise ValueError(f"config key 'model.vocab_size': {cfg.model.vocab_size} differs from the tokenizer's "
                              f"{data_pipeline.vocab_size(cfg.data)} (data.vocab_size)")
