@@ -134,8 +134,9 @@ def _check_keys(raw: Any, schema: type, prefix: str = "") -> None:
     for key, value in raw.items():
         if key not in names:
             full = f"{prefix}{key}"
-            candidates = [f"{prefix}{n}" for n in names] + [k for k in _all_keys(TrainConfig) if k.endswith(key)]
-            close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.5)
+            # A key given in the wrong section (`lr=...` for `optim.lr`) first, then typos within the section.
+            elsewhere = [k for k in _all_keys(TrainConfig) if k.endswith(f".{key}")]
+            close = elsewhere or difflib.get_close_matches(full, [f"{prefix}{n}" for n in names], n=1, cutoff=0.5)
             suggestion = f"; did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"unknown config key '{full}'{suggestion}")
         sub = _dataclass_type(hints[key])

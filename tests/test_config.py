@@ -60,6 +60,8 @@ def test_overrides_types_and_size_defaults(tmp_path):
         ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
         ("trainer.max_step=3", "'trainer.max_step'; did you mean 'trainer.max_steps'?"),
         ("modle.dim=3", "'modle'; did you mean 'model'?"),
+        ("lr=3", "unknown config key 'lr'; did you mean 'optim.lr'?"),
+        ("trainer.lr=3", "unknown config key 'trainer.lr'; did you mean 'optim.lr'?"),
         ("model.n_layer=3", "did you mean 'model.n_layers'?"),
         ("trainer.max_steps=abc", "config key 'trainer.max_steps'"),
         ("optim.lr=fast", "config key 'optim.lr'"),
