@@ -193,9 +193,10 @@ class TrainJob(submitit.helpers.Checkpointable):
                 except ProcessLookupError:
                     break
             self._exited.wait()
-            try:
-                job_id = submitit.JobEnvironment().job_id
-            except Exception:  # noqa: BLE001 - only for the record
-                job_id = None
-            append_event(self.events_path, {"event": "preempted", "job_id": job_id, "rc": self._rc})
+        try:
+            job_id = submitit.JobEnvironment().job_id
+        except Exception:  # noqa: BLE001 - only for the record
+            job_id = None
+        # Also when the signal came before the trainer started: the attempt still ends in a requeue.
+        append_event(self.events_path, {"event": "preempted", "job_id": job_id, "rc": self._rc})
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

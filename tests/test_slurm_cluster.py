@@ -212,37 +212,43 @@ def test_micro_sweep_completes_and_resubmit_skips_finished_runs(sweep_env, data_
     assert "submitted" not in capsys.readouterr().out
 
 
-def test_two_node_ddp_matches_one_rank(sweep_env, data_overrides):
+def test_two_node_ddp_matches_one_rank_across_a_preemption(sweep_env, data_overrides):
     root = sweep_env
+    steps = 60
     over = {k: v for k, v in data_overrides.items() if k != "trainer.micro_batch_size"}
-    spec = write_spec(root, "ddp", {"size": ["4xs"], "kind": ["transformer"], "steps": [5]}, over,
+    spec = write_spec(root, "ddp", {"size": ["4xs"], "kind": ["transformer"], "steps": [steps]}, over,
                       global_batch_size=8,
                       resources={"default": {"nodes": 2, "tasks_per_node": 1, "mem_gb": 1, "time_min": 10}})
-    run = "ddp-4xs-transformer-n5"
+    run = f"ddp-4xs-transformer-n{steps}"
     assert main(["sweep", "submit", str(spec)]) == 0
+    job_id = jobs_of(root / "ddp")[run][0]["job_id"]
     # Meanwhile: the same global batch of 8 on one process.
     ref = reference_run(root / "ddp" / "configs" / f"{run}.yaml", root, "one-rank", "trainer.micro_batch_size=8")
-    wait_until(lambda: done(root / "ddp", [run]), 300, "the 2-node run")
+    # Preempt the 2-node job mid-run: both ranks checkpoint together, rank 0 requeues, both resume.
+    metrics = root / "runs" / run / "metrics.jsonl"
+    wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, 300, "3 logged steps")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_until(lambda: done(root / "ddp", [run]), 300, f"the 2-node run\n{job_log(root / 'ddp')}")
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
-    job_id = jobs_of(root / "ddp")[run][0]["job_id"]
+    assert events(root / "ddp", run) == ["start", "preempted", "start", "finished"]
     nodes = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "NNodes,NodeList", "-j", job_id],
                            capture_output=True, text=True).stdout.split()
     assert nodes and nodes[0].startswith("2|"), nodes  # two Slurm nodes, one task each
     assert json.loads((root / "ddp" / "state" / f"{run}.attempts.jsonl").read_text().splitlines()[0])["world_size"] == 2
 
     two, one = metric_rows(root / "runs" / run), metric_rows(root / "ref" / "one-rank")
-    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4, 5, 5]
-    assert two[-1]["tokens"] == one[-1]["tokens"] == 5 * 8 * 32
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [*range(1, steps + 1), steps]
+    assert two[-1]["tokens"] == one[-1]["tokens"] == steps * 8 * 32
     for a, b in zip(two[:-1], one[:-1], strict=True):
         # The all-reduced gradient equals the one-rank gradient: same norm before clipping, same loss.
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5, abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
     from launch.checkpoint import load_model
 
-    m2, _ = load_model(root / "runs" / run / "checkpoints" / "step_5")
-    m1, _ = load_model(root / "ref" / "one-rank" / "checkpoints" / "step_5")
+    m2, _ = load_model(root / "runs" / run / "checkpoints" / f"step_{steps}")
+    m1, _ = load_model(root / "ref" / "one-rank" / "checkpoints" / f"step_{steps}")
     for (name, p2), (_, p1) in zip(m2.state_dict().items(), m1.state_dict().items(), strict=True):
-        torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_usr2_preemption_requeues_and_matches_uninterrupted_run(sweep_env, data_overrides):
@@ -271,8 +277,8 @@ def test_usr2_preemption_requeues_and_matches_uninterrupted_run(sweep_env, data_
 
 
 def _seconds_per_step(root: Path, overrides: dict) -> float:
-    """Measure this machine's speed now, so the time-limit run is long enough to be cut by its 1 min limit."""
-    spec = write_spec(root, "calib", {"size": ["4xs"], "kind": ["ebt"], "steps": [12]}, overrides)
+    """This machine's speed now (median step), so the time-limited run is long enough to be cut."""
+    spec = write_spec(root, "calib", {"size": ["4xs"], "kind": ["ebt"], "steps": [20]}, overrides)
     from slurm.spec import load_spec
     from slurm.state import SweepState
     from slurm.submit import _write_configs
@@ -283,28 +289,34 @@ def _seconds_per_step(root: Path, overrides: dict) -> float:
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     times = [json.loads(x)["time"] for x in (root / "ref" / "calib" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
-    return (times[-1] - times[1]) / (len(times) - 2)
+    steps = sorted(b - a for a, b in zip(times[4:], times[5:], strict=False))
+    return steps[len(steps) // 2]
 
 
 def test_time_limit_signal_requeues_and_finishes(sweep_env, data_overrides):
     root = sweep_env
-    # With --time=1 Slurm sends the USR2 29-59 s after the start (its timer ticks every 30 s and signals at the
-    # last tick before time - signal_delay_s) and kills at the following tick. Train for ~75 s of steps so the
-    # first attempt is always cut.
-    step_s = _seconds_per_step(root, data_overrides)
-    steps = int(min(3000, max(60, 75 / step_s)))
+    # Slurm's timer ticks every 30 s and sends the --signal at the last tick before (time limit - delay), so
+    # with --time=1 and USR2@25 it arrives 5-35 s after the start, and the kill follows at a later tick. The
+    # run trains for ~45 s (at the speed measured now) after a few seconds of start-up, so it is always cut.
+    # Once it has been cut and requeued, the test raises the limit so that the rest runs in one more attempt
+    # instead of several (only to bound the test's wall time).
+    steps = int(min(3000, max(60, 45 / _seconds_per_step(root, data_overrides))))
     spec = write_spec(root, "tl", {"size": ["4xs"], "kind": ["ebt"], "steps": [steps]}, data_overrides,
-                      resources={"default": {"mem_gb": 1, "time_min": 1}}, slurm={"signal_delay_s": 1})
+                      resources={"default": {"mem_gb": 1, "time_min": 1}}, slurm={"signal_delay_s": 25})
     run = f"tl-4xs-ebt-n{steps}"
     assert main(["sweep", "submit", str(spec)]) == 0
     job_id = jobs_of(root / "tl")[run][0]["job_id"]
-    wait_until(lambda: done(root / "tl", [run]), 480, f"the time-limited run\n{job_log(root / 'tl')}", poll=2)
+    wait_until(lambda: "preempted" in events(root / "tl", run), 300, f"the time limit\n{job_log(root / 'tl')}")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
+    wait_until(lambda: done(root / "tl", [run]), 400, f"the time-limited run\n{job_log(root / 'tl')}", poll=2)
     (row,) = sweep_status(spec)
     ev = events(root / "tl", run)
-    assert row["state"] == "DONE" and row["requeues"] == ev.count("preempted") and row["step"] == steps
-    assert ev[0] == "start" and ev[-1] == "finished" and ev.count("preempted") >= 1
-    assert ev.count("start") == ev.count("preempted") + 1
-    assert sacct_states(job_id).count("REQUEUED") == ev.count("preempted")
+    assert row["state"] == "DONE" and row["requeues"] == 1 and row["step"] == steps
+    assert ev == ["start", "preempted", "start", "finished"]
+    assert sacct_states(job_id).count("REQUEUED") == 1
+    # Nobody but Slurm's time-limit timer sent a signal, and it came at a timer tick inside the 1 min limit.
+    times = [json.loads(x)["time"] for x in (root / "tl" / "state" / f"{run}.attempts.jsonl").read_text().splitlines()]
+    assert 0 <= times[1] - times[0] <= 50
     final = metric_rows(root / "runs" / run)[-1]
     assert final["final"] and final["step"] == steps
     # Resume was exact: the step sequence has no gaps and no repeats.
