@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ebt.mcmc import EnergyFn, StepRunner, mcmc_step
+from ebt.mcmc import EnergyFn, StepRunner, inner_gradient, mcmc_step
 
 POLICIES = ("none", "block", "mcmc_step", "block+mcmc_step")
 
@@ -107,23 +107,33 @@ class RematerialisedStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_new, _grad_energy):  # type: ignore[override]
+        # new = x - s * g(x, theta, context) with g = dE/dx, so for the incoming cotangent y:
+        #   x_bar = y + VJP_x(g, -s*y),  theta_bar = VJP_theta(g, -s*y),  s_bar = -sum(g * y).
+        # Differentiating g directly (not `new`) keeps two [B, S, V] tensors (s*g and new) out of the graph.
         spec: _StepSpec = ctx.spec
         logits, step_size, *captured = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
         with torch.enable_grad(), _maybe_autocast(spec.autocast):
             start = logits.detach().requires_grad_(True)
-            size = step_size.detach().requires_grad_(step_size.requires_grad)
             leaves = [t.detach().requires_grad_(t.requires_grad) for t in captured]
-            new, _ = mcmc_step(spec.energy_fn.rebind(leaves), start, size, spec.step, create_graph=True,
-                               grad_clamp=spec.grad_clamp)
-            inputs = [start, size, *leaves, *ctx.params]
-            wanted = [i for i, (tensor, need) in enumerate(zip(inputs, needs, strict=True))
-                      if need and tensor.requires_grad]
-            grads = torch.autograd.grad(new, [inputs[i] for i in wanted], grad_new, allow_unused=True)
+            grad, _ = inner_gradient(spec.energy_fn.rebind(leaves), start, spec.step, create_graph=True,
+                                     grad_clamp=spec.grad_clamp)
+            inputs = [start, *leaves, *ctx.params]
+            need = [needs[0], *needs[2:]]
+            wanted = [i for i, (tensor, n) in enumerate(zip(inputs, need, strict=True)) if n and tensor.requires_grad]
+            cotangent = -step_size.detach() * grad_new
+            grads = torch.autograd.grad(grad, [inputs[i] for i in wanted], cotangent, allow_unused=True)
         out: list[torch.Tensor | None] = [None] * len(inputs)
-        for i, grad in zip(wanted, grads, strict=True):
-            out[i] = grad
-        return (None, *out)
+        for i, value in zip(wanted, grads, strict=True):
+            out[i] = value
+        if out[0] is not None:
+            out[0] = out[0] + grad_new
+        elif needs[0]:
+            out[0] = grad_new
+        size_grad = None
+        if needs[1]:
+            size_grad = -(grad.detach() * grad_new).sum_to_size(step_size.shape)
+        return (None, out[0], size_grad, *out[1:])
 
 
 class _maybe_autocast:

@@ -40,6 +40,14 @@ def mcmc_step(
     grad_clamp: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One descent step: (logits - step_size * dE/dlogits, E). `logits` must require grad."""
+    grad, energy = inner_gradient(energy_fn, logits, step, create_graph=create_graph, grad_clamp=grad_clamp)
+    return logits - step_size * grad, energy
+
+
+def inner_gradient(
+    energy_fn: EnergyFn, logits: torch.Tensor, step: int, *, create_graph: bool, grad_clamp: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dE/dlogits, clamped if asked; E) at `logits`, which must require grad."""
     with torch.enable_grad():
         energy = energy_fn(torch.softmax(logits, dim=-1), step)
         (grad,) = torch.autograd.grad(energy.sum(), logits, create_graph=create_graph)
@@ -47,7 +55,7 @@ def mcmc_step(
         raise NonFiniteEnergyGradientError(f"non-finite dE/dlogits at MCMC step {step}")
     if grad_clamp is not None:
         grad = grad.clamp(-grad_clamp, grad_clamp)
-    return logits - step_size * grad, energy
+    return grad, energy
 
 
 def run_mcmc(

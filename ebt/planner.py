@@ -1,0 +1,320 @@
+"""Memory planner: predict a training step's peak memory per checkpointing policy, and pick one that fits.
+
+The model. A step's tensor memory is a timeline of allocations and frees whose ORDER does not depend on the
+sizes (same code path for any batch, context, vocab or width), only each tensor's bytes do. So:
+1. `trace_step` runs two real training steps of a tiny replica (same layers, heads, K, variant, policy, FFN
+   ratio; small batch, context, vocab and width chosen so that every dimension value is unambiguous) under a
+   TorchDispatchMode that records every storage's allocation, shape and release.
+2. `predict` rescales every recorded tensor analytically (each dimension maps to batch, context, context+1,
+   vocab, width, FFN width, head width or a product of them; anything else is a constant) and replays the
+   timeline: the peak of the rescaled live bytes, plus the parameters, is the step's tensor peak.
+3. One short measured run (`calibrate`) fits the device's constant and overhead: peak RSS = base + factor x
+   tensor peak on CPU (base = the interpreter and libraries; factor = allocator overhead). On CUDA the
+   caching allocator's peak is close to the tensor peak, so base = 0 and factor = 1 unless calibrated.
+
+`choose_policy` (cfg.checkpointing="auto") takes the fastest policy whose prediction fits the budget;
+`plan` also picks the largest micro-batch that fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ebt.config import ModelConfig
+from ebt.flops import parameter_count
+
+# Fastest first. Relative cost per MCMC step in linear-layer units (ebt.flops): a plain second-order step costs
+# 6; "block" recomputes each block's forward in the inner and again in the outer backward (+2); "mcmc_step"
+# recomputes the step's forward and inner gradient once (+2); both: the recomputed step recomputes its blocks.
+POLICY_COST = {"none": 6.0, "mcmc_step": 8.0, "block": 8.0, "block+mcmc_step": 10.0}
+DEFAULT_MARGIN = 0.10  # of device capacity, kept free by the default budget
+CALIBRATION_FILE = Path(os.environ.get("EBT_PLANNER_CALIBRATION", Path.home() / ".cache/ebt/planner.json"))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    base_bytes: float  # constant: interpreter, libraries, allocator arenas (0 on CUDA)
+    factor: float  # measured / predicted tensor bytes
+
+
+DEFAULT_CPU = Calibration(base_bytes=350e6, factor=1.0)
+DEFAULT_CUDA = Calibration(base_bytes=0.0, factor=1.05)
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+
+
+@dataclass
+class Trace:
+    """Allocation timeline of a tiny replica: events (+1 alloc / -1 free, storage id) and each storage's shape."""
+
+    dims: dict[str, int]
+    shapes: dict[int, tuple[int, ...]]
+    element_size: dict[int, int]
+    events: list[tuple[int, int]]
+    start: int
+    ops: dict[int, str]  # index of the first event of the measured (second) step
+
+
+class _AllocationTracker(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict[int, tuple[int, ...]] = {}
+        self.element_size: dict[int, int] = {}
+        self.ops: dict[int, str] = {}  # producing op, for inspecting what is alive at the peak
+        self.events: list[tuple[int, int]] = []
+        self.live: dict[int, int] = {}  # storage data_ptr -> tracked id
+        self.next_id = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in _tensors(out):
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr == 0 or ptr in self.live or storage.nbytes() == 0:
+                continue
+            ident = self.next_id
+            self.next_id += 1
+            self.live[ptr] = ident
+            # The shape of the tensor that owns a fresh storage is (almost always) the storage's full shape.
+            self.shapes[ident] = tuple(tensor.shape) if tensor.numel() * tensor.element_size() == storage.nbytes() \
+                else (storage.nbytes() // tensor.element_size(),)
+            self.element_size[ident] = tensor.element_size()
+            self.ops[ident] = func.__name__
+            self.events.append((1, ident))
+            weakref.finalize(storage_owner(tensor), self._free, ptr, ident)
+        return out
+
+    def _free(self, ptr: int, ident: int) -> None:
+        if self.live.get(ptr) == ident:
+            del self.live[ptr]
+            self.events.append((-1, ident))
+
+
+def storage_owner(tensor: torch.Tensor) -> object:
+    """An object that lives exactly as long as the tensor's storage: the storage's own Python wrapper is
+    recreated on every access, so hold the first tensor instead (views of it keep its storage, and PyTorch keeps
+    a tensor's Python object alive as long as any C++ reference to it, e.g. in the autograd graph)."""
+    return tensor if tensor._base is None else tensor._base
+
+
+def _tensors(out) -> Iterable[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (list, tuple)):
+        for item in out:
+            yield from _tensors(item)
+
+
+def _tiny_dims(cfg: ModelConfig) -> dict[str, int]:
+    """Small dimensions whose values (and their products that occur in shapes) do not collide."""
+    head = 4
+    dim = cfg.n_heads * head
+    return {"B": 3, "S": 13, "V": 41, "D": dim, "F": max(1, int(round(dim * cfg.ffn_mult))), "hd": head}
+
+
+def _tiny_config(cfg: ModelConfig, policy: str, steps: int) -> ModelConfig:
+    dims = _tiny_dims(cfg)
+    return dataclasses.replace(cfg, vocab_size=dims["V"], context_length=dims["S"], dim=dims["D"],
+                               checkpointing=policy, mcmc_steps=steps, size=None, memory_budget_gb=None,
+                               replay_capacity=0, replay_fraction=0.0)
+
+
+@lru_cache(maxsize=64)
+def _trace_cached(cfg_json: str, policy: str, steps: int) -> Trace:
+    from ebt import build_model
+
+    cfg = ModelConfig(**json.loads(cfg_json))
+    tiny = _tiny_config(cfg, policy, steps)
+    dims = _tiny_dims(cfg)
+    generator_state = torch.random.get_rng_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only add spinning on a shared machine
+    torch.manual_seed(0)
+    try:
+        model = build_model(tiny).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        tokens = torch.randint(0, tiny.vocab_size, (dims["B"], dims["S"] + 1))
+        tracker = _AllocationTracker()
+        start = 0
+        with tracker:
+            for step in range(2):  # the second step sees Adam's state allocated, as every later step does
+                if step == 1:
+                    start = len(tracker.events)
+                loss = model.loss(tokens)[0]
+                loss.backward()
+                del loss
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.random.set_rng_state(generator_state)
+        torch.set_num_threads(threads)
+    return Trace(dims, tracker.shapes, tracker.element_size, tracker.events, start, tracker.ops)
+
+
+def trace_step(cfg: ModelConfig, policy: str, steps: int | None = None) -> Trace:
+    return _trace_cached(json.dumps(dataclasses.asdict(cfg), sort_keys=True), policy,
+                         cfg.mcmc_steps if steps is None else steps)
+
+
+# ---------------------------------------------------------------------------------------------- scaling
+
+
+def _scale_table(tiny: dict[str, int], target: dict[str, int]) -> dict[int, float]:
+    """Dimension value at tiny size -> its value at target size, for every product of atoms seen in shapes."""
+    atoms = {
+        "B": (tiny["B"], target["B"]),
+        "S": (tiny["S"], target["S"]),
+        "S1": (tiny["S"] + 1, target["S"] + 1),
+        "V": (tiny["V"], target["V"]),
+        "D": (tiny["D"], target["D"]),
+        "F": (tiny["F"], target["F"]),
+        "hd": (tiny["hd"], target["hd"]),
+    }
+    table: dict[int, float] = {}
+    for r in range(1, 4):
+        for combo in itertools.combinations(atoms, r):
+            if "S" in combo and "S1" in combo and r < 3:
+                pass
+            small = 1
+            large = 1
+            for name in combo:
+                small *= atoms[name][0]
+                large *= atoms[name][1]
+            table.setdefault(small, large)
+    # Multiples that occur as single dims: fused qkv/adaLN widths (2D, 3D, 4D), the SwiGLU pair (2F).
+    for mult in (2, 3, 4):
+        table.setdefault(mult * tiny["D"], mult * target["D"])
+        table.setdefault(mult * tiny["F"], mult * target["F"])
+    return table
+
+
+def _target_dims(cfg: ModelConfig, batch: int) -> dict[str, int]:
+    return {"B": batch, "S": cfg.context_length, "V": cfg.vocab_size, "D": cfg.dim, "F": cfg.ffn_hidden,
+            "hd": cfg.head_dim}
+
+
+def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: int = 4) -> float:
+    """Peak bytes of live tensors during one (non-first) training step at the target size."""
+    trace = trace_step(cfg, policy)
+    table = _scale_table(trace.dims, _target_dims(cfg, batch))
+    sizes: dict[int, float] = {}
+    for ident, shape in trace.shapes.items():
+        numel = 1.0
+        for d in shape:
+            numel *= table.get(d, d) if d > 2 else d
+        sizes[ident] = numel * (dtype_bytes if trace.element_size[ident] >= 4 else trace.element_size[ident])
+    live = 0.0
+    peak = 0.0
+    alive: set[int] = set()
+    for index, (kind, ident) in enumerate(trace.events):
+        if kind > 0:
+            alive.add(ident)
+            live += sizes[ident]
+        elif ident in alive:
+            alive.discard(ident)
+            live -= sizes[ident]
+        if index >= trace.start:
+            peak = max(peak, live)
+    return peak + parameter_count(cfg) * dtype_bytes
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+
+def calibration_for(device: torch.device) -> Calibration:
+    if CALIBRATION_FILE.is_file():
+        try:
+            data = json.loads(CALIBRATION_FILE.read_text()).get(device.type)
+            if data:
+                return Calibration(**data)
+        except (ValueError, TypeError):
+            pass  # a damaged cache falls back to the defaults rather than stopping a training run
+    return DEFAULT_CUDA if device.type == "cuda" else DEFAULT_CPU
+
+
+def predict_peak_bytes(cfg: ModelConfig, policy: str, batch: int, device: torch.device | str = "cpu",
+                       calibration: Calibration | None = None, dtype_bytes: int = 4) -> float:
+    device = torch.device(device)
+    cal = calibration or calibration_for(device)
+    return cal.base_bytes + cal.factor * tensor_peak_bytes(cfg, policy, batch, dtype_bytes)
+
+
+def device_capacity_bytes(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def default_budget_bytes(device: torch.device) -> float:
+    return device_capacity_bytes(device) * (1 - DEFAULT_MARGIN)
+
+
+def _policies_fastest_first(cfg: ModelConfig) -> list[str]:
+    if cfg.kind != "ebt":
+        return ["none"]
+    return sorted(POLICY_COST, key=lambda p: (POLICY_COST[p], p != "mcmc_step"))
+
+
+def choose_policy(cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
+                  budget_gb: float | None = None) -> str:
+    """The fastest policy whose predicted peak fits the budget; the leanest one when none does."""
+    device = torch.device(device)
+    budget = budget_gb * 1e9 if budget_gb is not None else default_budget_bytes(device)
+    options = _policies_fastest_first(cfg)
+    for policy in options:
+        if predict_peak_bytes(cfg, policy, batch, device) <= budget:
+            return policy
+    return min(options, key=lambda p: predict_peak_bytes(cfg, p, batch, device))
+
+
+@dataclass
+class Plan:
+    policy: str
+    micro_batch_size: int
+    predicted_peak_gb: float
+    budget_gb: float
+
+
+def plan(cfg: ModelConfig, max_micro_batch: int, device: torch.device | str = "cpu",
+         budget_gb: float | None = None) -> Plan:
+    """Largest micro-batch (<= max_micro_batch) that fits with some policy, with the fastest such policy."""
+    device = torch.device(device)
+    budget = budget_gb * 1e9 if budget_gb is not None else default_budget_bytes(device)
+    for batch in range(max_micro_batch, 0, -1):
+        for policy in _policies_fastest_first(cfg):
+            peak = predict_peak_bytes(cfg, policy, batch, device)
+            if peak <= budget:
+                return Plan(policy, batch, peak / 1e9, budget / 1e9)
+    raise ValueError(f"memory_budget_gb: {budget / 1e9:.2f} GB does not fit even micro-batch 1 under any policy")
+
+
+def calibrate(measured_peak_bytes: float, base_bytes: float, cfg: ModelConfig, policy: str, batch: int,
+              device: torch.device | str = "cpu", save: bool = False) -> Calibration:
+    """Fit the overhead factor from ONE measured run (its peak and the process's size before the step)."""
+    device = torch.device(device)
+    tensors = tensor_peak_bytes(cfg, policy, batch)
+    cal = Calibration(base_bytes=base_bytes, factor=(measured_peak_bytes - base_bytes) / tensors)
+    if save:
+        CALIBRATION_FILE.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.is_file() else {}
+        data[device.type] = dataclasses.asdict(cal)
+        tmp = CALIBRATION_FILE.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(CALIBRATION_FILE)
+    return cal
