@@ -147,6 +147,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         assert self._rc is not None
         return self._rc
 
+    def _record_result(self, job_id: str | None) -> dict[str, Any]:
+        result = final_metrics(Path(self.run_dir))
+        if result is None:
+            append_event(self.events_path, {"event": "failed", "job_id": job_id, "rc": 0})
+            raise RuntimeError(f"run '{self.run_name}': trainer exited 0 but wrote no final metrics row in "
+                               f"{self.run_dir}/metrics.jsonl")
+        result.update(run=self.run_name, job_id=job_id, config_hash=self.config_hash)
+        _atomic_write_json(self.result_path, result)
+        append_event(self.events_path, {"event": "finished", "job_id": job_id, "step": result.get("step")})
+        return result
+
     # ------------------------------------------------------------------------------------------ job body
     def __call__(self) -> dict[str, Any]:
         job_env = submitit.JobEnvironment()
@@ -157,17 +168,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._start_child(self._child_env(job_env))
         rc = self._wait_child()
         if rc == 0:
-            if rank != 0:
-                return {"rank": rank}
-            result = final_metrics(Path(self.run_dir))
-            if result is None:
-                append_event(self.events_path, {"event": "failed", "job_id": job_env.job_id, "rc": rc})
-                raise RuntimeError(f"run '{self.run_name}': trainer exited 0 but wrote no final metrics row in "
-                                   f"{self.run_dir}/metrics.jsonl")
-            result.update(run=self.run_name, job_id=job_env.job_id, config_hash=self.config_hash)
-            _atomic_write_json(self.result_path, result)
-            append_event(self.events_path, {"event": "finished", "job_id": job_env.job_id, "step": result.get("step")})
-            return result
+            return self._record_result(job_env.job_id) if rank == 0 else {"rank": rank}
         if rc == PREEMPTED_EXIT_CODE and (rank != 0 or self._signalled):
             # Rank 0 requeues from its signal handler; the other ranks end without a result file (SystemExit is
             # not caught by submitit, so no "success" pickle claims the run is done).
@@ -197,6 +198,12 @@ class TrainJob(submitit.helpers.Checkpointable):
             job_id = submitit.JobEnvironment().job_id
         except Exception:  # noqa: BLE001 - only for the record
             job_id = None
+        if self._rc == 0:
+            # The trainer finished just as the signal came: record it and end the job instead of requeueing
+            # a finished run (SystemExit(0) leaves the task, and so the job, COMPLETED).
+            if not self.result_path.is_file() or json.loads(self.result_path.read_text()).get("job_id") != job_id:
+                self._record_result(job_id)
+            sys.exit(0)
         # Also when the signal came before the trainer started: the attempt still ends in a requeue.
         append_event(self.events_path, {"event": "preempted", "job_id": job_id, "rc": self._rc})
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
