@@ -204,6 +204,11 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
         existing = state.read_plan()
         if existing is not None and not force:
             diff = first_difference(existing, fingerprint)
+            if diff and ".base." in diff and diff.startswith("runs."):
+                # Digests mean little to a reader: name the file instead.
+                run, rest = diff[len("runs."):].split(".base.", 1)
+                diff = f"base config {rest.split(':')[0].removesuffix(' added').removesuffix(' removed')} " \
+                       f"changed, run {run}"
             if diff:
                 raise SubmitError(f"sweep '{spec.name}' in {state.dir} was submitted with a different spec "
                                   f"({diff}); use a new name, or --force to replace it")

@@ -136,3 +136,20 @@ def test_shipped_example_spec_plans(tmp_path, capsys):
     assert main(["sweep", "submit", str(spec), "--dry-run", "--sweep-dir", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert out.count("scaling_demo-") >= 4 and "#SBATCH --array=0-1%" in out
+
+
+def test_changed_base_config_is_refused_naming_the_file(tmp_path, capsys):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "model").mkdir()
+    base = tmp_path / "train" / "q.yaml"
+    base.write_text(BASE.read_text())
+    (tmp_path / "model" / "4xs.yaml").write_text((REPO / "configs" / "model" / "4xs.yaml").read_text())
+    path = write_spec(tmp_path, base=str(base), grid={"kind": ["ebt"], "steps": [5]})
+    spec = load_spec(path)
+    SweepState(spec.sweep_dir).write_plan(plan_fingerprint(spec, spec.plan()))
+    (tmp_path / "model" / "4xs.yaml").write_text((tmp_path / "model" / "4xs.yaml").read_text() + "# edited\n")
+    assert main(["sweep", "submit", str(path), "--local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ebt sweep: error: sweep 't' in {tmp_path / 'sweep'} was submitted with a different spec "
+                   f"(base config {tmp_path / 'model' / '4xs.yaml'} changed, run t-ebt-n5); use a new name, "
+                   "or --force to replace it")
