@@ -29,23 +29,24 @@ def measure_one(args: argparse.Namespace) -> dict:
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     kind = "transformer" if args.policy == "transformer" else "ebt"
-    policy = "none" if kind == "transformer" else args.policy
-    impl = "function"
-    if policy.endswith(":generic"):
-        policy, impl = policy.split(":")[0], "generic"
-    if policy.endswith(":compiled"):
-        policy = policy.split(":")[0]
-        impl = "compiled"
+    # "policy[/chunk][:impl]": impl "" (RematerialisedStep), generic, jvp or compiled; chunk = cfg.remat_chunk.
+    spec, _, impl = args.policy.partition(":")
+    policy, _, chunk = spec.partition("/")
+    policy = "none" if kind == "transformer" else policy
     cfg = ModelConfig.from_size(args.size, kind=kind, vocab_size=args.vocab, context_length=args.context,
-                                mcmc_steps=args.mcmc_steps, checkpointing=policy)
+                                mcmc_steps=args.mcmc_steps, checkpointing=policy, remat_chunk=int(chunk or 0))
     model = build_model(cfg).train()
     compile_s = None
-    if kind == "ebt":
-        model.step_impl = "function" if impl == "compiled" else impl
-        if impl == "compiled":
-            from ebt.compiled import enable_compiled_inner_gradient
+    if impl == "generic":
+        model.step_impl = "generic"
+    elif impl == "jvp":
+        from ebt.compiled import make_jvp_step_runner
 
-            enable_compiled_inner_gradient(model)
+        model.step_runner_override = make_jvp_step_runner(model.energy_model)
+    elif impl == "compiled":
+        from ebt.compiled import enable_compiled_inner_gradient
+
+        enable_compiled_inner_gradient(model)
     alpha = [p for n, p in model.named_parameters() if "alpha" in n]
     rest = [p for n, p in model.named_parameters() if "alpha" not in n]
     groups = [{"params": rest}] + ([{"params": alpha, "lr": 1.2e-3 * cfg.alpha_lr_mult}] if alpha else [])
@@ -77,22 +78,30 @@ def measure_one(args: argparse.Namespace) -> dict:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    """(policy, K, timed steps) points; K=4/8 get fewer steps (each EBT step costs seconds on 2 shared cores)."""
-    k2 = ["transformer", "none", "block", "mcmc_step", "mcmc_step:generic", "block+mcmc_step"]
-    if args.compiled:
-        k2.append("mcmc_step:compiled")
+    """(policy, K, timed steps) points; K=4/8 get fewer steps (each EBT step costs seconds on 2 shared cores).
+
+    "policy/n" sets cfg.remat_chunk=n; ":generic" is the torch.utils.checkpoint recipe, ":jvp" the
+    forward-over-reverse step, ":compiled" the compiled functional inner gradient (--experimental)."""
+    k2 = ["transformer", "none", "block", "mcmc_step", "mcmc_step:generic", "block+mcmc_step", "mcmc_step/2",
+          "mcmc_step/1", "block+mcmc_step/2"]
+    if args.experimental:
+        k2 += ["mcmc_step:jvp", "none:compiled"]
     points = [(p, 2, args.steps) for p in k2]
     if not args.quick:
         few = max(1, args.steps // 2)
-        points += [("none", 4, few), ("mcmc_step", 4, few), ("block+mcmc_step", 4, few), ("mcmc_step", 8, 1),
-                   ("block+mcmc_step", 8, 1)]
+        points += [("none", 4, few), ("mcmc_step/2", 4, few), ("mcmc_step/2", 8, 1)]
     return points
 
 
 def label(policy: str) -> str:
+    spec, _, impl = policy.partition(":")
+    name, _, chunk = spec.partition("/")
+    if chunk:
+        return f"{label(name + (':' + impl if impl else ''))}, remat_chunk={chunk}"
     return {"transformer": "Transformer++", "mcmc_step:generic": "mcmc_step (torch.utils.checkpoint)",
             "mcmc_step": "mcmc_step (RematerialisedStep)",
-            "mcmc_step:compiled": "mcmc_step + compiled inner gradient"}.get(policy, policy)
+            "mcmc_step:jvp": "mcmc_step (forward-over-reverse)",
+            "none:compiled": "none + compiled inner gradient"}.get(policy, policy)
 
 
 def main() -> None:
@@ -106,7 +115,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="K=2 only")
-    parser.add_argument("--compiled", action="store_true", help="also time the compiled inner gradient")
+    parser.add_argument("--experimental", action="store_true",
+                        help="also time forward-over-reverse and the compiled inner gradient")
     parser.add_argument("--policy", help="measure one point in this process")
     args = parser.parse_args()
     if args.policy:

@@ -63,8 +63,9 @@ class RebindableEnergy:
     def captured(self) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def rebind(self, tensors: Sequence[torch.Tensor]) -> RebindableEnergy:  # pragma: no cover - interface
-        raise NotImplementedError
+    def rebind(self, tensors: Sequence[torch.Tensor], rows: slice | None = None) -> RebindableEnergy:
+        """The energy over replacement captured tensors; with `rows`, of those sequences of the batch only."""
+        raise NotImplementedError  # pragma: no cover - interface
 
     def parameters(self) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -78,6 +79,7 @@ class _StepSpec:
     n_captured: int
     n_params: int
     autocast: tuple[str, bool, torch.dtype] | None
+    chunk: int  # sequences per recompute chunk (>= the batch: one chunk)
 
 
 def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype] | None:
@@ -87,23 +89,42 @@ def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype] | Non
     return kind, True, torch.get_autocast_dtype(kind)
 
 
+def _rows(batch: int, chunk: int) -> list[slice]:
+    return [slice(i, min(i + chunk, batch)) for i in range(0, batch, chunk)]
+
+
+def _batch_slice(tensor: torch.Tensor, rows: slice, batch: int) -> torch.Tensor:
+    """The rows of a per-sequence tensor; step sizes without a batch dimension (scalar alpha) pass whole."""
+    return tensor[rows] if tensor.dim() > 0 and tensor.shape[0] == batch else tensor
+
+
 class RematerialisedStep(torch.autograd.Function):
-    """One MCMC step whose second-order graph exists only inside the outer backward (see module docstring)."""
+    """One MCMC step whose second-order graph exists only inside the outer backward (see module docstring).
+
+    Sequences never interact in the candidate stream, so both passes run in chunks of `spec.chunk` sequences:
+    the recomputed second-order graph then exists for one chunk at a time, and the parameter gradients are
+    summed over chunks (exact up to floating-point reassociation).
+    """
 
     @staticmethod
     def forward(ctx, spec: _StepSpec, logits, step_size, *tensors):  # type: ignore[override]
         captured = tensors[: spec.n_captured]
-        with torch.enable_grad():
-            start = logits.detach().requires_grad_(True)
-            energy_fn = spec.energy_fn.rebind([t.detach() for t in captured])
-            new, energy = mcmc_step(energy_fn, start, step_size.detach(), spec.step, create_graph=False,
-                                    grad_clamp=spec.grad_clamp)
+        batch = logits.shape[0]
+        news, energies = [], []
+        for rows in _rows(batch, spec.chunk):
+            with torch.enable_grad():
+                start = logits[rows].detach().requires_grad_(True)
+                energy_fn = spec.energy_fn.rebind([t[rows].detach() for t in captured], rows)
+                new, energy = mcmc_step(energy_fn, start, _batch_slice(step_size, rows, batch).detach(), spec.step,
+                                        create_graph=False, grad_clamp=spec.grad_clamp)
+            news.append(new.detach())
+            energies.append(energy.detach())
         ctx.spec = spec
         ctx.save_for_backward(logits, step_size, *captured)
         ctx.params = tensors[spec.n_captured :]
-        energy = energy.detach()
+        energy = torch.cat(energies) if len(energies) > 1 else energies[0]
         ctx.mark_non_differentiable(energy)
-        return new.detach(), energy
+        return (torch.cat(news) if len(news) > 1 else news[0]), energy
 
     @staticmethod
     def backward(ctx, grad_new, _grad_energy):  # type: ignore[override]
@@ -112,28 +133,45 @@ class RematerialisedStep(torch.autograd.Function):
         # Differentiating g directly (not `new`) keeps two [B, S, V] tensors (s*g and new) out of the graph.
         spec: _StepSpec = ctx.spec
         logits, step_size, *captured = ctx.saved_tensors
+        params = ctx.params
         needs = ctx.needs_input_grad[1:]
-        with torch.enable_grad(), _maybe_autocast(spec.autocast):
-            start = logits.detach().requires_grad_(True)
-            leaves = [t.detach().requires_grad_(t.requires_grad) for t in captured]
-            grad, _ = inner_gradient(spec.energy_fn.rebind(leaves), start, spec.step, create_graph=True,
-                                     grad_clamp=spec.grad_clamp)
-            inputs = [start, *leaves, *ctx.params]
-            need = [needs[0], *needs[2:]]
-            wanted = [i for i, (tensor, n) in enumerate(zip(inputs, need, strict=True)) if n and tensor.requires_grad]
-            cotangent = -step_size.detach() * grad_new
-            grads = torch.autograd.grad(grad, [inputs[i] for i in wanted], cotangent, allow_unused=True)
-        out: list[torch.Tensor | None] = [None] * len(inputs)
-        for i, value in zip(wanted, grads, strict=True):
-            out[i] = value
-        if out[0] is not None:
-            out[0] = out[0] + grad_new
-        elif needs[0]:
-            out[0] = grad_new
-        size_grad = None
-        if needs[1]:
-            size_grad = -(grad.detach() * grad_new).sum_to_size(step_size.shape)
-        return (None, out[0], size_grad, *out[1:])
+        need_logits, need_size = needs[0], needs[1]
+        need_captured = [n and t.requires_grad for n, t in zip(needs[2 : 2 + len(captured)], captured, strict=True)]
+        need_params = [n and p.requires_grad for n, p in zip(needs[2 + len(captured) :], params, strict=True)]
+        batch = logits.shape[0]
+        logits_grad = grad_new.clone() if need_logits else None
+        captured_grads = [torch.zeros_like(t) if n else None for t, n in zip(captured, need_captured, strict=True)]
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        size_grad = torch.zeros_like(step_size) if need_size else None
+        for rows in _rows(batch, spec.chunk):
+            with torch.enable_grad(), _maybe_autocast(spec.autocast):
+                start = logits[rows].detach().requires_grad_(True)
+                leaves = [t[rows].detach().requires_grad_(t.requires_grad) for t in captured]
+                grad, _ = inner_gradient(spec.energy_fn.rebind(leaves, rows), start, spec.step, create_graph=True,
+                                         grad_clamp=spec.grad_clamp)
+                inputs = [start, *leaves, *params]
+                need = [need_logits, *need_captured, *need_params]
+                wanted = [i for i, n in enumerate(need) if n]
+                size = _batch_slice(step_size, rows, batch).detach()
+                cotangent = -size * grad_new[rows]
+                grads = torch.autograd.grad(grad, [inputs[i] for i in wanted], cotangent, allow_unused=True)
+            for i, value in zip(wanted, grads, strict=True):
+                if value is None:
+                    continue
+                if i == 0:
+                    logits_grad[rows] += value
+                elif i <= len(captured):
+                    captured_grads[i - 1][rows] = value
+                else:
+                    j = i - 1 - len(captured)
+                    param_grads[j] = value if param_grads[j] is None else param_grads[j] + value
+            if need_size:
+                chunk_size_grad = -(grad.detach() * grad_new[rows])
+                if size_grad.dim() > 0 and size_grad.shape[0] == batch:
+                    size_grad[rows] = chunk_size_grad.sum_to_size(size_grad[rows].shape)
+                else:
+                    size_grad += chunk_size_grad.sum_to_size(step_size.shape)
+        return (None, logits_grad, size_grad, *captured_grads, *param_grads)
 
 
 class _maybe_autocast:
@@ -157,7 +195,9 @@ def rematerialised_step_runner(
         raise TypeError("checkpointing=mcmc_step needs an energy function with captured()/rebind()/parameters()")
     captured = energy_fn.captured()
     params = energy_fn.parameters()
-    spec = _StepSpec(energy_fn, step, grad_clamp, len(captured), len(params), _autocast_state(logits.device))
+    chunk = getattr(energy_fn, "remat_chunk", 0) or logits.shape[0]
+    spec = _StepSpec(energy_fn, step, grad_clamp, len(captured), len(params), _autocast_state(logits.device),
+                     chunk)
     return RematerialisedStep.apply(spec, logits, step_size, *captured, *params)
 
 

@@ -57,6 +57,9 @@ class ModelConfig:
     # (None: the device's capacity minus a margin).
     checkpointing: str = "none"
     memory_budget_gb: float | None = None
+    # "mcmc_step" recomputes each step's second-order graph for this many sequences at a time (0: the whole
+    # micro-batch); smaller chunks lower the peak, results are unchanged.
+    remat_chunk: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +100,8 @@ class ModelConfig:
         if self.checkpointing not in CHECKPOINTING:
             raise ValueError(f"checkpointing: unknown policy {self.checkpointing!r}; expected one of "
                              f"{', '.join(CHECKPOINTING)}")
+        if self.remat_chunk < 0:
+            raise ValueError(f"remat_chunk: must be >= 0 (0: whole micro-batch), got {self.remat_chunk}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ValueError(f"memory_budget_gb: must be > 0, got {self.memory_budget_gb}")
         if not 0.0 <= self.replay_fraction <= 1.0:

@@ -19,8 +19,10 @@ from ebt.validation import check_candidates, check_positive_int, check_tokens
 class ContextEnergy(RebindableEnergy):
     """E(probs, step) over the real context of `tokens`: the cached one, or one computed per step (time_embed)."""
 
-    def __init__(self, model: EnergyTransformer, tokens: torch.Tensor, context: RealContext | None) -> None:
+    def __init__(self, model: EnergyTransformer, tokens: torch.Tensor, context: RealContext | None,
+                 remat_chunk: int = 0) -> None:
         self.model, self.tokens, self.context = model, tokens, context
+        self.remat_chunk = remat_chunk  # sequences per "mcmc_step" recompute chunk (0: the whole batch)
 
     def __call__(self, probs: torch.Tensor, step: int) -> torch.Tensor:
         context = self.context if self.context is not None else self.model.context(self.tokens, step)
@@ -29,12 +31,13 @@ class ContextEnergy(RebindableEnergy):
     def captured(self) -> list[torch.Tensor]:
         return [] if self.context is None else [*self.context.keys, *self.context.values]
 
-    def rebind(self, tensors) -> ContextEnergy:
+    def rebind(self, tensors, rows: slice | None = None) -> ContextEnergy:
+        tokens = self.tokens if rows is None else self.tokens[rows]
         if self.context is None:
-            return self
+            return ContextEnergy(self.model, tokens, None, self.remat_chunk)
         layers = len(self.context.keys)
         context = RealContext(list(tensors[:layers]), list(tensors[layers:]), self.context.offset)
-        return ContextEnergy(self.model, self.tokens, context)
+        return ContextEnergy(self.model, tokens, context, self.remat_chunk)
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -52,6 +55,8 @@ class EnergyBasedTransformer(nn.Module):
         )
         # How "mcmc_step" checkpointing runs a step: "function" (RematerialisedStep) or "generic" (benchmarks).
         self.step_impl = "function"
+        # A StepRunner replacing every second-order step (ebt.compiled's functional/compiled inner gradient).
+        self.step_runner_override = None
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -69,7 +74,7 @@ class EnergyBasedTransformer(nn.Module):
         """E(probs, step) for a fixed context; the real stream is shared by every step when the variant allows."""
         if context is None and self.cfg.caches_context:
             context = self.energy_model.context(tokens)
-        return ContextEnergy(self.energy_model, tokens, context)
+        return ContextEnergy(self.energy_model, tokens, context, self.cfg.remat_chunk)
 
     def initial_logits(self, shape: tuple[int, ...], like: torch.Tensor, generator=None) -> torch.Tensor:
         noise = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -105,6 +110,8 @@ class EnergyBasedTransformer(nn.Module):
             alpha_scale = 1 - cfg.alpha_jitter + 2 * cfg.alpha_jitter * jitter
 
         _, step_runner = configure_checkpointing(self, batch, self.step_impl)
+        if self.step_runner_override is not None:
+            step_runner = self.step_runner_override
         energy = self.energy_fn(inputs)
         trajectory = run_mcmc(
             energy,

@@ -117,27 +117,79 @@ def _tensors(out) -> Iterable[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _tiny_dims(cfg: ModelConfig) -> dict[str, int]:
-    """Small dimensions whose values (and their products that occur in shapes) do not collide."""
-    head = 4
-    dim = cfg.n_heads * head
-    return {"B": 3, "S": 13, "V": 41, "D": dim, "F": max(1, int(round(dim * cfg.ffn_mult))), "hd": head}
+def _tiny_dims(cfg: ModelConfig, chunks: int = 1) -> dict[str, int]:
+    """Small dimensions whose values, and the products of them that occur in shapes, are unambiguous: no two
+    products with different meanings share a value, and none equals a dimension that does not scale (heads,
+    K, small constants). With `chunks` > 1 the batch is chunks x C, C standing for cfg.remat_chunk."""
+    fixed = {1, 2, 3, 4} | {m * cfg.n_heads for m in (1, 2, 3, 4)} | {cfg.mcmc_steps, cfg.n_layers, chunks}
+    batches = [(b, None) for b in (5, 7, 3)] if chunks == 1 else [(chunks * c, c) for c in (5, 7, 3, 11)]
+    for head, (batch, chunk), seq, vocab in itertools.product((10, 14, 6, 22), batches, (13, 11, 17, 19),
+                                                                (41, 37, 43)):
+        dim = cfg.n_heads * head
+        dims = {"B": batch, "S": seq, "V": vocab, "D": dim, "F": max(1, int(round(dim * cfg.ffn_mult))), "hd": head}
+        if chunk is not None:
+            dims["C"] = chunk
+        table = _product_table(dims, cfg.n_heads)
+        if all(len(meanings) == 1 for meanings in table.values()) and not fixed & set(table):
+            return dims
+    raise ValueError(f"planner: found no unambiguous tiny replica for n_heads={cfg.n_heads}")
 
 
-def _tiny_config(cfg: ModelConfig, policy: str, steps: int) -> ModelConfig:
-    dims = _tiny_dims(cfg)
+def _atoms(dims: dict[str, int], heads: int) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """Dimension atoms as (constant, base symbols): 2D is (2, (D,)), a flattened batch x heads is (H, (B,))."""
+    # The width is heads x head width, so D is (H, (hd,)): products like (batch x heads) x hd and batch x D are
+    # then recognised as the same quantity. F is its own symbol unless ffn_mult is 1.
+    h = heads
+    if dims["F"] == dims["D"]:
+        f, fc = "hd", h
+    else:
+        f, fc = "F", 1
+    # Chunked recompute: the batch is (chunks x C) so that batch-sized and chunk-sized dims are told apart.
+    n = dims["B"] // dims["C"] if "C" in dims else 1
+    b = "C" if "C" in dims else "B"
+    return {"B": (n, (b,)), "S": (1, ("S",)), "S1": (1, ("S1",)), "V": (1, ("V",)), "D": (h, ("hd",)),
+            "F": (fc, (f,)), "hd": (1, ("hd",)), "2D": (2 * h, ("hd",)), "3D": (3 * h, ("hd",)),
+            "4D": (4 * h, ("hd",)), "2F": (2 * fc, (f,)), "BH": (n * h, (b,)),
+            **({"C": (1, ("C",)), "CH": (h, ("C",))} if "C" in dims else {})}
+
+
+def _base_values(dims: dict[str, int]) -> dict[str, int]:
+    return {"B": dims["B"], "S": dims["S"], "S1": dims["S"] + 1, "V": dims["V"], "D": dims["D"], "F": dims["F"],
+            "hd": dims["hd"], "C": dims.get("C", dims["B"])}
+
+
+def _product_table(dims: dict[str, int], heads: int) -> dict[int, set[tuple[int, tuple[str, ...]]]]:
+    """Value at these dims -> the canonical meanings (constant, sorted base symbols) of products of <= 2 atoms
+    (shapes hold single atoms, and flattened pairs such as batch x positions)."""
+    atoms = _atoms(dims, heads)
+    base = _base_values(dims)
+    table: dict[int, set[tuple[int, tuple[str, ...]]]] = {}
+    for r in (1, 2):
+        for combo in itertools.combinations_with_replacement(sorted(atoms), r):
+            const, symbols = 1, []
+            for name in combo:
+                const *= atoms[name][0]
+                symbols.extend(atoms[name][1])
+            value = const
+            for symbol in symbols:
+                value *= base[symbol]
+            table.setdefault(value, set()).add((const, tuple(sorted(symbols))))
+    return table
+
+
+def _tiny_config(cfg: ModelConfig, policy: str, steps: int, dims: dict[str, int]) -> ModelConfig:
     return dataclasses.replace(cfg, vocab_size=dims["V"], context_length=dims["S"], dim=dims["D"],
                                checkpointing=policy, mcmc_steps=steps, size=None, memory_budget_gb=None,
-                               replay_capacity=0, replay_fraction=0.0)
+                               replay_capacity=0, replay_fraction=0.0, remat_chunk=dims.get("C", 0))
 
 
 @lru_cache(maxsize=64)
-def _trace_cached(cfg_json: str, policy: str, steps: int) -> Trace:
+def _trace_cached(cfg_json: str, policy: str, steps: int, chunks: int) -> Trace:
     from ebt import build_model
 
     cfg = ModelConfig(**json.loads(cfg_json))
-    tiny = _tiny_config(cfg, policy, steps)
-    dims = _tiny_dims(cfg)
+    dims = _tiny_dims(cfg, chunks)
+    tiny = _tiny_config(cfg, policy, steps, dims)
     generator_state = torch.random.get_rng_state()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: threads only add spinning on a shared machine
@@ -163,41 +215,31 @@ def _trace_cached(cfg_json: str, policy: str, steps: int) -> Trace:
     return Trace(dims, tracker.shapes, tracker.element_size, tracker.events, start, tracker.ops)
 
 
-def trace_step(cfg: ModelConfig, policy: str, steps: int | None = None) -> Trace:
+def _chunks(cfg: ModelConfig, policy: str, batch: int) -> int:
+    if "mcmc_step" not in policy or not 0 < cfg.remat_chunk < batch:
+        return 1
+    return -(-batch // cfg.remat_chunk)
+
+
+def trace_step(cfg: ModelConfig, policy: str, steps: int | None = None, chunks: int = 1) -> Trace:
     return _trace_cached(json.dumps(dataclasses.asdict(cfg), sort_keys=True), policy,
-                         cfg.mcmc_steps if steps is None else steps)
+                         cfg.mcmc_steps if steps is None else steps, chunks)
 
 
 # ---------------------------------------------------------------------------------------------- scaling
 
 
-def _scale_table(tiny: dict[str, int], target: dict[str, int]) -> dict[int, float]:
-    """Dimension value at tiny size -> its value at target size, for every product of atoms seen in shapes."""
-    atoms = {
-        "B": (tiny["B"], target["B"]),
-        "S": (tiny["S"], target["S"]),
-        "S1": (tiny["S"] + 1, target["S"] + 1),
-        "V": (tiny["V"], target["V"]),
-        "D": (tiny["D"], target["D"]),
-        "F": (tiny["F"], target["F"]),
-        "hd": (tiny["hd"], target["hd"]),
-    }
-    table: dict[int, float] = {}
-    for r in range(1, 4):
-        for combo in itertools.combinations(atoms, r):
-            if "S" in combo and "S1" in combo and r < 3:
-                pass
-            small = 1
-            large = 1
-            for name in combo:
-                small *= atoms[name][0]
-                large *= atoms[name][1]
-            table.setdefault(small, large)
-    # Multiples that occur as single dims: fused qkv/adaLN widths (2D, 3D, 4D), the SwiGLU pair (2F).
-    for mult in (2, 3, 4):
-        table.setdefault(mult * tiny["D"], mult * target["D"])
-        table.setdefault(mult * tiny["F"], mult * target["F"])
-    return table
+def _scale_table(tiny: dict[str, int], target: dict[str, int], heads: int) -> dict[int, float]:
+    """Dimension value at tiny size -> its value at target size."""
+    large = _base_values(target)
+    out: dict[int, float] = {}
+    for value, meanings in _product_table(tiny, heads).items():
+        const, symbols = next(iter(meanings))
+        scaled = const
+        for symbol in symbols:
+            scaled *= large[symbol]
+        out[value] = scaled
+    return out
 
 
 def _target_dims(cfg: ModelConfig, batch: int) -> dict[str, int]:
@@ -207,13 +249,17 @@ def _target_dims(cfg: ModelConfig, batch: int) -> dict[str, int]:
 
 def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: int = 4) -> float:
     """Peak bytes of live tensors during one (non-first) training step at the target size."""
-    trace = trace_step(cfg, policy)
-    table = _scale_table(trace.dims, _target_dims(cfg, batch))
+    chunks = _chunks(cfg, policy, batch)
+    trace = trace_step(cfg, policy, chunks=chunks)
+    target = _target_dims(cfg, batch)
+    if chunks > 1:
+        target["C"] = cfg.remat_chunk
+    table = _scale_table(trace.dims, target, cfg.n_heads)
     sizes: dict[int, float] = {}
     for ident, shape in trace.shapes.items():
         numel = 1.0
         for d in shape:
-            numel *= table.get(d, d) if d > 2 else d
+            numel *= table.get(d, d)
         sizes[ident] = numel * (dtype_bytes if trace.element_size[ident] >= 4 else trace.element_size[ident])
     live = 0.0
     peak = 0.0

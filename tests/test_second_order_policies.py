@@ -9,7 +9,8 @@ from ebt_factories import tiny_model
 from ebt import ModelConfig
 from ebt.checkpointing import parse_policy
 
-POLICIES = ["block", "mcmc_step", "block+mcmc_step"]
+# "policy/n": recompute n sequences at a time (cfg.remat_chunk); the test batch has 3 sequences.
+POLICIES = ["block", "mcmc_step", "block+mcmc_step", "mcmc_step/1", "block+mcmc_step/2"]
 
 
 def loss_and_grads(model, tokens, init_logits, seed=0):
@@ -34,12 +35,13 @@ def assert_same(reference, other, tol=1e-10):
 
 
 def compare(policies, steps=2, impl="function", **overrides):
-    tokens = torch.randint(0, 11, (2, 7))
-    init_logits = torch.randn(2, 6, 11, dtype=torch.float64)
+    tokens = torch.randint(0, 11, (3, 7))
+    init_logits = torch.randn(3, 6, 11, dtype=torch.float64)
     reference_model = tiny_model(mcmc_steps=steps, **overrides)
     reference = loss_and_grads(reference_model, tokens, init_logits)
-    for policy in policies:
-        model = tiny_model(mcmc_steps=steps, checkpointing=policy, **overrides)
+    for spec in policies:
+        policy, _, chunk = spec.partition("/")
+        model = tiny_model(mcmc_steps=steps, checkpointing=policy, remat_chunk=int(chunk or 0), **overrides)
         model.step_impl = impl
         model.load_state_dict(reference_model.state_dict())
         assert_same(reference, loss_and_grads(model, tokens, init_logits))
@@ -68,7 +70,7 @@ def test_step_conditioned_variants(variant):
 )
 def test_training_options(overrides):
     steps = overrides.pop("mcmc_steps", 2)
-    compare(["mcmc_step", "block+mcmc_step"], steps=steps, **overrides)
+    compare(["mcmc_step", "block+mcmc_step", "mcmc_step/1"], steps=steps, **overrides)
 
 
 def test_generic_checkpoint_implementation_matches_too():
@@ -136,5 +138,7 @@ def test_bad_policy_is_one_line_naming_the_key():
         ModelConfig(checkpointing="mcmc")
     with pytest.raises(ValueError, match=r"^memory_budget_gb: must be > 0"):
         ModelConfig(memory_budget_gb=0.0)
+    with pytest.raises(ValueError, match=r"^remat_chunk: must be >= 0"):
+        ModelConfig(remat_chunk=-1)
     with pytest.raises(ValueError, match="unknown policy 'auto'"):
         parse_policy("auto")  # auto must be resolved by the planner first

@@ -1,0 +1,133 @@
+"""GPU training step: tokens/s, bf16 MFU and peak memory for EBT and Transformer++, plus EBT memory per policy.
+
+Run by benchmarks/gpu_step.sh on a lent H200 (its budget is 15 minutes; this stays well under 8). On a machine
+without CUDA it runs on CPU in fp32, which only checks the script (use --tiny).
+
+MFU counts MODEL FLOPs only (ebt.flops.train_flops_per_token: K second-order MCMC steps, context cached); the
+recompute that a checkpointing policy adds is not counted, so a policy that recomputes shows a lower MFU for
+the same model work, as with activation checkpointing in Transformer MFU conventions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int = 0) -> dict:
+    from ebt import ModelConfig, build_model
+    from ebt.flops import train_flops_per_token
+    from ebt.planner import predict_peak_bytes
+
+    device = torch.device(args.device)
+    cfg = ModelConfig.from_size(args.size, kind=kind, vocab_size=args.vocab, context_length=args.context,
+                                mcmc_steps=args.mcmc_steps, checkpointing=policy if kind == "ebt" else "none",
+                                remat_chunk=chunk)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=device.type == "cuda")
+    tokens = torch.randint(0, args.vocab, (args.batch, args.context + 1), device=device)
+    bf16 = device.type == "cuda"
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    error = None
+    try:
+        for _ in range(warmup + steps):
+            _sync(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = model.loss(tokens)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError as oom:  # a policy that does not fit is a result, not a crash
+        error = f"OOM: {str(oom).splitlines()[0]}"
+    step_s = statistics.median(times[warmup:]) if len(times) > warmup else None
+    tokens_per_s = args.batch * args.context / step_s if step_s else None
+    flops = train_flops_per_token(cfg)
+    peak_flops = args.peak_flops
+    row = {
+        "kind": kind, "policy": policy, "remat_chunk": chunk, "step_s": step_s, "tokens_per_s": tokens_per_s,
+        "model_flops_per_token": flops,
+        "mfu": tokens_per_s * flops / peak_flops if tokens_per_s and peak_flops else None,
+        "peak_memory_mb": _peak_mb(device), "error": error,
+        "predicted_peak_mb": predict_peak_bytes(cfg, policy if kind == "ebt" else "none", args.batch, device,
+                                                dtype_bytes=4) / 2**20 if kind == "ebt" else None,
+    }
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--mcmc-steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long CPU check of this script")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    if args.tiny:
+        args.size, args.context, args.vocab, args.batch, args.steps, args.warmup = "4xs", 32, 256, 2, 1, 1
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = None
+    if args.device == "cuda":
+        from launch.metrics import CUDA_PEAK_BF16
+
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in CUDA_PEAK_BF16.items() if k in name), None)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    args.peak_flops = peak
+    rows = [run_point(args, "transformer", "none", args.steps, args.warmup),
+            run_point(args, "ebt", "none", args.steps, args.warmup)]
+    print(json.dumps(rows[-1]), flush=True)
+    for policy, chunk in (("block", 0), ("mcmc_step", 0), ("mcmc_step", max(1, args.batch // 4)),
+                          ("block+mcmc_step", max(1, args.batch // 4))):
+        rows.append(run_point(args, "ebt", policy, max(2, args.steps // 3), 1, chunk))
+        print(json.dumps(rows[-1]), flush=True)
+    payload = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+               "torch": torch.__version__, "config": {k: v for k, v in vars(args).items()}, "results": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu_step.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
+        tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
+        print(f"{r['kind']:11s} {r['policy']:16s} chunk={r['remat_chunk']} tokens/s={tps} MFU={mfu} "
+              f"peak={r['peak_memory_mb']:.0f}MB {r['error'] or ''}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a lent H200 (budget 15 min; this takes well under 8): tokens/s, bf16 MFU and peak
+# memory at the `small` size for EBT and Transformer++, and EBT peak memory per checkpointing policy.
+# Writes gpu_step.json to $OUT (or benchmarks/results/ when OUT is unset). Run from the repository root:
+#   bash benchmarks/gpu_step.sh            # on the GPU machine
+#   bash benchmarks/gpu_step.sh --tiny     # seconds-long CPU check of the script itself
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import ebt" 2>/dev/null || pip install -q -e . >/dev/null
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi: CPU check"
+export PYTHONUNBUFFERED=1
+timeout 450 python -m benchmarks.gpu_step "$@"
