@@ -342,7 +342,8 @@ def deepspeed_stage(path: str) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-MODEL_RESUME_KEYS_IGNORED: tuple[str, ...] = ()
+# Memory settings (ebt.checkpointing) change how a step is computed, never its result: resuming may change them.
+MODEL_RESUME_KEYS_IGNORED: tuple[str, ...] = ("checkpointing", "memory_budget_gb", "remat_chunk")
 
 
 def check_resume_compatible(saved: dict, cfg: TrainConfig, run_dir: Path) -> None:
