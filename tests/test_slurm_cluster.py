@@ -24,7 +24,8 @@ import yaml
 from launch.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "configs" / "train" / "quickstart.yaml"
+REPO_BASE = REPO / "configs" / "train" / "quickstart.yaml"
+BASE = REPO_BASE  # replaced by a frozen copy for the session (see `frozen_base`)
 CLUSTER = REPO / "slurm" / "dev-cluster.sh"
 TIMING_KEYS = ("time", "tokens_per_s", "mfu", "peak_mem_mb")
 
@@ -49,6 +50,19 @@ def slurm_cluster():
         os.environ["SLURM_CONF"] = old
     if not was_up:
         subprocess.run([str(CLUSTER), "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def frozen_base(tmp_path_factory):
+    """A private copy of the base config and the size files it includes: a sweep's identity includes its base
+    config files, and an edit to the repo's quickstart during the session must not change a run mid-test."""
+    global BASE
+    root = tmp_path_factory.mktemp("configs")
+    shutil.copytree(REPO / "configs" / "train", root / "train")
+    shutil.copytree(REPO / "configs" / "model", root / "model")
+    BASE = root / "train" / REPO_BASE.name
+    yield BASE
+    BASE = REPO_BASE
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,20 @@ from slurm.state import SweepState
 from slurm.submit import group_runs, sbatch_script
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "configs" / "train" / "quickstart.yaml"
+REPO_BASE = REPO / "configs" / "train" / "quickstart.yaml"
+BASE = REPO_BASE  # replaced by a frozen copy for this module (see `frozen_base`)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_base(tmp_path_factory):
+    """Run names and hashes depend on the base config's bytes: plan against a copy nobody edits mid-test."""
+    global BASE
+    root = tmp_path_factory.mktemp("configs")
+    shutil.copytree(REPO / "configs" / "train", root / "train")
+    shutil.copytree(REPO / "configs" / "model", root / "model")
+    BASE = root / "train" / REPO_BASE.name
+    yield BASE
+    BASE = REPO_BASE
 
 
 def write_spec(tmp_path: Path, **fields) -> Path:
