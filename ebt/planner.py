@@ -185,11 +185,15 @@ def _tiny_config(cfg: ModelConfig, policy: str, steps: int, dims: dict[str, int]
 
 @lru_cache(maxsize=64)
 def _trace_cached(cfg_json: str, policy: str, steps: int, chunks: int) -> Trace:
-    from ebt import build_model
-
     cfg = ModelConfig(**json.loads(cfg_json))
     dims = _tiny_dims(cfg, chunks)
-    tiny = _tiny_config(cfg, policy, steps, dims)
+    return _trace(_tiny_config(cfg, policy, steps, dims), dims)
+
+
+def _trace(tiny: ModelConfig, dims: dict[str, int]) -> Trace:
+    """Two training steps of `tiny` on a [dims B, dims S + 1] batch under the allocation tracker."""
+    from ebt import build_model
+
     generator_state = torch.random.get_rng_state()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: threads only add spinning on a shared machine
@@ -219,6 +223,37 @@ def _chunks(cfg: ModelConfig, policy: str, batch: int) -> int:
     if "mcmc_step" not in policy or not 0 < cfg.remat_chunk < batch:
         return 1
     return -(-batch // cfg.remat_chunk)
+
+
+def traced_tensor_peak_bytes(cfg: ModelConfig, batch: int) -> float:
+    """The tensor peak of `cfg` itself (no replica, no rescaling): what `tensor_peak_bytes` predicts."""
+    dims = {"B": batch, "S": cfg.context_length}
+    trace = _trace(cfg, dims)
+    return _replay_peak(trace, {i: float(_numel(shape)) * trace.element_size[i] for i, shape in trace.shapes.items()},
+                        ) + parameter_count(cfg) * next(iter(trace.element_size.values()), 4)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _replay_peak(trace: Trace, sizes: dict[int, float]) -> float:
+    live = 0.0
+    peak = 0.0
+    alive: set[int] = set()
+    for index, (kind, ident) in enumerate(trace.events):
+        if kind > 0:
+            alive.add(ident)
+            live += sizes[ident]
+        elif ident in alive:
+            alive.discard(ident)
+            live -= sizes[ident]
+        if index >= trace.start:
+            peak = max(peak, live)
+    return peak
 
 
 def trace_step(cfg: ModelConfig, policy: str, steps: int | None = None, chunks: int = 1) -> Trace:
@@ -261,19 +296,7 @@ def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: in
         for d in shape:
             numel *= table.get(d, d)
         sizes[ident] = numel * (dtype_bytes if trace.element_size[ident] >= 4 else trace.element_size[ident])
-    live = 0.0
-    peak = 0.0
-    alive: set[int] = set()
-    for index, (kind, ident) in enumerate(trace.events):
-        if kind > 0:
-            alive.add(ident)
-            live += sizes[ident]
-        elif ident in alive:
-            alive.discard(ident)
-            live -= sizes[ident]
-        if index >= trace.start:
-            peak = max(peak, live)
-    return peak + parameter_count(cfg) * dtype_bytes
+    return _replay_peak(trace, sizes) + parameter_count(cfg) * dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------- prediction

@@ -1,0 +1,63 @@
+"""The planner's rescaled tiny-replica timeline predicts a real configuration's tensor peak, and auto/plan
+choose by it."""
+
+import pytest
+
+from ebt import ModelConfig
+from ebt.planner import (
+    Calibration,
+    choose_policy,
+    plan,
+    predict_peak_bytes,
+    tensor_peak_bytes,
+    traced_tensor_peak_bytes,
+)
+
+CPU_EXACT = Calibration(base_bytes=0.0, factor=1.0)
+
+
+@pytest.mark.parametrize(("policy", "chunk", "steps"),
+                         [("none", 0, 2), ("mcmc_step", 0, 3), ("mcmc_step", 2, 2), ("block+mcmc_step", 0, 2)])
+def test_rescaled_prediction_matches_a_direct_trace(policy, chunk, steps):
+    """The replica has other batch/context/vocab/width values than the target; only the rescaling connects them."""
+    cfg = ModelConfig(vocab_size=96, context_length=24, dim=32, n_layers=2, n_heads=2, mcmc_steps=steps,
+                      checkpointing=policy, remat_chunk=chunk)
+    predicted = tensor_peak_bytes(cfg, policy, 6)
+    direct = traced_tensor_peak_bytes(cfg, 6)
+    assert abs(predicted / direct - 1) < 0.05, (predicted, direct)
+
+
+def test_policies_order_and_scaling():
+    cfg = ModelConfig.from_size("4xs", vocab_size=2048, context_length=128, mcmc_steps=2)
+    none, step = tensor_peak_bytes(cfg, "none", 8), tensor_peak_bytes(cfg, "mcmc_step", 8)
+    assert step < 0.9 * none
+    # Activations are linear in the batch: doubling it nearly doubles the non-parameter part.
+    assert 1.8 < (tensor_peak_bytes(cfg, "none", 16) - 1e6) / (none - 1e6) < 2.2
+
+
+def test_auto_prefers_speed_and_falls_back_to_lean_policies():
+    cfg = ModelConfig.from_size("4xs", vocab_size=2048, context_length=128, mcmc_steps=2)
+    none = predict_peak_bytes(cfg, "none", 8, "cpu", CPU_EXACT)
+    assert choose_policy(cfg, 8, "cpu", budget_gb=100.0) == "none"
+    tight = choose_policy(cfg, 8, "cpu", budget_gb=(none - 1) / 1e9)
+    assert tight != "none"
+    assert choose_policy(cfg, 8, "cpu", budget_gb=1e-6) in ("mcmc_step", "block+mcmc_step")
+
+
+def test_plan_takes_the_largest_micro_batch_that_fits():
+    cfg = ModelConfig.from_size("4xs", vocab_size=2048, context_length=128, mcmc_steps=2)
+    budget = predict_peak_bytes(cfg, "mcmc_step", 6, "cpu") / 1e9
+    result = plan(cfg, 16, "cpu", budget_gb=budget)
+    assert result.micro_batch_size >= 6
+    assert result.predicted_peak_gb <= budget
+    with pytest.raises(ValueError, match="memory_budget_gb: .* does not fit even micro-batch 1"):
+        plan(cfg, 4, "cpu", budget_gb=1e-6)
+
+
+def test_trainer_config_accepts_the_memory_keys():
+    from launch.config import build_config
+
+    cfg = build_config({"model": {"checkpointing": "block+mcmc_step", "remat_chunk": 2, "memory_budget_gb": 8}})
+    assert (cfg.model.checkpointing, cfg.model.remat_chunk, cfg.model.memory_budget_gb) == ("block+mcmc_step", 2, 8)
+    with pytest.raises(ValueError, match=r"^config key 'model.checkpointing': unknown policy 'remat'"):
+        build_config({"model": {"checkpointing": "remat"}})
