@@ -18,6 +18,10 @@ Policies (gradients are identical under all of them; tests/test_second_order_pol
   the forward builds no double-backward graph at all and no saved-tensor hooks run.
 - "block+mcmc_step": both (the recomputed step checkpoints its blocks too).
 - "auto": ebt.planner picks the fastest policy whose predicted peak fits cfg.memory_budget_gb.
+
+MFU: the trainer logs MFU from ebt.flops.train_flops_per_token, i.e. MODEL FLOPs; recompute added by a policy
+is not counted (the usual convention for activation checkpointing), so a recomputing policy shows a lower MFU
+for the same model work. `hardware_flops_per_token` adds the recompute, for hardware-utilisation figures.
 """
 
 from __future__ import annotations
@@ -237,3 +241,21 @@ def configure(
     runner = STEP_RUNNERS[step_impl] if policy.step else None
     return policy, runner
 
+
+
+def hardware_flops_per_token(cfg, policy: str | None = None) -> float:
+    """Model FLOPs (ebt.flops) plus what `policy` recomputes: "mcmc_step" reruns each second-order step's
+    forward and inner gradient (2 of its 6 units); "block" reruns each candidate block's forward in the inner
+    and in the outer backward (2 units)."""
+    from ebt.flops import forward_flops_per_token, train_flops_per_token
+
+    model = train_flops_per_token(cfg)
+    name = cfg.checkpointing if policy is None else policy
+    if cfg.kind != "ebt" or name in ("none", "auto"):
+        return model
+    parsed = parse_policy(name)
+    causal_keys = (cfg.context_length + 1) / 2
+    candidate = forward_flops_per_token(cfg, causal_keys + 1) + 2 * cfg.vocab_size * cfg.dim + 2 * cfg.dim
+    second_order_steps = 1 if cfg.truncate else cfg.mcmc_steps
+    extra = 2 * parsed.step + 2 * parsed.block
+    return model + extra * second_order_steps * candidate

@@ -61,3 +61,17 @@ def test_trainer_config_accepts_the_memory_keys():
     assert (cfg.model.checkpointing, cfg.model.remat_chunk, cfg.model.memory_budget_gb) == ("block+mcmc_step", 2, 8)
     with pytest.raises(ValueError, match=r"^config key 'model.checkpointing': unknown policy 'remat'"):
         build_config({"model": {"checkpointing": "remat"}})
+
+
+def test_trainer_mfu_counts_model_flops_whatever_the_policy():
+    from ebt.checkpointing import hardware_flops_per_token
+    from ebt.flops import train_flops_per_token
+    from launch.train_module import EBTTrainModule
+
+    base = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256, mcmc_steps=2)
+    flops = {p: EBTTrainModule(ModelConfig(**{**base.to_dict(), "checkpointing": p})).flops_per_token()
+             for p in ("none", "block", "mcmc_step", "block+mcmc_step")}
+    assert set(flops.values()) == {train_flops_per_token(base)}
+    assert hardware_flops_per_token(base, "none") == flops["none"]
+    step, both = hardware_flops_per_token(base, "mcmc_step"), hardware_flops_per_token(base, "block+mcmc_step")
+    assert flops["none"] < step < both
