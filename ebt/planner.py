@@ -240,19 +240,33 @@ def _numel(shape: tuple[int, ...]) -> int:
     return out
 
 
-def _replay_peak(trace: Trace, sizes: dict[int, float]) -> float:
+def _replay_peak(trace: Trace, sizes: dict[int, float], heap_threshold: float | None = None) -> float:
+    """Peak of the replayed live bytes. With `heap_threshold` (CPU), allocations below it count at the heap's
+    high-water mark so far instead of their live bytes: glibc serves them from a heap that fragments and is
+    rarely returned, while larger ones are mmapped and returned on free (they count while live)."""
     live = 0.0
+    small = 0.0
+    small_high = 0.0
     peak = 0.0
     alive: set[int] = set()
     for index, (kind, ident) in enumerate(trace.events):
+        size = sizes[ident]
+        on_heap = heap_threshold is not None and size < heap_threshold
         if kind > 0:
             alive.add(ident)
-            live += sizes[ident]
+            if on_heap:
+                small += size
+                small_high = max(small_high, small)
+            else:
+                live += size
         elif ident in alive:
             alive.discard(ident)
-            live -= sizes[ident]
+            if on_heap:
+                small -= size
+            else:
+                live -= size
         if index >= trace.start:
-            peak = max(peak, live)
+            peak = max(peak, live + (small_high if heap_threshold is not None else small))
     return peak
 
 
@@ -282,8 +296,10 @@ def _target_dims(cfg: ModelConfig, batch: int) -> dict[str, int]:
             "hd": cfg.head_dim}
 
 
-def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: int = 4) -> float:
-    """Peak bytes of live tensors during one (non-first) training step at the target size."""
+def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: int = 4,
+                      heap_threshold: float | None = None) -> float:
+    """Peak bytes of live tensors during one (non-first) training step at the target size (with
+    `heap_threshold`: heap-resident allocations at their high-water mark, see _replay_peak)."""
     chunks = _chunks(cfg, policy, batch)
     trace = trace_step(cfg, policy, chunks=chunks)
     target = _target_dims(cfg, batch)
@@ -296,7 +312,7 @@ def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: in
         for d in shape:
             numel *= table.get(d, d)
         sizes[ident] = numel * (dtype_bytes if trace.element_size[ident] >= 4 else trace.element_size[ident])
-    return _replay_peak(trace, sizes) + parameter_count(cfg) * dtype_bytes
+    return _replay_peak(trace, sizes, heap_threshold) + parameter_count(cfg) * dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------- prediction
