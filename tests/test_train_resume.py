@@ -20,11 +20,12 @@ from test_train_support import (
     write_config,
 )
 
+from launch.cli import main as cli_main
 from launch.signals import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 24
+MAX_STEPS = 20
 
 
 def resume_raw(nproc: int) -> dict:
@@ -100,20 +101,24 @@ def test_truncated_newest_checkpoint_falls_back_says_so_and_continues_exactly(re
     work, config, expected = reference(1)
     shutil.copytree(work / "runs" / "ref", work / "runs" / "truncated")
     checkpoints = work / "runs" / "truncated" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_16", "step_20", "step_24"]
-    model = checkpoints / "step_24" / "model.pt"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_12", "step_16", "step_20"]
+    model = checkpoints / "step_20" / "model.pt"
     model.write_bytes(model.read_bytes()[:1000])
     done = run_train(work, config, "name=truncated")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "step_24 is unusable (model.pt is truncated" in done.stdout
-    assert "resumed from" in done.stdout and "step_20 (step 20)" in done.stdout
+    assert "step_20 is unusable (model.pt is truncated" in done.stdout
+    assert "resumed from" in done.stdout and "step_16 (step 16)" in done.stdout
     assert training_rows(work / "runs" / "truncated") == expected
 
 
-def test_resuming_with_a_different_model_names_the_key(reference):
+def test_resuming_with_a_different_model_names_the_key(reference, monkeypatch, capsys):
     work, config, _ = reference(1)
-    done = run_train(work, config, "name=ref", "model.dim=64")
-    assert done.returncode == 2
-    err = done.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("ebt train: error: config key 'model.dim'"), done.stderr
-    assert "trained with 32" in err[0] and "64" in err[0]
+    monkeypatch.chdir(work)  # in-process: the check runs before any training, so no subprocess is needed
+    for override, fragment in (("model.dim=64", "config key 'model.dim'"),
+                               ("trainer.micro_batch_size=2", "config key 'trainer.micro_batch_size'"),
+                               ("checkpoint.resume=false", "config key 'checkpoint.resume'")):
+        assert cli_main(["train", str(config), "name=ref", override]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"ebt train: error: {fragment}"), err
+        if override == "model.dim=64":
+            assert "trained with 32" in err[0] and "64" in err[0]
