@@ -227,15 +227,16 @@ def configure(
 ) -> tuple[Policy, StepRunner | None]:
     """Apply cfg.checkpointing to an EnergyBasedTransformer for this micro-batch; return the policy and the
     step runner to hand to run_mcmc (None: plain steps). "auto" asks the planner (cached per batch size)."""
-    name = model.cfg.checkpointing
+    name, chunk = model.cfg.checkpointing, model.cfg.remat_chunk
     if name == "auto":
-        from ebt.planner import choose_policy
+        from ebt.planner import choose
 
         cache: dict = model.__dict__.setdefault("_auto_policy", {})
         if batch_size not in cache:
             device = next(model.parameters()).device
-            cache[batch_size] = choose_policy(model.cfg, batch_size, device, model.cfg.memory_budget_gb)
-        name = cache[batch_size]
+            cache[batch_size] = choose(model.cfg, batch_size, device, model.cfg.memory_budget_gb)
+        name, chunk = cache[batch_size]
+    model.remat_chunk = chunk
     policy = parse_policy(name)
     model.energy_model.checkpoint_blocks = policy.block
     runner = STEP_RUNNERS[step_impl] if policy.step else None

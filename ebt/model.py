@@ -74,7 +74,7 @@ class EnergyBasedTransformer(nn.Module):
         """E(probs, step) for a fixed context; the real stream is shared by every step when the variant allows."""
         if context is None and self.cfg.caches_context:
             context = self.energy_model.context(tokens)
-        return ContextEnergy(self.energy_model, tokens, context, self.cfg.remat_chunk)
+        return ContextEnergy(self.energy_model, tokens, context, getattr(self, "remat_chunk", self.cfg.remat_chunk))
 
     def initial_logits(self, shape: tuple[int, ...], like: torch.Tensor, generator=None) -> torch.Tensor:
         noise = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)

@@ -12,8 +12,8 @@ sizes (same code path for any batch, context, vocab or width), only each tensor'
    tensor peak on CPU (base = the interpreter and libraries; factor = allocator overhead). On CUDA the
    caching allocator's peak is close to the tensor peak, so base = 0 and factor = 1 unless calibrated.
 
-`choose_policy` (cfg.checkpointing="auto") takes the fastest policy whose prediction fits the budget;
-`plan` also picks the largest micro-batch that fits.
+`choose` (cfg.checkpointing="auto") takes the fastest policy and recompute chunk whose prediction fits the
+budget; `plan` also picks the largest micro-batch that fits.
 """
 
 from __future__ import annotations
@@ -350,27 +350,48 @@ def default_budget_bytes(device: torch.device) -> float:
     return device_capacity_bytes(device) * (1 - DEFAULT_MARGIN)
 
 
-def _policies_fastest_first(cfg: ModelConfig) -> list[str]:
+def _options_fastest_first(cfg: ModelConfig, batch: int) -> list[tuple[str, int]]:
+    """(policy, remat_chunk) candidates, fastest first. Chunking the recompute costs little (smaller matmuls
+    over the same FLOPs), so each halving of the chunk adds a small penalty to the policy's cost."""
     if cfg.kind != "ebt":
-        return ["none"]
-    return sorted(POLICY_COST, key=lambda p: (POLICY_COST[p], p != "mcmc_step"))
+        return [("none", 0)]
+    options: list[tuple[float, str, int]] = []
+    for policy, cost in POLICY_COST.items():
+        options.append((cost, policy, 0))
+        if "mcmc_step" in policy:
+            chunk, penalty = batch // 2, 0.1
+            while chunk >= 1:
+                options.append((cost + penalty, policy, chunk))
+                chunk, penalty = chunk // 2, penalty + 0.1
+    options.sort(key=lambda o: (o[0], o[1] != "mcmc_step", -o[2] if o[2] else -batch))
+    return [(policy, chunk) for _, policy, chunk in options]
+
+
+def _predict(cfg: ModelConfig, policy: str, chunk: int, batch: int, device: torch.device) -> float:
+    return predict_peak_bytes(dataclasses.replace(cfg, remat_chunk=chunk), policy, batch, device)
+
+
+def choose(cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
+           budget_gb: float | None = None) -> tuple[str, int]:
+    """The fastest (policy, remat_chunk) whose predicted peak fits the budget; the leanest when none does."""
+    device = torch.device(device)
+    budget = budget_gb * 1e9 if budget_gb is not None else default_budget_bytes(device)
+    options = _options_fastest_first(cfg, batch)
+    for policy, chunk in options:
+        if _predict(cfg, policy, chunk, batch, device) <= budget:
+            return policy, chunk
+    return min(options, key=lambda o: _predict(cfg, o[0], o[1], batch, device))
 
 
 def choose_policy(cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
                   budget_gb: float | None = None) -> str:
-    """The fastest policy whose predicted peak fits the budget; the leanest one when none does."""
-    device = torch.device(device)
-    budget = budget_gb * 1e9 if budget_gb is not None else default_budget_bytes(device)
-    options = _policies_fastest_first(cfg)
-    for policy in options:
-        if predict_peak_bytes(cfg, policy, batch, device) <= budget:
-            return policy
-    return min(options, key=lambda p: predict_peak_bytes(cfg, p, batch, device))
+    return choose(cfg, batch, device, budget_gb)[0]
 
 
 @dataclass
 class Plan:
     policy: str
+    remat_chunk: int
     micro_batch_size: int
     predicted_peak_gb: float
     budget_gb: float
@@ -382,10 +403,10 @@ def plan(cfg: ModelConfig, max_micro_batch: int, device: torch.device | str = "c
     device = torch.device(device)
     budget = budget_gb * 1e9 if budget_gb is not None else default_budget_bytes(device)
     for batch in range(max_micro_batch, 0, -1):
-        for policy in _policies_fastest_first(cfg):
-            peak = predict_peak_bytes(cfg, policy, batch, device)
+        for policy, chunk in _options_fastest_first(cfg, batch):
+            peak = _predict(cfg, policy, chunk, batch, device)
             if peak <= budget:
-                return Plan(policy, batch, peak / 1e9, budget / 1e9)
+                return Plan(policy, chunk, batch, peak / 1e9, budget / 1e9)
     raise ValueError(f"memory_budget_gb: {budget / 1e9:.2f} GB does not fit even micro-batch 1 under any policy")
 
 

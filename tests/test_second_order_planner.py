@@ -1,11 +1,14 @@
 """The planner's rescaled tiny-replica timeline predicts a real configuration's tensor peak, and auto/plan
 choose by it."""
 
+import dataclasses
+
 import pytest
 
 from ebt import ModelConfig
 from ebt.planner import (
     Calibration,
+    choose,
     choose_policy,
     plan,
     predict_peak_bytes,
@@ -42,6 +45,10 @@ def test_auto_prefers_speed_and_falls_back_to_lean_policies():
     tight = choose_policy(cfg, 8, "cpu", budget_gb=(none - 1) / 1e9)
     assert tight != "none"
     assert choose_policy(cfg, 8, "cpu", budget_gb=1e-6) in ("mcmc_step", "block+mcmc_step")
+    # Between the two, auto chunks the recompute rather than fall back to the slower block policies.
+    chunked = predict_peak_bytes(dataclasses.replace(cfg, remat_chunk=2), "mcmc_step", 8, "cpu")
+    policy, chunk = choose(cfg, 8, "cpu", budget_gb=chunked / 1e9)
+    assert policy == "mcmc_step" and 2 <= chunk < 8
 
 
 def test_plan_takes_the_largest_micro_batch_that_fits():
