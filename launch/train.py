@@ -68,7 +68,7 @@ def _launch_local_processes(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     configs = [c for c in args.configs if c.endswith((".yaml", ".yml")) or "=" not in c]
-    overrides = [c for c in args.configs if c not in configs] + list(args.overrides)
+    overrides = [c for c in args.configs if c not in configs]
     if not configs:
         raise ValueError("no config file given: ebt train CONFIG.yaml [key=value ...]")
     args.configs, args.overrides = configs, overrides
@@ -99,8 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train an EBT or Transformer++ (resumes automatically)",
                               description="Train from YAML config(s) with key=value overrides. Launch several "
                               "processes with torchrun, accelerate launch, srun or --nproc.")
-    p.add_argument("configs", nargs="+", help="config YAML file(s), merged in order, then key=value overrides")
-    p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("configs", nargs="+", metavar="CONFIG.yaml|key=value",
+                   help="config YAML file(s), merged in order, then key=value overrides")
     p.add_argument("--nproc", type=int, default=1, help="local processes (gloo on CPU, nccl on GPU)")
     p.set_defaults(func=_train)
 
