@@ -116,8 +116,10 @@ class Throughput:
     def add(self, tokens: int) -> None:
         self._tokens += tokens
 
-    def rate(self) -> float:
+    def rate(self) -> tuple[float, float]:
+        """(tokens/s, wall seconds) since the previous call."""
         now = time.perf_counter()
-        rate = self._tokens / max(now - self._t, 1e-9)
+        wall = max(now - self._t, 1e-9)
+        rate = self._tokens / wall
         self._t, self._tokens = now, 0
-        return rate
+        return rate, wall

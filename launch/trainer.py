@@ -83,6 +83,8 @@ class Trainer:
         self.wandb_run = None
         self.last_eval: dict[str, float] = {}
         self.preempt = PreemptionFlag()
+        self.data_time = 0.0  # seconds spent fetching batches since the last metrics row
+        self.step_time = 0.0  # seconds inside train_step (data included) since the last metrics row
 
     # ------------------------------------------------------------------------------------------------ setup
     def log(self, msg: str) -> None:
@@ -189,7 +191,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ step
     def _next_batch(self) -> torch.Tensor:
-        return next(self.train_iter).to(self.device, non_blocking=True)
+        start = time.perf_counter()
+        batch = next(self.train_iter).to(self.device, non_blocking=True)
+        self.data_time += time.perf_counter() - start
+        return batch
 
     def forward_backward(self, tokens: torch.Tensor, last_micro: bool, **model_kwargs: Any) -> tuple[dict, bool]:
         """One micro-batch: one call of the wrapped module (the whole MCMC loop for an EBT), one backward.
@@ -360,13 +365,21 @@ class Trainer:
         try:
             with progress:
                 while self.step < t.max_steps:
+                    step_start = time.perf_counter()
                     row = self.train_step()
+                    self.step_time += time.perf_counter() - step_start
                     throughput.add(self.tokens_per_step)
                     if t.eval_every and self.step % t.eval_every == 0:
                         eval_start = time.perf_counter()
                         row.update(self.evaluate(), eval_s=time.perf_counter() - eval_start)
                     if self.step % t.log_every == 0 or row.keys() & {"val_loss"}:
-                        tps = throughput.rate()
+                        tps, wall = throughput.rate()
+                        # Share of the wall time since the last row spent computing steps (data fetch excluded):
+                        # 1 - compute_frac is the loop's overhead (data, logging, eval, checkpoints), measured
+                        # in the same window, so it holds even on a machine whose load drifts.
+                        row.update(compute_frac=(self.step_time - self.data_time) / wall,
+                                   data_frac=self.data_time / wall)
+                        self.step_time = self.data_time = 0.0
                         row.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / (self.peak_flops * self.world),
                                    peak_mem_mb=peak_memory_mb(self.device), time=time.time())
                         self.metrics.write(row)
