@@ -18,7 +18,9 @@ budget; `plan` also picks the largest micro-batch that fits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import os
@@ -38,6 +40,7 @@ from ebt.flops import parameter_count
 # 6; "block" recomputes each block's forward in the inner and again in the outer backward (+2); "mcmc_step"
 # recomputes the step's forward and inner gradient once (+2); both: the recomputed step recomputes its blocks.
 POLICY_COST = {"none": 6.0, "mcmc_step": 8.0, "block": 8.0, "block+mcmc_step": 10.0}
+STATE_COPIES = 3  # parameters and AdamW's two moments live through every step (gradients are traced)
 DEFAULT_MARGIN = 0.10  # of device capacity, kept free by the default budget
 CALIBRATION_FILE = Path(os.environ.get("EBT_PLANNER_CALIBRATION", Path.home() / ".cache/ebt/planner.json"))
 
@@ -123,7 +126,7 @@ def _tiny_dims(cfg: ModelConfig, chunks: int = 1) -> dict[str, int]:
     K, small constants). With `chunks` > 1 the batch is chunks x C, C standing for cfg.remat_chunk."""
     fixed = {1, 2, 3, 4} | {m * cfg.n_heads for m in (1, 2, 3, 4)} | {cfg.mcmc_steps, cfg.n_layers, chunks}
     batches = [(b, None) for b in (5, 7, 3)] if chunks == 1 else [(chunks * c, c) for c in (5, 7, 3, 11)]
-    for head, (batch, chunk), seq, vocab in itertools.product((10, 14, 6, 22), batches, (13, 11, 17, 19),
+    for head, (batch, chunk), seq, vocab in itertools.product((26, 10, 14, 22), batches, (13, 11, 17, 19),
                                                                 (41, 37, 43)):
         dim = cfg.n_heads * head
         dims = {"B": batch, "S": seq, "V": vocab, "D": dim, "F": max(1, int(round(dim * cfg.ffn_mult))), "hd": head}
@@ -136,26 +139,28 @@ def _tiny_dims(cfg: ModelConfig, chunks: int = 1) -> dict[str, int]:
 
 
 def _atoms(dims: dict[str, int], heads: int) -> dict[str, tuple[int, tuple[str, ...]]]:
-    """Dimension atoms as (constant, base symbols): 2D is (2, (D,)), a flattened batch x heads is (H, (B,))."""
-    # The width is heads x head width, so D is (H, (hd,)): products like (batch x heads) x hd and batch x D are
-    # then recognised as the same quantity. F is its own symbol unless ffn_mult is 1.
+    """Dimension atoms as (constant, base symbols). The base is the HALF head width r (rotary embedding works
+    on halves), so the head width is (2, (r,)) and the width D = heads x head width is (2H, (r,)): products such
+    as (batch x heads) x head width and batch x D are then recognised as the same quantity. F is its own
+    symbol unless ffn_mult is 1."""
     h = heads
     if dims["F"] == dims["D"]:
-        f, fc = "hd", h
+        f, fc = "r", 2 * h
     else:
         f, fc = "F", 1
     # Chunked recompute: the batch is (chunks x C) so that batch-sized and chunk-sized dims are told apart.
     n = dims["B"] // dims["C"] if "C" in dims else 1
     b = "C" if "C" in dims else "B"
-    return {"B": (n, (b,)), "S": (1, ("S",)), "S1": (1, ("S1",)), "V": (1, ("V",)), "D": (h, ("hd",)),
-            "F": (fc, (f,)), "hd": (1, ("hd",)), "2D": (2 * h, ("hd",)), "3D": (3 * h, ("hd",)),
-            "4D": (4 * h, ("hd",)), "2F": (2 * fc, (f,)), "BH": (n * h, (b,)),
+    d = 2 * h
+    return {"B": (n, (b,)), "S": (1, ("S",)), "S1": (1, ("S1",)), "V": (1, ("V",)), "D": (d, ("r",)),
+            "F": (fc, (f,)), "hd": (2, ("r",)), "hd2": (1, ("r",)), "2D": (2 * d, ("r",)), "3D": (3 * d, ("r",)),
+            "4D": (4 * d, ("r",)), "2F": (2 * fc, (f,)), "BH": (n * h, (b,)), "BSD": (n * d, (b, "S", "r")),
             **({"C": (1, ("C",)), "CH": (h, ("C",))} if "C" in dims else {})}
 
 
 def _base_values(dims: dict[str, int]) -> dict[str, int]:
     return {"B": dims["B"], "S": dims["S"], "S1": dims["S"] + 1, "V": dims["V"], "D": dims["D"], "F": dims["F"],
-            "hd": dims["hd"], "C": dims.get("C", dims["B"])}
+            "r": dims["hd"] // 2, "C": dims.get("C", dims["B"])}
 
 
 def _product_table(dims: dict[str, int], heads: int) -> dict[int, set[tuple[int, tuple[str, ...]]]]:
@@ -204,16 +209,22 @@ def _trace(tiny: ModelConfig, dims: dict[str, int]) -> Trace:
         tokens = torch.randint(0, tiny.vocab_size, (dims["B"], dims["S"] + 1))
         tracker = _AllocationTracker()
         start = 0
-        with tracker:
-            for step in range(2):  # the second step sees Adam's state allocated, as every later step does
-                if step == 1:
-                    start = len(tracker.events)
+        for step in range(2):
+            # Only the second step is traced (tracking costs a Python call per op). Adam's state, allocated
+            # untraced in the first step and alive throughout, is added analytically (STATE_COPIES).
+            if step == 1:
+                # Deterministic timeline: tensors caught in reference cycles would otherwise be freed whenever
+                # the cyclic collector happens to run; here they stay live until the step ends (conservative).
+                gc.collect()
+                gc.disable()
+            with tracker if step == 1 else contextlib.nullcontext():
                 loss = model.loss(tokens)[0]
                 loss.backward()
                 del loss
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     finally:
+        gc.enable()
         torch.random.set_rng_state(generator_state)
         torch.set_num_threads(threads)
     return Trace(dims, tracker.shapes, tracker.element_size, tracker.events, start, tracker.ops)
@@ -230,7 +241,7 @@ def traced_tensor_peak_bytes(cfg: ModelConfig, batch: int) -> float:
     dims = {"B": batch, "S": cfg.context_length}
     trace = _trace(cfg, dims)
     return _replay_peak(trace, {i: float(_numel(shape)) * trace.element_size[i] for i, shape in trace.shapes.items()},
-                        ) + parameter_count(cfg) * next(iter(trace.element_size.values()), 4)
+                        ) + STATE_COPIES * parameter_count(cfg) * next(iter(trace.element_size.values()), 4)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -271,7 +282,9 @@ def _replay_peak(trace: Trace, sizes: dict[int, float], heap_threshold: float | 
 
 
 def trace_step(cfg: ModelConfig, policy: str, steps: int | None = None, chunks: int = 1) -> Trace:
-    return _trace_cached(json.dumps(dataclasses.asdict(cfg), sort_keys=True), policy,
+    # The replica sets its own batch, chunk and budget: keep them out of the cache key.
+    key = dataclasses.replace(cfg, remat_chunk=0, checkpointing="none", memory_budget_gb=None)
+    return _trace_cached(json.dumps(dataclasses.asdict(key), sort_keys=True), policy,
                          cfg.mcmc_steps if steps is None else steps, chunks)
 
 
@@ -312,7 +325,7 @@ def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: in
         for d in shape:
             numel *= table.get(d, d)
         sizes[ident] = numel * (dtype_bytes if trace.element_size[ident] >= 4 else trace.element_size[ident])
-    return _replay_peak(trace, sizes, heap_threshold) + parameter_count(cfg) * dtype_bytes
+    return _replay_peak(trace, sizes, heap_threshold) + STATE_COPIES * parameter_count(cfg) * dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -359,10 +372,10 @@ def _options_fastest_first(cfg: ModelConfig, batch: int) -> list[tuple[str, int]
     for policy, cost in POLICY_COST.items():
         options.append((cost, policy, 0))
         if "mcmc_step" in policy:
-            chunk, penalty = batch // 2, 0.1
-            while chunk >= 1:
-                options.append((cost + penalty, policy, chunk))
-                chunk, penalty = chunk // 2, penalty + 0.1
+            # 2, 4 and 8 chunks: beyond that the second-order graph is no longer what dominates the peak.
+            for chunks, penalty in ((2, 0.1), (4, 0.2), (8, 0.3)):
+                if batch >= chunks:
+                    options.append((cost + penalty, policy, -(-batch // chunks)))
     options.sort(key=lambda o: (o[0], o[1] != "mcmc_step", -o[2] if o[2] else -batch))
     return [(policy, chunk) for _, policy, chunk in options]
 
