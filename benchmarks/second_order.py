@@ -150,8 +150,8 @@ def summarise(args: argparse.Namespace, results: list[dict]) -> dict:
     none = next(r for r in results if r["policy"] == "none")
     for r in results:
         r["memory_vs_transformer"] = r["peak_rss_mb"] / tpp["peak_rss_mb"]
-        same_k = next((n for n in results if n["policy"] == "none" and n["mcmc_steps"] == r["mcmc_steps"]), none)
-        r["cpu_vs_ebt_none"] = r["cpu_s"] / same_k["cpu_s"] if r["policy"] != "transformer" else None
+        same_k = next((n for n in results if n["policy"] == "none" and n["mcmc_steps"] == r["mcmc_steps"]), None)
+        r["cpu_vs_ebt_none"] = r["cpu_s"] / same_k["cpu_s"] if same_k and r["policy"] != "transformer" else None
         r["cpu_vs_ebt_none_k2"] = r["cpu_s"] / none["cpu_s"]
     k2 = [r for r in results if r["mcmc_steps"] == none["mcmc_steps"] and r["policy"] not in ("none", "transformer")]
     fitting = [r for r in k2 if r["memory_vs_transformer"] <= 2.0 and r["cpu_vs_ebt_none"] <= 1.3]
@@ -186,9 +186,25 @@ def table(args: argparse.Namespace, payload: dict) -> str:
     ]
     for r in payload["results"]:
         k = "" if r["mcmc_steps"] is None or r["policy"] == "transformer" else r["mcmc_steps"]
-        vs_none = "" if r["cpu_vs_ebt_none"] is None else f"{r['cpu_vs_ebt_none']:.2f}x"
+        vs_none = f"{r['cpu_vs_ebt_none']:.2f}x" if r["cpu_vs_ebt_none"] is not None else (
+            "" if r["policy"] == "transformer" else "(none not run at this K)")
         lines.append(f"| {label(r['policy'])} | {k} | {r['cpu_s']:.2f} | {r['step_s']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['memory_vs_transformer']:.2f}x | {vs_none} |")
+    for policy in sorted({r["policy"] for r in payload["results"]}):
+        rows = sorted((r for r in payload["results"] if r["policy"] == policy and r["mcmc_steps"]),
+                      key=lambda r: r["mcmc_steps"])
+        if len(rows) > 1 and policy != "none":
+            first, last = rows[0], rows[-1]
+            slope = (last["peak_rss_mb"] - first["peak_rss_mb"]) / (last["mcmc_steps"] - first["mcmc_steps"])
+            k2 = rows[0]["peak_rss_mb"]
+            lines.append(f"\n{label(policy)}: peak grows by {slope:.0f} MB per extra MCMC step "
+                         f"(K={rows[0]['mcmc_steps']}: {k2:.0f} MB, K={rows[-1]['mcmc_steps']}: "
+                         f"{rows[-1]['peak_rss_mb']:.0f} MB); CPU time per step grows about linearly in K.")
+    nones = sorted((r for r in payload["results"] if r["policy"] == "none"), key=lambda r: r["mcmc_steps"])
+    if len(nones) > 1:
+        first, last = nones[0], nones[-1]
+        slope = (last["peak_rss_mb"] - first["peak_rss_mb"]) / (last["mcmc_steps"] - first["mcmc_steps"])
+        lines.append(f"\nWithout checkpointing the peak grows by {slope:.0f} MB per extra MCMC step.")
     compiled = [r for r in payload["results"] if r.get("first_compile_s") is not None]
     for r in compiled:
         lines.append(f"\nFirst compile of the inner gradient: about {r['first_compile_s']:.0f} s (first step minus "
