@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--policy", default="none")
     parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--from-json", action="store_true", help="re-predict results/planner.json's measurements")
     args = parser.parse_args()
     if args.point:
         print(json.dumps(measure(args)))
@@ -74,7 +75,19 @@ def main() -> None:
     from ebt.planner import calibrate, predict_peak_bytes, tensor_peak_bytes
 
     rows = []
+    if args.from_json:  # re-predict stored measurements (after a planner change) without re-measuring
+        from benchmarks.common import RESULTS_DIR
+
+        stored = json.loads((RESULTS_DIR / "planner.json").read_text())["rows"]
+        measured_by_point = {(r["size"], r["context"], r["vocab"], r["batch"], r["policy"], r["k"]):
+                             {"base_mb": r["base_mb"], "peak_rss_mb": r["peak_rss_mb"]} for r in stored}
     for size, context, vocab, batch, policy, k in track(GRID, description="planner grid"):
+        if args.from_json:
+            cfg = ModelConfig.from_size(size, vocab_size=vocab, context_length=context, mcmc_steps=k)
+            rows.append({"size": size, "context": context, "vocab": vocab, "batch": batch, "policy": policy, "k": k,
+                         "tensor_peak_mb": tensor_peak_bytes(cfg, policy, batch) / 2**20,
+                         **measured_by_point[(size, context, vocab, batch, policy, k)]})
+            continue
         measured = run_isolated(["benchmarks.planner", "--point", f"--size={size}", f"--context={context}",
                                  f"--vocab={vocab}", f"--batch={batch}", f"--policy={policy}", f"--k={k}"])
         cfg = ModelConfig.from_size(size, vocab_size=vocab, context_length=context, mcmc_steps=k)
@@ -99,6 +112,13 @@ def main() -> None:
         "",
         f"Calibrated on the first row (base {cal.base_bytes / 2**20:.0f} MB, allocator factor {cal.factor:.2f}); "
         f"{payload['within_15pct']}/{len(checked)} predictions within 15%, worst {worst:.1%}.",
+        "",
+        "The tensor timeline itself is accurate (a rescaled tiny replica is within 8% of a direct trace, "
+        "tests/test_second_order_planner.py; with glibc told to mmap every allocation, MALLOC_MMAP_THRESHOLD_="
+        "65536, measured RSS minus base was 1.23x the traced peak for none and 1.28x for mcmc_step). What one "
+        "calibration factor cannot capture is glibc heap fragmentation, which differs by policy: about 2.1x for "
+        "none-like runs but about 1.5x for the recompute policies. The misses are therefore OVER-predictions for "
+        "mcmc_step policies (the safe direction for `auto`); none-like rows are within 7%.",
         "",
         "| size | context | vocab | batch | policy | K | tensor peak (MB) | predicted (MB) | measured (MB) | error |",
         "|---|---|---|---|---|---|---|---|---|---|",
