@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu_step.sh --tiny     # seconds-long CPU check of the script itself
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import ebt" 2>/dev/null || pip install -q -e . >/dev/null
+# The device machine has no network: import the working tree directly instead of installing it.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import torch, ebt; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi: CPU check"
 export PYTHONUNBUFFERED=1
 timeout 450 python -m benchmarks.gpu_step "$@"
