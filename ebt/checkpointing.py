@@ -16,8 +16,12 @@ Policies (gradients are identical under all of them; tests/test_second_order_pol
   the outer vector-Jacobian product through it, so one step's second-order graph is live at a time.
   Compared with wrapping the step in torch.utils.checkpoint (`generic_step_runner`, kept for the benchmark),
   the forward builds no double-backward graph at all and no saved-tensor hooks run.
+  With cfg.remat_chunk = n > 0 both passes run n sequences at a time (sequences never interact in the
+  candidate stream), so only one chunk's second-order graph is ever live: at xxs, context 256, batch 8,
+  V 8192, K=2 this is what brings the peak from 2.6x to 1.3-1.5x Transformer++'s (benchmarks/README.md).
 - "block+mcmc_step": both (the recomputed step checkpoints its blocks too).
-- "auto": ebt.planner picks the fastest policy whose predicted peak fits cfg.memory_budget_gb.
+- "auto": ebt.planner picks the fastest (policy, remat_chunk) whose predicted peak fits cfg.memory_budget_gb,
+  once per micro-batch size (tracing tiny replicas costs a few seconds per option at the first step).
 
 MFU: the trainer logs MFU from ebt.flops.train_flops_per_token, i.e. MODEL FLOPs; recompute added by a policy
 is not counted (the usual convention for activation checkpointing), so a recomputing policy shows a lower MFU
