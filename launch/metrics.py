@@ -18,6 +18,10 @@ import torch
 
 from launch.fsutil import atomic_write_text
 
+# Fields of a metrics row that measure wall time or the machine, not training: they legitimately differ between
+# an uninterrupted run and a resumed one. Everything else in a row must match bit for bit.
+TIMING_FIELDS = frozenset({"time", "tokens_per_s", "mfu", "peak_mem_mb", "compute_frac", "data_frac", "eval_s"})
+
 # Dense bf16 peak FLOP/s per device by CUDA device name fragment (vendor data sheets, no sparsity).
 CUDA_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                   "L4": 121e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}

@@ -22,12 +22,12 @@ import torch
 import yaml
 
 from launch.cli import main
+from launch.metrics import TIMING_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 REPO_BASE = REPO / "configs" / "train" / "quickstart.yaml"
 BASE = REPO_BASE  # replaced by a frozen copy for the session (see `frozen_base`)
 CLUSTER = REPO / "slurm" / "dev-cluster.sh"
-TIMING_KEYS = ("time", "tokens_per_s", "mfu", "peak_mem_mb")
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,7 @@ def done(sweep_dir: Path, runs: list[str]) -> bool:
 
 def metric_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
 
 
 def job_log(sweep_dir: Path) -> str:
