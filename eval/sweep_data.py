@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launch.fsutil import read_metrics_rows
+
 # Columns of slurm.report.COLLECT_COLUMNS that the report needs. Others are read when present.
 REQUIRED_COLUMNS = ("run", "kind", "size", "params", "tokens", "train_flops", "train_loss", "val_loss", "finished")
 KINDS = ("ebt", "transformer")
@@ -132,17 +134,7 @@ def _locate_run_dir(sweep_dir: Path, run: str) -> Path | None:
     return None
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows; lines torn by a kill are skipped (the trainer rewrites them on resume)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+read_metrics = read_metrics_rows  # eval's historical name
 
 
 def record_from_run_dir(run_dir: Path) -> RunRecord:

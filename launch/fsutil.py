@@ -6,8 +6,10 @@ A crash (kill -9, node loss) at any point leaves either the old file or the new 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -45,3 +47,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_metrics_rows(run_dir: Path | str) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl rows; a line torn by a kill (or being written now) is skipped, and the trainer
+    rewrites it on resume. Missing file: no rows."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -13,21 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from launch.fsutil import read_metrics_rows
 from slurm.spec import RunPlan, SweepSpec
 from slurm.state import SweepState, run_states
-
-
-def _metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def _eta_seconds(train_rows: list[dict[str, Any]], since: float | None, max_steps: int) -> float | None:
@@ -55,7 +43,7 @@ def _fmt_duration(seconds: float | None) -> str:
 
 
 def run_status(state: SweepState, plan: RunPlan, sched_state: str) -> dict[str, Any]:
-    rows = _metrics_rows(plan.run_dir)
+    rows = read_metrics_rows(plan.run_dir)
     train_rows = [r for r in rows if not r.get("final") and "loss" in r]
     last = train_rows[-1] if train_rows else {}
     events = state.events(plan.name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import json
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from data_pipeline import DataConfig, prepare_if_needed
+from launch.fsutil import read_metrics_rows
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512  # sentencepiece needs ~350 pieces for the byte fallback plus the corpus's required chars
@@ -93,17 +93,7 @@ def start_train(cwd: Path, config: Path, *overrides: str, nproc: int = 1) -> sub
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def read_rows(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a row being written right now
-    return rows
+read_rows = read_metrics_rows
 
 
 def training_rows(run_dir: Path) -> list[dict]:
