@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import resource
@@ -43,3 +44,20 @@ def write_results(name: str, payload: dict, table: str) -> Path:
         text = text.rstrip() + "\n\n" + section + "\n"
     readme.write_text(text)
     return path
+
+
+def add_workload_args(
+    parser: argparse.ArgumentParser,
+    *,
+    size: str = "xxs",
+    context: int = 256,
+    vocab: int = 8192,
+    batch: int = 8,
+    mcmc_steps: int = 2,
+) -> None:
+    """The model and batch a training-step benchmark measures; defaults are issue 2's xxs workload."""
+    parser.add_argument("--size", default=size)
+    parser.add_argument("--context", type=int, default=context)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--mcmc-steps", type=int, default=mcmc_steps)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import add_workload_args
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -85,11 +87,7 @@ def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=50304)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--mcmc-steps", type=int, default=2)
+    add_workload_args(parser, size="small", context=1024, vocab=50304)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="a seconds-long CPU check of this script")

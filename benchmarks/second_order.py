@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.common import peak_rss_mb, run_isolated, write_results
+from benchmarks.common import add_workload_args, peak_rss_mb, run_isolated, write_results
 
 
 def measure_one(args: argparse.Namespace) -> dict:
@@ -106,11 +106,7 @@ def label(policy: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="xxs")
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--mcmc-steps", type=int, default=2)
+    add_workload_args(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)

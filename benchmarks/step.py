@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.common import peak_rss_mb, run_isolated, write_results
+from benchmarks.common import add_workload_args, peak_rss_mb, run_isolated, write_results
 
 
 def measure_one(args: argparse.Namespace) -> dict:
@@ -59,11 +59,7 @@ def measure_one(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="xxs")
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--mcmc-steps", type=int, default=2)
+    add_workload_args(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
