@@ -411,11 +411,14 @@ class Plan:
 
 
 def plan(cfg: ModelConfig, max_micro_batch: int, device: torch.device | str = "cpu",
-         budget_gb: float | None = None) -> Plan:
-    """Largest micro-batch (<= max_micro_batch) that fits with some policy, with the fastest such policy."""
+         budget_gb: float | None = None, divides: int | None = None) -> Plan:
+    """Largest micro-batch (<= max_micro_batch; with `divides`, only divisors of it, so that accumulating
+    micro-batches keeps a fixed per-rank batch) that fits with some policy, with the fastest such policy."""
     device = torch.device(device)
     budget = budget_gb * 1e9 if budget_gb is not None else default_budget_bytes(device)
     for batch in range(max_micro_batch, 0, -1):
+        if divides is not None and divides % batch:
+            continue
         for policy, chunk in _options_fastest_first(cfg, batch):
             peak = _predict(cfg, policy, chunk, batch, device)
             if peak <= budget:

@@ -62,6 +62,10 @@ class TrainerConfig:
     # Peak FLOP/s of one device for MFU; 0 measures a matmul at start-up (CPU) or uses a known table (CUDA).
     peak_flops: float = 0.0
     num_workers: int = 0
+    # Per-rank memory budget for model.checkpointing=auto, which then also picks the micro-batch (a divisor of
+    # micro_batch_size x grad_accum_steps; launch/memory_plan.py). None: model.memory_budget_gb, else the
+    # device's capacity minus a margin.
+    memory_budget_gb: float | None = None
 
 
 @dataclass
@@ -295,6 +299,12 @@ def validate(cfg: TrainConfig) -> None:
                        ("trainer.num_workers", t.num_workers), ("trainer.peak_flops", t.peak_flops)):
         if value < 0:
             raise _err(key, f"must be >= 0, got {value}")
+    if t.memory_budget_gb is not None:
+        if not t.memory_budget_gb > 0:
+            raise _err("trainer.memory_budget_gb", f"must be > 0, got {t.memory_budget_gb}")
+        if cfg.model.checkpointing != "auto":
+            raise _err("trainer.memory_budget_gb", "is only used with model.checkpointing=auto, not "
+                       f"{cfg.model.checkpointing!r}")
     if o.lr is not None and not o.lr > 0:
         raise _err("optim.lr", f"must be > 0, got {o.lr}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):

@@ -23,6 +23,7 @@ import torch
 
 import data_pipeline
 from ebt import NonFiniteEnergyGradientError, build_model
+from launch import memory_plan
 from launch.checkpoint import CheckpointManager
 from launch.config import TrainConfig, check_resume_compatible, config_to_dict, load_saved_config, save_config
 from launch.distributed import all_reduce_sum, barrier, broadcast_object, configure_threads, make_accelerator
@@ -57,10 +58,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _planning_device() -> torch.device:
+    """The device this rank will train on, known before Accelerate is set up (it takes LOCAL_RANK's GPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, log=None) -> None:
         configure_threads()
-        self.cfg = cfg
+        self.user_cfg = cfg  # what config.yaml keeps and resume compares (checkpointing may say "auto")
+        self._log = log or print
+        # checkpointing=auto is planned before anything is built: DeepSpeed's batch arithmetic, the model and
+        # the loader all take the planned micro-batch (launch/memory_plan.py).
+        self.memory_plan = memory_plan.resolve(cfg, _planning_device(), resuming=cfg.checkpoint.resume)
+        self.cfg = cfg = memory_plan.apply(cfg, self.memory_plan)
         self.accelerator = make_accelerator(cfg)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
@@ -71,10 +84,10 @@ class Trainer:
             self.world = torch.distributed.get_world_size()
         self.device = self.accelerator.device
         self.is_main = self.rank == 0
-        self._log = log or print
         self.is_deepspeed = cfg.distributed.strategy == "deepspeed"
         self.reshaped_scalars: list[str] = []
         self.run_dir = cfg.run_dir
+        self._agree_on_memory_plan()
         self.step = 0
         self.tokens = 0
         self.nonfinite_total = 0
@@ -85,6 +98,24 @@ class Trainer:
         self.preempt = PreemptionFlag()
         self.data_time = 0.0  # seconds spent fetching batches since the last metrics row
         self.step_time = 0.0  # seconds inside train_step (data included) since the last metrics row
+
+    def _agree_on_memory_plan(self) -> None:
+        """Every rank computes with rank 0's plan (free memory, and so the default budget, differs by node)."""
+        if self.memory_plan is None:
+            return
+        chosen = broadcast_object(self.memory_plan)
+        if chosen != self.memory_plan:
+            if self.is_deepspeed and (chosen.micro_batch_size, chosen.grad_accum_steps) != (
+                    self.memory_plan.micro_batch_size, self.memory_plan.grad_accum_steps):
+                raise ValueError("config key 'trainer.memory_budget_gb': ranks planned different micro-batches "
+                                 f"(rank 0: {chosen.micro_batch_size}, rank {self.rank}: "
+                                 f"{self.memory_plan.micro_batch_size}) and DeepSpeed has fixed its batch "
+                                 "already; set trainer.memory_budget_gb so every rank plans the same")
+            self.memory_plan = chosen
+            self.cfg = memory_plan.apply(self.user_cfg, chosen)
+        self.log(chosen.describe())
+        if self.is_main:
+            memory_plan.save_plan(self.run_dir, chosen)
 
     # ------------------------------------------------------------------------------------------------ setup
     def log(self, msg: str) -> None:
@@ -100,7 +131,7 @@ class Trainer:
         self._resume()
         self.train_iter = iter(self.loader)
         if self.is_main:
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            save_config(self.user_cfg, self.run_dir / "config.yaml")
         self._init_wandb()
 
     def setup_model(self) -> None:
@@ -156,7 +187,7 @@ class Trainer:
             raise ValueError(f"config key 'checkpoint.resume': {self.run_dir} already holds checkpoints; "
                              "set checkpoint.resume=true to continue it or pick a new name=")
         saved = config_to_dict(load_saved_config(path / "config.yaml"))
-        check_resume_compatible(saved, cfg, self.run_dir)
+        check_resume_compatible(saved, self.user_cfg, self.run_dir)
         trainer_state = self.ckpt.load_shared(path, "trainer")
         if self.is_deepspeed:
             self.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
@@ -186,8 +217,11 @@ class Trainer:
         (self.run_dir / "wandb_id").write_text(str(self.wandb_id))
         import wandb
 
+        config = config_to_dict(self.user_cfg)
+        if self.memory_plan is not None:
+            config["memory_plan"] = dataclasses.asdict(self.memory_plan)
         self.wandb_run = wandb.init(project=lc.wandb_project, name=self.cfg.name, id=self.wandb_id,
-                                    resume="allow", dir=str(self.run_dir), config=config_to_dict(self.cfg))
+                                    resume="allow", dir=str(self.run_dir), config=config)
 
     # ------------------------------------------------------------------------------------------------ step
     def _next_batch(self) -> torch.Tensor:
@@ -342,7 +376,7 @@ class Trainer:
                     "module": self.module.state_dict(self.raw_model)}
         from omegaconf import OmegaConf
 
-        config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(self.cfg)))
+        config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(self.user_cfg)))
         return self.ckpt.save(self.step, shared, per_rank, config_yaml,
                               deepspeed_engine=self.model if self.is_deepspeed else None)
 
