@@ -93,6 +93,14 @@ def scaling_fit(axis: str, points: dict[str, tuple[np.ndarray, np.ndarray]], fit
     # Log x, linear y: losses span well under a decade, where a log y axis has no labelled ticks, and with
     # the offset E the curve is not a straight line on either scale.
     ax.set_xscale("log")
+    # Frame the measured losses: a wide band beyond the smallest run (few points, loose A) would otherwise
+    # stretch the y axis until the points and fits are flat lines at the bottom.
+    ys = np.concatenate([y for _, y in points.values()])
+    ys = ys[np.isfinite(ys)]
+    if ys.size:
+        low, high = float(ys.min()), float(ys.max())
+        pad = max(0.5 * (high - low), 0.05 * abs(high), 1e-3)
+        ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel(AXIS_LABELS.get(axis, axis))
     ax.set_ylabel(loss_column)
     ax.set_title(f"L({axis}) = E + A {axis}^-alpha, {int(round(100 * _level(fits)))}% bootstrap band")
