@@ -5,18 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
+
+from launch.metrics import peak_rss_mb  # noqa: F401  (re-exported: one definition for trainer and benchmarks)
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def current_rss_mb() -> float:
+    """This process's resident set now (VmRSS)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmRSS line")
 
 
 def run_isolated(module_args: list[str]) -> dict:
