@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,11 @@ def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings:
     specs = resolve_sources(path, data, ood, settings, model_vocab=model_cfg.vocab_size)
     is_ebt = model_cfg.kind == "ebt"
     n_cells = len(grid_cells(settings, model_cfg.mcmc_steps)) if is_ebt else 1
+    if is_ebt and max(settings.samples) > 1 and model_cfg.init_logit_std == 0 and settings.noise == 0:
+        # Every chain then starts from the same uniform logits and follows the same deterministic descent.
+        print("ebt eval: warning: the checkpoint's model.init_logit_std is 0 and --noise is 0, so all samples of "
+              "a cell are the same chain and the samples/selection columns repeat one result; pass --noise "
+              "(or train with init_logit_std > 0) to compare samples", file=sys.stderr)
     results = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress, transient=True) as bar:

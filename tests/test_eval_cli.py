@@ -147,3 +147,22 @@ def test_tokenizer_larger_than_the_model_vocab_is_refused(setup, tmp_path, capsy
             "--out", str(tmp_path / "e.json"), *ARGS]
     assert main(argv) == 2
     assert "but the model's vocab_size is 256" in capsys.readouterr().err
+
+
+def test_identical_chains_are_flagged(setup, tmp_path, capsys):
+    """init_logit_std=0 without --noise: every sample is the same chain, which the grid would silently repeat."""
+    cfg_path = setup["ckpt"]["ebt"] / "config.yaml"
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["model"]["init_logit_std"] = 0.0
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes((setup["ckpt"]["ebt"] / "model.safetensors").read_bytes())
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--out", str(out), *ARGS]) == 0
+    assert "all samples of a cell are the same chain" in capsys.readouterr().err
+    cells = json.loads(out.read_text())["sources"][0]["grid"]
+    grid = {(g["steps"], g["samples"], g["selection"]): g["loss"] for g in cells}
+    assert grid[(1, 2, "min")] == grid[(1, 1, "none")]  # what the warning is about
+    assert main(["eval", "--checkpoint", str(ckpt), "--out", str(out), "--noise", "0.5", *ARGS]) == 0
+    assert "same chain" not in capsys.readouterr().err
