@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,10 +25,22 @@ def current_rss_mb() -> float:
     raise RuntimeError("/proc/self/status has no VmRSS line")
 
 
-def run_isolated(module_args: list[str]) -> dict:
-    """Run `python -m <module_args>` in a fresh process (so peak RSS is its own) and parse its last JSON line."""
+def child_allocator(choice: str = "auto") -> tuple[str, dict[str, str]]:
+    """The host allocator `ebt train` would run on (launch/allocator.py) and the environment that gives a child
+    process the same: benchmarks measure what training does. EBT_CPU_ALLOCATOR=system measures glibc."""
+    from launch.allocator import preload_env, resolve
+
+    name, path = resolve(choice)
+    env = dict(os.environ)
+    return name, (preload_env(path, env) if path else env)
+
+
+def run_isolated(module_args: list[str], allocator: str = "auto") -> dict:
+    """Run `python -m <module_args>` in a fresh process (so peak RSS is its own) on the training allocator and
+    parse its last JSON line."""
     completed = subprocess.run(
-        [sys.executable, "-m", *module_args], capture_output=True, text=True, cwd=BENCH_DIR.parent, check=False
+        [sys.executable, "-m", *module_args], capture_output=True, text=True, cwd=BENCH_DIR.parent, check=False,
+        env=child_allocator(allocator)[1],
     )
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(module_args)} failed:\n{completed.stderr[-3000:]}")

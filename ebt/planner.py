@@ -51,8 +51,15 @@ class Calibration:
     factor: float  # measured / predicted tensor bytes
 
 
-DEFAULT_CPU = Calibration(base_bytes=350e6, factor=1.0)
+# Measured here (benchmarks/planner.py, settled peaks; a saved calibration wins): the CPU overhead over the
+# live tensors depends on the host allocator. glibc's heap fragments (2.1-2.4x for none, less for the
+# recompute policies: the larger, safe value is kept); tcmalloc and jemalloc stay at 1.2-1.5x for every policy
+# (launch/allocator.py).
+DEFAULT_CPU = {"system": Calibration(base_bytes=221 * 2**20, factor=2.22),
+               "tcmalloc": Calibration(base_bytes=226 * 2**20, factor=1.37),
+               "jemalloc": Calibration(base_bytes=223 * 2**20, factor=1.35)}
 DEFAULT_CUDA = Calibration(base_bytes=0.0, factor=1.05)
+ALLOCATOR_LIBRARIES = ("tcmalloc", "jemalloc")
 
 
 # ---------------------------------------------------------------------------------------------- tracing
@@ -331,15 +338,29 @@ def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: in
 # ---------------------------------------------------------------------------------------------- prediction
 
 
+def host_allocator() -> str:
+    """The allocator this process runs on: jemalloc or tcmalloc when mapped into it, else "system"."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return next((name for name in ALLOCATOR_LIBRARIES if f"lib{name}" in maps), "system")
+
+
+def calibration_key(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else f"cpu:{host_allocator()}"
+
+
 def calibration_for(device: torch.device) -> Calibration:
+    key = calibration_key(device)
     if CALIBRATION_FILE.is_file():
         try:
-            data = json.loads(CALIBRATION_FILE.read_text()).get(device.type)
+            data = json.loads(CALIBRATION_FILE.read_text()).get(key)
             if data:
                 return Calibration(**data)
         except (ValueError, TypeError):
             pass  # a damaged cache falls back to the defaults rather than stopping a training run
-    return DEFAULT_CUDA if device.type == "cuda" else DEFAULT_CPU
+    return DEFAULT_CUDA if device.type == "cuda" else DEFAULT_CPU[key.partition(":")[2]]
 
 
 def predict_peak_bytes(cfg: ModelConfig, policy: str, batch: int, device: torch.device | str = "cpu",
@@ -435,7 +456,7 @@ def calibrate(measured_peak_bytes: float, base_bytes: float, cfg: ModelConfig, p
     if save:
         CALIBRATION_FILE.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.is_file() else {}
-        data[device.type] = dataclasses.asdict(cal)
+        data[calibration_key(device)] = dataclasses.asdict(cal)
         tmp = CALIBRATION_FILE.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(CALIBRATION_FILE)

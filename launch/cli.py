@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A real command line (not a call from Python) may replace its own process, e.g. `ebt train` re-executing
+    # itself with the configured CPU allocator preloaded (launch/allocator.py).
+    args.from_command_line = argv is None
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as error:

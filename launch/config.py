@@ -66,6 +66,10 @@ class TrainerConfig:
     # micro_batch_size x grad_accum_steps; launch/memory_plan.py). None: model.memory_budget_gb, else the
     # device's capacity minus a margin.
     memory_budget_gb: float | None = None
+    # Host allocator of a CPU training process started by `ebt train`: auto (tcmalloc, else jemalloc, else the
+    # C library's) | tcmalloc | jemalloc | system. glibc's heap fragments under second-order training
+    # (launch/allocator.py); the EBT_CPU_ALLOCATOR environment variable wins.
+    cpu_allocator: str = "auto"
 
 
 @dataclass
@@ -299,6 +303,8 @@ def validate(cfg: TrainConfig) -> None:
                        ("trainer.num_workers", t.num_workers), ("trainer.peak_flops", t.peak_flops)):
         if value < 0:
             raise _err(key, f"must be >= 0, got {value}")
+    if t.cpu_allocator not in ("auto", "tcmalloc", "jemalloc", "system"):
+        raise _err("trainer.cpu_allocator", f"must be auto, tcmalloc, jemalloc or system, got {t.cpu_allocator!r}")
     if t.memory_budget_gb is not None:
         if not t.memory_budget_gb > 0:
             raise _err("trainer.memory_budget_gb", f"must be > 0, got {t.memory_budget_gb}")

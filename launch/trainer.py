@@ -123,6 +123,10 @@ class Trainer:
             self._log(msg)
 
     def setup(self) -> None:
+        if self.device.type == "cpu":
+            from ebt.planner import host_allocator
+
+            self.log(f"host allocator: {host_allocator()}")  # launch/allocator.py: it sets CPU peak memory
         self.setup_data()
         self.setup_model()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last, self.rank,
