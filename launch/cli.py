@@ -33,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `ebt train cfg.yaml --nproc 2 key=value`: argparse stops a positional list at the first option, so
+    # positionals after it arrive here; they belong to the command's positional list (configs/overrides).
+    if extra and hasattr(args, "configs") and not any(arg.startswith("-") for arg in extra):
+        args.configs = [*args.configs, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # A real command line (not a call from Python) may replace its own process, e.g. `ebt train` re-executing
     # itself with the configured CPU allocator preloaded (launch/allocator.py).
     args.from_command_line = argv is None

@@ -109,3 +109,15 @@ def test_yaml_errors_name_the_file(tmp_path, capsys):
 def test_build_config_rejects_non_mapping_sections():
     with pytest.raises(ValueError, match="optim: expected a mapping"):
         build_config({"optim": 3})
+
+
+def test_overrides_after_an_option_still_apply(capsys):
+    """`ebt train cfg.yaml --nproc 1 optim.lr=-1`: the override after the option reaches the config."""
+    err = one_line_error(capsys, ["train", str(QUICKSTART), "--nproc", "1", "optim.lr=-1"])
+    assert "'optim.lr'" in err
+
+
+def test_unknown_options_are_still_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", str(QUICKSTART), "--nproc", "1", "--no-such-flag"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
