@@ -8,6 +8,7 @@ single backward afterwards carries the second-order terms and DDP reduces each g
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -22,10 +23,12 @@ class TrainModule:
     # Per-step training values that exact resume must reproduce bit for bit.
     metric_keys: tuple[str, ...] = ("loss", "ppl")
 
-    def __init__(self, model_cfg: ModelConfig) -> None:
+    def __init__(self, model_cfg: ModelConfig, seed: int = 0) -> None:
         self.model_cfg = model_cfg
+        self.seed = seed
 
     def loss(self, wrapped: nn.Module, tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, dict]:
+        kwargs.pop("step", None)  # the training step: only kinds with per-sequence noise use it
         loss, metrics = wrapped(tokens, **kwargs)
         return loss, metrics
 
@@ -48,8 +51,36 @@ class TransformerTrainModule(TrainModule):
     kind = "transformer"
 
 
+def sequence_keyed_starts(tokens: torch.Tensor, seed: int, step: int, vocab_size: int, std: float,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Initial candidate logits [B, S, V] for tokens [B, S+1], each sequence's drawn from a generator keyed
+    by (seed, step, that sequence's tokens).
+
+    A sequence thus starts from the same noise whichever rank, micro-batch or batch position it lands in, so
+    an EBT run depends on the global batch, not on the world size or the accumulation split. (Drawing from
+    each rank's RNG stream made 1-rank and 2-rank runs differ.) Generated on the tokens' device.
+    """
+    batch, length = tokens.shape[0], tokens.shape[1] - 1
+    rows = tokens.detach().to("cpu", torch.int64).numpy()
+    key = f"ebt-start:{seed}:{step}".encode()
+    out = torch.empty(batch, length, vocab_size, dtype=dtype, device=tokens.device)
+    for index in range(batch):
+        digest = hashlib.blake2b(rows[index].tobytes(), digest_size=8, key=key).digest()
+        generator = torch.Generator(device=tokens.device).manual_seed(int.from_bytes(digest, "little") >> 1)
+        torch.randn(length, vocab_size, generator=generator, dtype=dtype, device=tokens.device, out=out[index])
+    return out.mul_(std)
+
+
 class EBTTrainModule(TrainModule):
     kind = "ebt"
+
+    def loss(self, wrapped: nn.Module, tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, dict]:
+        step = kwargs.pop("step", None)
+        cfg = self.model_cfg
+        if step is not None and "init_logits" not in kwargs and cfg.init_logit_std > 0:
+            kwargs["init_logits"] = sequence_keyed_starts(tokens, self.seed, step, cfg.vocab_size,
+                                                          cfg.init_logit_std, torch.float32)
+        return super().loss(wrapped, tokens, **kwargs)
 
     @property
     def metric_keys(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -74,7 +105,7 @@ class EBTTrainModule(TrainModule):
             buffer.load_state_dict(saved)
 
 
-def make_train_module(model_cfg: ModelConfig) -> TrainModule:
+def make_train_module(model_cfg: ModelConfig, seed: int = 0) -> TrainModule:
     if model_cfg.kind == "ebt":
-        return EBTTrainModule(model_cfg)
-    return TransformerTrainModule(model_cfg)
+        return EBTTrainModule(model_cfg, seed)
+    return TransformerTrainModule(model_cfg, seed)

@@ -144,7 +144,7 @@ class Trainer:
         seed_everything(cfg.trainer.seed)  # same seed everywhere: identical initial weights without a broadcast
         model = build_model(cfg.model)
         self.raw_model = model
-        self.module = make_train_module(cfg.model)
+        self.module = make_train_module(cfg.model, cfg.trainer.seed)
         optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(optimizer, cfg)
         if self.is_deepspeed:
@@ -302,7 +302,8 @@ class Trainer:
         counts: dict[str, int] = {}
         local_bad = 0
         for micro in range(t.grad_accum_steps):
-            metrics, finite = self.forward_backward(self._next_batch(), micro == t.grad_accum_steps - 1)
+            metrics, finite = self.forward_backward(self._next_batch(), micro == t.grad_accum_steps - 1,
+                                                    step=self.step)
             local_bad += 0 if finite else 1
             if finite:
                 for key, value in metrics.items():
