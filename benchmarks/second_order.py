@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.common import add_workload_args, peak_rss_mb, run_isolated, write_results
+from benchmarks.common import add_workload_args, child_allocator, peak_rss_mb, run_isolated, write_results
 
 
 def measure_one(args: argparse.Namespace) -> dict:
@@ -172,7 +172,7 @@ def table(args: argparse.Namespace, payload: dict) -> str:
     lines = [
         f"## Second-order memory and speed (`{command}`): {args.size}, context "
         f"{args.context}, batch {args.batch}, vocab {args.vocab}, fp32, denormals flushed, {args.threads} thread "
-        "per process",
+        f"per process, host allocator {child_allocator()[0]}",
         "",
         "Ratios use CPU time (one thread per process; the shared machine inflates wall time). Targets at K=2: "
         "peak <= 2.0x Transformer++, time <= 1.3x the EBT step without checkpointing.",

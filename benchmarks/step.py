@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.common import add_workload_args, peak_rss_mb, run_isolated, write_results
+from benchmarks.common import add_workload_args, child_allocator, peak_rss_mb, run_isolated, write_results
 
 
 def measure_one(args: argparse.Namespace) -> dict:
@@ -82,9 +82,11 @@ def main() -> None:
         "ebt_over_transformer_memory": ebt["peak_rss_mb"] / tpp["peak_rss_mb"],
         "targets": {"step_ratio": 5.5, "memory_ratio": 3.0},
     }
+    allocator = child_allocator()[0]
+    payload["allocator"] = allocator
     table = "\n".join([
         f"## Training step (`python -m benchmarks.step`): {args.size}, context {args.context}, batch {args.batch}, "
-        f"vocab {args.vocab}, fp32, {args.threads} threads, K={args.mcmc_steps}",
+        f"vocab {args.vocab}, fp32, {args.threads} threads, K={args.mcmc_steps}, host allocator {allocator}",
         "",
         "| model | median step (s) | tokens/s | peak RSS (MB) |",
         "|---|---|---|---|",
