@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The device machine has no network: import the working tree directly instead of installing it.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python -c "import torch, ebt; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+# Not every image has a `python` alias; PYTHON overrides.
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+"$PY" -c "import torch, ebt; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi: CPU check"
 export PYTHONUNBUFFERED=1
-timeout 450 python -m benchmarks.gpu_step "$@"
+timeout 450 "$PY" -m benchmarks.gpu_step "$@"
