@@ -20,11 +20,13 @@ def run_training(cfg: TrainConfig, log=None) -> dict[str, Any]:
     from launch.trainer import Trainer
 
     trainer = Trainer(cfg, log=log)
+    finished = False
     try:
         trainer.setup()
         result = trainer.fit()
+        finished = True
     finally:
-        trainer.close()
+        trainer.close(finished)
     return result
 
 
