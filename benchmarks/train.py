@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import BENCH_DIR, write_results
+from benchmarks.common import BENCH_DIR, child_allocator, write_results
 
 REPO = BENCH_DIR.parent
 QUICKSTART = REPO / "configs" / "train" / "quickstart.yaml"
@@ -34,7 +34,8 @@ def pure_tokens_per_s(cfg, nproc: int, threads: int, steps: int) -> dict:
     args = [sys.executable, "-m", "benchmarks.step", f"--kind={m.kind}", f"--size={m.size}",
             f"--context={m.context_length}", f"--batch={t.micro_batch_size}", f"--vocab={m.vocab_size}",
             f"--mcmc-steps={m.mcmc_steps}", f"--threads={threads}", f"--steps={steps}", "--warmup=3"]
-    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(nproc)]
+    env = child_allocator()[1]  # the allocator `ebt train` runs on, or the comparison measures allocators
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True, env=env) for _ in range(nproc)]
     results = []
     for proc in procs:
         out, _ = proc.communicate()
@@ -110,7 +111,9 @@ def main() -> None:
         "",
         "In-run overhead = share of the trainer's own wall time (same windows) not spent computing steps; it is "
         "immune to the machine's load drifting between the two measurements, which dominates the other column "
-        "on this shared machine.",
+        "on this shared machine. With several processes, pure runs them independently: the vs-pure gap then also "
+        "holds DDP's gradient all-reduce over gloo, part of the step, which the in-run column counts as compute. "
+        "Both sides run on the training allocator.",
         "",
         "| processes | threads each | end-to-end tokens/s | pure step tokens/s | overhead vs pure | in-run overhead "
         "| of which data | load avg |",
