@@ -74,6 +74,8 @@ def make_accelerator(cfg: TrainConfig):
     if cfg.distributed.strategy == "deepspeed":
         from accelerate.utils import DeepSpeedPlugin
 
+        if "WORLD_SIZE" not in os.environ:
+            _single_process_rendezvous()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
     # Accelerate only switches to DeepSpeed when cpu=False (on a CPU-only machine DeepSpeed then picks gloo
@@ -81,6 +83,20 @@ def make_accelerator(cfg: TrainConfig):
     cpu = not use_cuda and plugin is None
     return Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers,
                        deepspeed_plugin=plugin, step_scheduler_with_optimizer=False)
+
+
+def _single_process_rendezvous() -> None:
+    """A plain `python`/`ebt train` process is a world of one. DeepSpeed, unlike DDP, has no single-process
+    path: without the torch.distributed variables it falls back to MPI discovery and fails on a missing
+    mpi4py. So set them, as torchrun would for --nproc_per_node 1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
