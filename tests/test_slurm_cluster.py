@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from config_copies import frozen_quickstart
 
 from launch.cli import main
 from launch.metrics import TIMING_FIELDS
@@ -57,10 +58,7 @@ def frozen_base(tmp_path_factory):
     """A private copy of the base config and the size files it includes: a sweep's identity includes its base
     config files, and an edit to the repo's quickstart during the session must not change a run mid-test."""
     global BASE
-    root = tmp_path_factory.mktemp("configs")
-    shutil.copytree(REPO / "configs" / "train", root / "train")
-    shutil.copytree(REPO / "configs" / "model", root / "model")
-    BASE = root / "train" / REPO_BASE.name
+    BASE = frozen_quickstart(tmp_path_factory.mktemp("configs"))
     yield BASE
     BASE = REPO_BASE
 

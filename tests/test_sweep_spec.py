@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from config_copies import frozen_quickstart
 
 from ebt.flops import train_flops_per_token
 from ebt.sizes import SIZES
@@ -25,10 +25,7 @@ BASE = REPO_BASE  # replaced by a frozen copy for this module (see `frozen_base`
 def frozen_base(tmp_path_factory):
     """Run names and hashes depend on the base config's bytes: plan against a copy nobody edits mid-test."""
     global BASE
-    root = tmp_path_factory.mktemp("configs")
-    shutil.copytree(REPO / "configs" / "train", root / "train")
-    shutil.copytree(REPO / "configs" / "model", root / "model")
-    BASE = root / "train" / REPO_BASE.name
+    BASE = frozen_quickstart(tmp_path_factory.mktemp("configs"))
     yield BASE
     BASE = REPO_BASE
 
