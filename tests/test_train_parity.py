@@ -80,6 +80,7 @@ def worker(strategy: str, zero_stage: int | None, out: str) -> None:
             GradientState._reset_state()
     if int(os.environ["RANK"]) == 0:
         Path(out).write_text(json.dumps(results))
+    trainer.close(finished=True)  # as run_training does: no gloo teardown after Python has finalised
 
 
 def run_parity(tmp_path: Path, strategy: str, zero_stage: int | None) -> dict:
