@@ -28,9 +28,9 @@ def current_rss_mb() -> float:
 def child_allocator(choice: str = "auto") -> tuple[str, dict[str, str]]:
     """The host allocator `ebt train` would run on (launch/allocator.py) and the environment that gives a child
     process the same: benchmarks measure what training does. EBT_CPU_ALLOCATOR=system measures glibc."""
-    from launch.allocator import preload_env, resolve
+    from launch.allocator import effective_choice, preload_env, resolve
 
-    name, path = resolve(choice)
+    name, path = resolve(effective_choice(choice))
     env = dict(os.environ)
     return name, (preload_env(path, env) if path else env)
 

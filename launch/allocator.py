@@ -51,9 +51,13 @@ def find_library(name: str) -> str | None:
     return found if found and Path(found).is_absolute() else None
 
 
+def effective_choice(configured: str) -> str:
+    """The configured choice, unless the environment overrides it."""
+    return os.environ.get(ENV_CHOICE, configured)
+
+
 def resolve(choice: str) -> tuple[str, str | None]:
-    """(allocator name, library path) for a config choice; ("system", None) when nothing better is installed."""
-    choice = os.environ.get(ENV_CHOICE, choice)
+    """(allocator name, library path) for a choice; ("system", None) when nothing better is installed."""
     if choice not in CHOICES:
         raise ValueError(f"config key 'trainer.cpu_allocator': must be one of {', '.join(CHOICES)}, got {choice!r}")
     if choice == "system":
@@ -73,11 +77,10 @@ def preload_env(path: str, env: dict[str, str]) -> dict[str, str]:
     return {**env, "LD_PRELOAD": f"{path}:{preloaded}" if preloaded else path, ENV_REEXEC: "1"}
 
 
-def reexec_if_needed(choice: str) -> None:
-    """Replace this process by itself with the chosen allocator preloaded; returns when nothing is to be done."""
+def reexec_with(name: str, path: str | None) -> None:
+    """Replace this process by itself with the resolved allocator preloaded; returns when nothing is to be done."""
     if not sys.platform.startswith("linux") or os.environ.get(ENV_REEXEC):
         return
-    name, path = resolve(choice)
     if path is None or loaded_allocator() == name:
         return
     sys.stdout.flush()

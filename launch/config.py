@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data_pipeline import DataConfig
 from ebt import ModelConfig
 from ebt.sizes import SIZES
+from launch.allocator import CHOICES as ALLOCATOR_CHOICES
 
 PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("ddp", "deepspeed", "fsdp")
@@ -303,7 +304,7 @@ def validate(cfg: TrainConfig) -> None:
                        ("trainer.num_workers", t.num_workers), ("trainer.peak_flops", t.peak_flops)):
         if value < 0:
             raise _err(key, f"must be >= 0, got {value}")
-    if t.cpu_allocator not in ("auto", "tcmalloc", "jemalloc", "system"):
+    if t.cpu_allocator not in ALLOCATOR_CHOICES:
         raise _err("trainer.cpu_allocator", f"must be auto, tcmalloc, jemalloc or system, got {t.cpu_allocator!r}")
     if t.memory_budget_gb is not None:
         if not t.memory_budget_gb > 0:

@@ -49,10 +49,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_metrics_rows(run_dir: Path | str) -> list[dict[str, Any]]:
-    """A run's metrics.jsonl rows; a line torn by a kill (or being written now) is skipped, and the trainer
-    rewrites it on resume. Missing file: no rows."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_jsonl(path: Path | str) -> list[Any]:
+    """The records of an append-only JSON-lines file. A line torn by a kill (or being written now) is skipped;
+    the other lines still count. Missing file: no records."""
+    path = Path(path)
     if not path.is_file():
         return []
     rows = []
@@ -62,3 +62,8 @@ def read_metrics_rows(run_dir: Path | str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def read_metrics_rows(run_dir: Path | str) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl rows (a torn line is skipped; the trainer rewrites it on resume)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")

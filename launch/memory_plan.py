@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from launch.config import TrainConfig
+from launch.fsutil import atomic_write_text
 
 PLAN_FILE = "memory_plan.json"
 
@@ -88,11 +89,7 @@ def load_plan(run_dir: Path) -> MemoryPlan | None:
 
 
 def save_plan(run_dir: Path, plan: MemoryPlan) -> None:
-    path = Path(run_dir) / PLAN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(Path(run_dir) / PLAN_FILE, json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
 
 
 def reusable(saved: MemoryPlan | None, cfg: TrainConfig) -> bool:

@@ -92,20 +92,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _use_configured_cpu_allocator(cfg: TrainConfig) -> None:
-    """CPU training runs on trainer.cpu_allocator (jemalloc when installed): re-execute with it preloaded."""
+    """CPU training runs on trainer.cpu_allocator (tcmalloc when installed): re-execute with it preloaded."""
     import torch
 
-    from launch.allocator import reexec_if_needed, resolve
+    from launch.allocator import effective_choice, reexec_with, resolve
 
     if torch.cuda.is_available():
         return
-    if resolve(cfg.trainer.cpu_allocator)[1] is None and cfg.trainer.cpu_allocator == "auto" \
-            and int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("EBT_ALLOCATOR_NOTED"):
+    choice = effective_choice(cfg.trainer.cpu_allocator)
+    name, path = resolve(choice)
+    if path is None and choice == "auto" and int(os.environ.get("RANK", "0")) == 0 \
+            and not os.environ.get("EBT_ALLOCATOR_NOTED"):
         os.environ["EBT_ALLOCATOR_NOTED"] = "1"  # once per launch, not once per rank
         print("ebt train: note: neither tcmalloc nor jemalloc is installed (Debian/Ubuntu: apt install "
               "libtcmalloc-minimal4); training on the C library's allocator, whose heap fragments: expect up to "
               "50% more peak memory and ~10% slower steps on CPU", file=sys.stderr)
-    reexec_if_needed(cfg.trainer.cpu_allocator)
+    reexec_with(name, path)
 
 
 def _export(args: argparse.Namespace) -> int:

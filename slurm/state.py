@@ -24,6 +24,8 @@ from typing import Any
 
 from submitit.slurm.slurm import SlurmInfoWatcher
 
+from launch.fsutil import read_jsonl
+
 # Slurm states in which a job still owns the run: do not submit it again.
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "SPECIAL_EXIT"}
@@ -105,16 +107,7 @@ class SweepState:
         return _read_json(self.result_path(run), None)
 
     def events(self, run: str) -> list[dict[str, Any]]:
-        path = self.events_path(run)
-        if not path.is_file():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill; the others still count
-        return out
+        return read_jsonl(self.events_path(run))
 
 
 # ---------------------------------------------------------------------------------------------- job states

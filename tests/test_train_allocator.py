@@ -28,7 +28,7 @@ def test_choices_resolve_and_bad_ones_name_the_key(monkeypatch):
     with pytest.raises(ValueError, match=r"^config key 'trainer.cpu_allocator': jemalloc is not installed"):
         allocator.resolve("jemalloc")
     monkeypatch.setenv(allocator.ENV_CHOICE, "system")
-    assert allocator.resolve("jemalloc") == ("system", None)  # the environment wins
+    assert allocator.resolve(allocator.effective_choice("jemalloc")) == ("system", None)  # the environment wins
 
 
 def test_preload_env_prepends_and_marks_the_reexec():
