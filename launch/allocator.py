@@ -52,8 +52,13 @@ def find_library(name: str) -> str | None:
 
 
 def effective_choice(configured: str) -> str:
-    """The configured choice, unless the environment overrides it."""
-    return os.environ.get(ENV_CHOICE, configured)
+    """The configured choice, unless the environment overrides it (a bad override is named as such)."""
+    override = os.environ.get(ENV_CHOICE)
+    if override is None:
+        return configured
+    if override not in CHOICES:
+        raise ValueError(f"{ENV_CHOICE}: must be one of {', '.join(CHOICES)}, got {override!r}")
+    return override
 
 
 def resolve(choice: str) -> tuple[str, str | None]:

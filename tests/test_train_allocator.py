@@ -29,6 +29,10 @@ def test_choices_resolve_and_bad_ones_name_the_key(monkeypatch):
         allocator.resolve("jemalloc")
     monkeypatch.setenv(allocator.ENV_CHOICE, "system")
     assert allocator.resolve(allocator.effective_choice("jemalloc")) == ("system", None)  # the environment wins
+    monkeypatch.setenv(allocator.ENV_CHOICE, "hoard")
+    with pytest.raises(ValueError, match=r"^EBT_CPU_ALLOCATOR: must be one of auto, tcmalloc, jemalloc, system, "
+                                         r"got 'hoard'$"):
+        allocator.effective_choice("auto")
 
 
 def test_preload_env_prepends_and_marks_the_reexec():
