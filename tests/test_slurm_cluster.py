@@ -315,7 +315,11 @@ def test_time_limit_signal_requeues_and_finishes(sweep_env, data_overrides):
     steps = int(min(3000, max(60, 45 / _seconds_per_step(root, data_overrides))))
     spec = write_spec(root, "tl", {"size": ["4xs"], "kind": ["ebt"], "steps": [steps]}, data_overrides,
                       resources={"default": {"mem_gb": 1, "time_min": 1}}, slurm={"signal_delay_s": 25})
-    run = f"tl-4xs-ebt-n{steps}"
+    from slurm.spec import load_spec
+
+    # The name as the sweep plans it: step counts of 1,000 and more print as e.g. "n1.244k".
+    (plan,) = load_spec(spec).plan()
+    run = plan.name
     assert main(["sweep", "submit", str(spec)]) == 0
     job_id = jobs_of(root / "tl")[run][0]["job_id"]
     wait_until(lambda: "preempted" in events(root / "tl", run), 300, f"the time limit\n{job_log(root / 'tl')}")
