@@ -10,7 +10,7 @@ each resume, so no worker keeps stale epoch state (the persistent_workers pitfal
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,12 +143,17 @@ class ShardLoader:
 
 
 class ShardEvalLoader:
-    """Each window of the split exactly once, split across ranks (window index mod world size), in order."""
+    """Each window of the split exactly once, split across ranks (window index mod world size), in order.
 
-    def __init__(self, shards: PackedShards, *, micro_batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+    `limit` > 0 keeps only the first `limit` windows of the split (before the split across ranks).
+    """
+
+    def __init__(self, shards: PackedShards, *, micro_batch_size: int, rank: int = 0, world_size: int = 1,
+                 limit: int = 0) -> None:
         self.shards = shards
         self.batch_size = micro_batch_size
-        self.windows = torch.arange(rank, shards.n_windows, world_size).numpy()
+        end = min(limit, shards.n_windows) if limit else shards.n_windows
+        self.windows = np.arange(rank, end, world_size)
 
     def __len__(self) -> int:
         return -(-len(self.windows) // self.batch_size)
@@ -156,3 +161,45 @@ class ShardEvalLoader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         for start in range(0, len(self.windows), self.batch_size):
             yield torch.from_numpy(self.shards.read(self.windows[start:start + self.batch_size]))
+
+
+def global_eval_share(loader: Iterable[torch.Tensor], *, limit: int, rank: int, world_size: int,
+                      batch_size: int) -> Iterable[torch.Tensor]:
+    """This rank's share of the first `limit` sequences (0: all) that a 1-rank eval loader yields.
+
+    Sequence i of the split goes to rank i mod world_size, in batches of `batch_size` (the last may be short),
+    so the ranks together see the same sequences whatever the world size or batch size: what a validation
+    number that does not change with the parallelism needs. `loader` must be built for rank 0 of world 1.
+    A shard loader is re-indexed without reading the other ranks' windows; any other loader (stream mode,
+    whose per-rank document split would pack different windows per world size) is read in full up to
+    `limit` and filtered.
+    """
+    if limit < 0 or not 0 <= rank < world_size or batch_size < 1:
+        raise ValueError(f"need limit >= 0, 0 <= rank < world_size and batch_size >= 1, got {limit}, {rank}, "
+                         f"{world_size}, {batch_size}")
+    if isinstance(loader, ShardEvalLoader):
+        if len(loader.windows) != loader.shards.n_windows:
+            raise ValueError("global_eval_share needs the 1-rank loader of the whole split")
+        return ShardEvalLoader(loader.shards, micro_batch_size=batch_size, rank=rank, world_size=world_size,
+                               limit=limit)
+    return _filtered_share(loader, limit, rank, world_size, batch_size)
+
+
+def _filtered_share(loader: Iterable[torch.Tensor], limit: int, rank: int, world_size: int,
+                    batch_size: int) -> Iterator[torch.Tensor]:
+    rows: list[torch.Tensor] = []
+    index = 0
+    for batch in loader:
+        for row in batch:
+            if limit and index >= limit:
+                break
+            if index % world_size == rank:
+                rows.append(row)
+                if len(rows) == batch_size:
+                    yield torch.stack(rows)
+                    rows = []
+            index += 1
+        if limit and index >= limit:
+            break
+    if rows:
+        yield torch.stack(rows)

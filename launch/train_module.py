@@ -33,9 +33,20 @@ class TrainModule:
         return loss, metrics
 
     @torch.no_grad()
-    def eval_loss(self, model: nn.Module, tokens: torch.Tensor) -> float:
+    def eval_loss(self, model: nn.Module, tokens: torch.Tensor) -> tuple[float, int]:
+        """(summed NLL, token count) of tokens [B, S+1] over the targets that are not ignore_index.
+
+        A sum and a count, so that validation can be token-weighted across batches and ranks (a mean of
+        batch means weighs a short tail batch like a full one). The model's mean CE is over the same
+        targets, so mean x count is the sum."""
+        count = self._targets(tokens)
+        if count == 0:
+            return 0.0, 0
         loss, _ = model.loss(tokens)
-        return float(loss)
+        return float(loss) * count, count
+
+    def _targets(self, tokens: torch.Tensor) -> int:
+        return int((tokens[:, 1:] != self.model_cfg.ignore_index).sum())
 
     def flops_per_token(self) -> float:
         return train_flops_per_token(self.model_cfg)
@@ -71,6 +82,22 @@ def sequence_keyed_starts(tokens: torch.Tensor, seed: int, step: int, vocab_size
     return out.mul_(std)
 
 
+# Validation starts use this seed whatever trainer.seed is, so runs of different seeds are validated from the
+# same starts, and `ebt eval --seed 0` (its default) reproduces the trainer's val_loss.
+EVAL_START_SEED = 0
+
+
+def eval_starts(tokens: torch.Tensor, seed: int, sample: int, vocab_size: int, std: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Initial candidates of sample `sample` for evaluation: keyed by (seed, sample, the sequence's tokens).
+
+    Used by the trainer's validation (sample 0) and by `ebt eval` (sample m of a cell with several chains),
+    so both score a sequence from the same start wherever it lands. Training keys its starts by step >= 0;
+    evaluation takes the keys -1, -2, ... so the two never share a start.
+    """
+    return sequence_keyed_starts(tokens, seed, -1 - sample, vocab_size, std, dtype)
+
+
 class EBTTrainModule(TrainModule):
     kind = "ebt"
 
@@ -88,11 +115,22 @@ class EBTTrainModule(TrainModule):
         return ("loss", "ppl", "alpha", "energy_gap") + steps
 
     @torch.no_grad()
-    def eval_loss(self, model: nn.Module, tokens: torch.Tensor) -> float:
+    def eval_loss(self, model: nn.Module, tokens: torch.Tensor) -> tuple[float, int]:
         # Validation reports the final-step CE (what generation would use), not the mean over steps. The MCMC
-        # loop turns gradients on for the candidates itself; no_grad only drops the parameter graph.
-        _, metrics = model.loss(tokens)
-        return float(metrics.get("ce", metrics["loss"]))
+        # loop turns gradients on for the candidates itself; no_grad only drops the parameter graph. Starts
+        # are keyed by sequence (eval_starts), so a sequence's loss does not depend on its rank or batch.
+        cfg = self.model_cfg
+        count = self._targets(tokens)
+        if count == 0:
+            return 0.0, 0
+        dtype = model.alpha_raw.dtype
+        if cfg.init_logit_std > 0:
+            starts = eval_starts(tokens, EVAL_START_SEED, 0, cfg.vocab_size, cfg.init_logit_std, dtype)
+        else:  # zeros, as the model would draw them, without touching any RNG stream (CUDA's included)
+            starts = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, cfg.vocab_size, dtype=dtype,
+                                 device=tokens.device)
+        _, metrics = model.loss(tokens, init_logits=starts)
+        return float(metrics.get("ce", metrics["loss"])) * count, count
 
     def state_dict(self, model: nn.Module) -> dict:
         buffer = getattr(model, "replay_buffer", None)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import data_pipeline
+from data_pipeline.loader import global_eval_share
 from ebt import NonFiniteEnergyGradientError, build_model
 from launch import memory_plan
 from launch.checkpoint import CheckpointManager
@@ -342,27 +343,40 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------------------------------------ eval
+    def eval_sequences(self) -> int:
+        """How many val windows an evaluation scores: trainer.eval_batches global batches (0: the whole split).
+
+        A global batch is micro_batch_size x grad_accum_steps x world size sequences, the training batch, as
+        Megatron's --eval-iters and torchtitan's validation.steps count it. The set is the first windows of the
+        val split, so it depends on the global batch only, not on the world size or the micro-batch split."""
+        t = self.cfg.trainer
+        return t.eval_batches * t.micro_batch_size * t.grad_accum_steps * self.world
+
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss over the first trainer.eval_batches batches per rank (0: the whole split), on
-        the same windows every time."""
+        """Token-weighted validation loss: summed NLL over the first eval_sequences() windows of the val split
+        divided by their token count, both all-reduced as sums. Window i is scored on rank i mod world size
+        (in micro-batches), so every world size and micro-batch scores the same windows from the same starts
+        (eval_loss keys them by sequence), and every evaluation the same ones again."""
         cfg = self.cfg
         self.raw_model.eval()
-        total, count = 0.0, 0
+        nll, count = 0.0, 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.trainer.seed + 17)
-            loader = data_pipeline.build_eval_loader(
+            whole = data_pipeline.build_eval_loader(
                 cfg.data, split="val", context_length=cfg.model.context_length,
-                micro_batch_size=cfg.trainer.micro_batch_size, rank=self.rank, world_size=self.world)
-            for i, batch in enumerate(loader):
-                if cfg.trainer.eval_batches and i >= cfg.trainer.eval_batches:
-                    break
+                micro_batch_size=cfg.trainer.micro_batch_size, rank=0, world_size=1)
+            share = global_eval_share(whole, limit=self.eval_sequences(), rank=self.rank, world_size=self.world,
+                                      batch_size=cfg.trainer.micro_batch_size)
+            for batch in share:
                 with self.accelerator.autocast():
-                    total += self.module.eval_loss(self.raw_model, batch.to(self.device))
-                count += 1
+                    batch_nll, batch_tokens = self.module.eval_loss(self.raw_model, batch.to(self.device))
+                nll += batch_nll
+                count += batch_tokens
         self.raw_model.train()
-        vec = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
-        loss = vec[0].item() / max(vec[1].item(), 1)
-        self.last_eval = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+        vec = all_reduce_sum(torch.tensor([nll, count], dtype=torch.float64))
+        tokens = int(vec[1].item())
+        loss = vec[0].item() / tokens if tokens else float("nan")
+        self.last_eval = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": tokens}
         return self.last_eval
 
     # ------------------------------------------------------------------------------------------------ save

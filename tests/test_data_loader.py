@@ -226,3 +226,29 @@ def test_empty_val_split_names_the_fraction(tmp_path, tiny):  # noqa: F811
     prepare_if_needed(cfg)
     with pytest.raises(ValueError, match=r"split 'val' .* has no tokens \(val_fraction=0.0 selected no documents\)"):
         build_eval_loader(cfg, context_length=CTX, micro_batch_size=2)
+
+
+@pytest.mark.parametrize("mode", ["shards", "stream"])
+@pytest.mark.parametrize("limit", [0, 10])
+def test_global_eval_share_is_the_same_sequences_for_any_world_and_batch(tiny, mode, limit):  # noqa: F811
+    """Validation's set: the first `limit` windows of the 1-rank eval loader, split i mod W over the ranks."""
+    from data_pipeline.loader import global_eval_share
+
+    cfg = tiny.cfg if mode == "shards" else tiny.with_(mode="stream")
+
+    def share(rank, world, batch):
+        whole = build_eval_loader(cfg, context_length=CTX, micro_batch_size=3)
+        return [row.tolist() for b in global_eval_share(whole, limit=limit, rank=rank, world_size=world,
+                                                         batch_size=batch) for row in b]
+
+    reference = [row.tolist() for b in build_eval_loader(cfg, context_length=CTX, micro_batch_size=5) for row in b]
+    reference = reference[:limit] if limit else reference
+    assert len(reference) == (limit or len(reference)) and len(reference) > 3
+    assert share(0, 1, 4) == reference
+    for world, batch in ((2, 1), (3, 2)):
+        parts = [share(rank, world, batch) for rank in range(world)]
+        assert [parts[i % world][i // world] for i in range(len(reference))] == reference
+        assert sum(map(len, parts)) == len(reference)
+    with pytest.raises(ValueError, match="1-rank loader"):
+        global_eval_share(build_eval_loader(tiny.cfg, context_length=CTX, micro_batch_size=3, rank=1, world_size=2),
+                          limit=0, rank=0, world_size=1, batch_size=2)
