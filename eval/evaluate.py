@@ -1,9 +1,11 @@
 """`ebt eval`: held-out perplexity of a checkpoint; for EBTs a System-2 thinking grid per data source.
 
-Every grid cell of one batch starts from the same initial candidates (drawn from a generator seeded by the
-eval seed and the batch index), so differences between cells are paired comparisons, not start noise, and the
-whole grid is reproducible for a seed. Sample m of a cell with M samples is the m-th draw, so the one-sample
-cells reuse the first chain of the many-sample cells.
+Every grid cell starts a sequence from the same initial candidates, so differences between cells are paired
+comparisons, not start noise, and the whole grid is reproducible for a seed. Sample m of a sequence starts from
+a draw keyed by (seed, m, the sequence's tokens) (launch.train_module.eval_starts, drawn on the CPU), so the
+one-sample cells reuse the first chain of the many-sample cells, results do not depend on --batch-size, and
+at --seed 0 the System-1 cell scores each sequence from the start the trainer's validation gives it: on the
+same windows its loss is the trainer's val_loss. (--noise is drawn per batch, so it does depend on batching.)
 
 The thinking gain of a cell is its perplexity reduction relative to the System-1 setting the model was
 trained with (mcmc_steps steps, one sample, no accept-lower), in percent of that perplexity.
@@ -99,12 +101,25 @@ def _batch_generator(seed: int, batch_index: int, device: str | torch.device = "
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
 
 
+def _starts(batch: torch.Tensor, model_cfg, seed: int, samples: int, dtype: torch.dtype) -> torch.Tensor:
+    """Initial candidates [B, samples, S, V] of a CPU batch [B, S+1]: sample m of each sequence keyed by
+    (seed, m, the sequence), as the trainer's validation keys sample 0 (launch.train_module.eval_starts)."""
+    from launch.train_module import eval_starts
+
+    shape = (batch.shape[0], samples, batch.shape[1] - 1, model_cfg.vocab_size)
+    if model_cfg.init_logit_std == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.stack([eval_starts(batch, seed, m, model_cfg.vocab_size, model_cfg.init_logit_std, dtype)
+                        for m in range(samples)], dim=1)
+
+
 def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress=None, task=None) -> dict[str, Any]:
     """Perplexity (Transformer++) or the thinking grid (EBT) over an iterable of LongTensor[B, S+1]."""
     settings.validate()
     is_ebt = model_cfg.kind == "ebt"
     cells = grid_cells(settings, model_cfg.mcmc_steps) if is_ebt else []
-    nll = {c.key(): TokenNLL() for c in cells} if is_ebt else {"plain": TokenNLL()}
+    ignore = model_cfg.ignore_index
+    nll = {c.key(): TokenNLL(ignore) for c in cells} if is_ebt else {"plain": TokenNLL(ignore)}
     energies = {c.key(): EnergySums() for c in cells}
     max_samples = max((c.samples for c in cells), default=1)
     n_batches = 0
@@ -113,6 +128,7 @@ def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress
         if settings.max_batches and index >= settings.max_batches:
             break
         device = model.alpha_raw.device if is_ebt else next(model.parameters()).device
+        cpu_batch = batch.cpu()
         batch = batch.to(device)
         tokens, targets = batch[:, :-1], batch[:, 1:]
         n_batches += 1
@@ -123,11 +139,7 @@ def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress
             if progress is not None:
                 progress.advance(task)
             continue
-        shape = (tokens.shape[0], tokens.shape[1], model_cfg.vocab_size)
-        # Starts are drawn on the CPU and moved, so a seed gives the same starts on every device.
-        gen = _batch_generator(settings.seed, index)
-        like = torch.empty((), dtype=model.alpha_raw.dtype)
-        starts = torch.stack([model.initial_logits(shape, like, gen) for _ in range(max_samples)], dim=1).to(device)
+        starts = _starts(cpu_batch, model_cfg, settings.seed, max_samples, model.alpha_raw.dtype).to(device)
         for cell in cells:
             noise_gen = _batch_generator(settings.seed + 1, index, device)
             result = model.think(tokens, cell.steps, cell.samples,

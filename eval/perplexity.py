@@ -13,15 +13,20 @@ import torch.nn.functional as F
 
 
 class TokenNLL:
-    def __init__(self) -> None:
+    """Summed NLL and count over the targets that are not `ignore_index` (the models' own loss definition,
+    so this agrees with the trainer's token-weighted val_loss)."""
+
+    def __init__(self, ignore_index: int = -100) -> None:
         self.nll_sum = 0.0
         self.tokens = 0
+        self.ignore_index = ignore_index
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """logits [B, S, V] (unnormalised), targets [B, S]."""
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), targets.reshape(-1), reduction="sum")
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), targets.reshape(-1),
+                              ignore_index=self.ignore_index, reduction="sum")
         self.nll_sum += float(nll)
-        self.tokens += targets.numel()
+        self.tokens += int((targets != self.ignore_index).sum())
 
     @property
     def loss(self) -> float:

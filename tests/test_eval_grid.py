@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ebt import ModelConfig, build_model
-from eval.evaluate import EvalSettings, _batch_generator, evaluate_batches, grid_cells
+from eval.evaluate import EvalSettings, evaluate_batches, grid_cells
 from eval.perplexity import TokenNLL
+from launch.train_module import eval_starts
 
 torch.set_num_threads(1)
 VOCAB, CTX = 64, 12
@@ -93,6 +94,28 @@ def test_ebt_grid_is_deterministic_for_a_seed_and_depends_on_it():
     assert first["gain_pct"] == pytest.approx(100 * (base["ppl"] - first["best"]["ppl"]) / base["ppl"])
 
 
+def test_ebt_grid_does_not_depend_on_the_batch_size():
+    """Starts are keyed by sequence: the same windows in batches of 2 or one at a time give the same grid."""
+    model, cfg = tiny("ebt")
+    data = batches()
+    settings = EvalSettings(steps=[0, 2], samples=[1, 2], seed=1)
+    batched = evaluate_batches(model, cfg, data, settings)
+    single = evaluate_batches(model, cfg, [row[None] for batch in data for row in batch], settings)
+    for a, b in zip(batched["grid"], single["grid"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+def test_token_nll_skips_ignored_targets():
+    gen = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(2, 5, 7, generator=gen), torch.randint(0, 7, (2, 5), generator=gen)
+    targets[0, :3] = -100
+    acc = TokenNLL()
+    acc.add(logits, targets)
+    keep = targets != -100
+    assert acc.tokens == 7
+    assert acc.loss == pytest.approx(F.cross_entropy(logits[keep].double(), targets[keep]).item(), rel=1e-12)
+
+
 def test_steps_zero_perplexity_is_the_perplexity_of_the_initial_candidates():
     model, cfg = tiny("ebt")
     data = batches()
@@ -100,9 +123,8 @@ def test_steps_zero_perplexity_is_the_perplexity_of_the_initial_candidates():
     res = evaluate_batches(model, cfg, data, settings)
     cell = next(g for g in res["grid"] if g["steps"] == 0)
     nll, count = 0.0, 0
-    for i, batch in enumerate(data):
-        shape = (batch.shape[0], CTX, VOCAB)
-        init = model.initial_logits(shape, model.alpha_raw, _batch_generator(settings.seed, i))
+    for batch in data:
+        init = eval_starts(batch, settings.seed, 0, VOCAB, cfg.init_logit_std, torch.float32)
         nll += F.cross_entropy(init.reshape(-1, VOCAB).double(), batch[:, 1:].reshape(-1), reduction="sum").item()
         count += batch[:, 1:].numel()
     assert cell["loss"] == pytest.approx(nll / count, rel=1e-12)

@@ -1,14 +1,17 @@
 """Validation in `ebt train` is honest: token-weighted (summed NLL over the token count, all-reduced as sums), on
-the first trainer.eval_batches global batches of the val split whatever the world size or micro-batch split."""
+the first trainer.eval_batches global batches of the val split whatever the world size or micro-batch split,
+and `ebt eval` on the checkpoint reports the same loss on the same sequences."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 from test_train_support import read_rows, run_train, tiny_raw, write_config
 
 import data_pipeline
+from launch.cli import main
 from launch.config import build_config
 from launch.trainer import Trainer
 
@@ -98,6 +101,20 @@ def test_one_and_two_ranks_report_the_same_val_loss(one_rank_run):
     one_row, two_row = final_row(root / "runs" / "one"), final_row(root / "runs" / "two")
     assert two_row["val_loss"] == pytest.approx(one_row["val_loss"], rel=1e-6)
     assert two_row["val_tokens"] == one_row["val_tokens"] == EVAL_BATCHES * GLOBAL_BATCH * 16
+
+
+def test_ebt_eval_reports_the_trainers_final_val_loss(one_rank_run, tmp_path, capsys):
+    """`ebt eval` of the final checkpoint on the same 8 val windows: its System-1 cell is the trainer's val_loss."""
+    root, _ = one_rank_run
+    run_dir = root / "runs" / "one"
+    out = tmp_path / "eval.json"
+    n_windows = EVAL_BATCHES * GLOBAL_BATCH
+    argv = ["eval", "--checkpoint", str(run_dir), "--steps", "2", "--samples", "1", "--accept-lower", "false",
+            "--batch-size", "4", "--max-batches", str(n_windows // 4), "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    source = json.loads(out.read_text())["sources"][0]
+    assert source["tokens"] == n_windows * 16
+    assert source["base"]["loss"] == pytest.approx(final_row(run_dir)["val_loss"], rel=1e-5)
 
 
 def test_eval_loss_is_a_token_sum_and_count(make_trainer):
