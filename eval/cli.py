@@ -87,14 +87,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--tokenizer", default=None,
                    help="tokenizer dir (needed only when the checkpoint has no data config, e.g. an export dir)")
     e.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="thinking steps, e.g. 1,2,4,8")
-    e.add_argument("--samples", type=_int_list, default=[1, 2, 4], help="chains per token, e.g. 1,2,4")
+    e.add_argument("--samples", type=_int_list, default=None,
+                   help="chains per token, e.g. 1,2,4 (default 1,2,4; just 1 when every chain would be the same: "
+                        "init_logit_std 0 and no --noise)")
     e.add_argument("--selection", type=_str_list, default=["min", "max_gap"], help="sample selection rules")
     e.add_argument("--accept-lower", type=_bool_list, default=[False, True], help="e.g. false,true")
     e.add_argument("--noise", type=float, default=0.0, help="Langevin noise scale during thinking")
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-batches", type=int, default=0, help="batches per source (0: the whole split)")
+    e.add_argument("--max-batches", type=int, default=0,
+                   help="batches per source (0: the whole split); the first --max-batches x --batch-size windows")
     e.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (starts drawn on the CPU)")
     e.add_argument("--seed", type=int, default=0, help="seed of the initial candidates (results are deterministic)")
     e.add_argument("--out", default=None, help="JSON output path (default: <checkpoint>/eval.json)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (a bar with ETA on a terminal, else a line every ~10%% of a source)")
     e.set_defaults(func=_eval)

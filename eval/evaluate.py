@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,14 @@ from eval.perplexity import EnergySums, TokenNLL
 from eval.sweep_data import EVAL_SCHEMA
 
 SELECTIONS = ("min", "max_gap", "max")
+DEFAULT_SAMPLES = (1, 2, 4)
 
 
 @dataclass
 class EvalSettings:
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    samples: list[int] = field(default_factory=lambda: [1, 2, 4])
+    # None: DEFAULT_SAMPLES, or one sample when every chain would be the same (run_eval says so)
+    samples: list[int] | None = None
     selections: list[str] = field(default_factory=lambda: ["min", "max_gap"])
     accept_lower: list[bool] = field(default_factory=lambda: [False, True])
     noise: float = 0.0
@@ -46,7 +49,7 @@ class EvalSettings:
     def validate(self) -> None:
         if not self.steps or min(self.steps) < 0:
             raise ValueError(f"--steps: need non-negative step counts, got {self.steps}")
-        if not self.samples or min(self.samples) < 1:
+        if self.samples is not None and (not self.samples or min(self.samples) < 1):
             raise ValueError(f"--samples: need counts >= 1, got {self.samples}")
         for s in self.selections:
             if s not in SELECTIONS:
@@ -77,7 +80,7 @@ def grid_cells(settings: EvalSettings, trained_steps: int) -> list[Cell]:
     """Every distinct cell of the grid, plus the System-1 baseline (trained steps, one sample)."""
     cells: dict[tuple, Cell] = {}
     for steps in settings.steps:
-        for samples in settings.samples:
+        for samples in settings.samples or DEFAULT_SAMPLES:
             # One sample leaves nothing to select; zero steps leave no proposal to accept or reject.
             for selection in ["none"] if samples == 1 else settings.selections:
                 for accept in sorted(set(settings.accept_lower)) if steps > 0 else [False]:
@@ -202,15 +205,23 @@ def _tokenizer_of(train_cfg, settings: EvalSettings) -> str:
 
 
 def _check_vocab(tokenizer: str, model_vocab: int) -> None:
-    """A tokenizer with more pieces than the model's vocabulary would feed it out-of-range ids."""
+    """The model was trained on this tokenizer's ids only if the vocabularies agree (the trainer requires it): a
+    larger one would feed it out-of-range ids, a smaller one is another tokenizer whose ids mean other pieces."""
     from data_pipeline.tokenizer import load_meta, tokenizer_exists
 
     if not tokenizer_exists(tokenizer):
         raise FileNotFoundError(f"no tokenizer at {tokenizer!r}: run `ebt data prepare` with the training config")
     vocab = load_meta(tokenizer).vocab_size
-    if vocab > model_vocab:
+    if vocab != model_vocab:
         raise ValueError(f"tokenizer {tokenizer} has {vocab} pieces but the model's vocab_size is {model_vocab}: "
                          "not the tokenizer this model was trained with")
+
+
+def _check_shards_vocab(shards: str, manifest: dict, model_vocab: int) -> None:
+    vocab = manifest.get("tokenizer", {}).get("vocab_size")
+    if vocab is not None and vocab != model_vocab:
+        raise ValueError(f"shards {shards} were tokenized with a {vocab}-piece vocabulary but the model's "
+                         f"vocab_size is {model_vocab}: not this model's data")
 
 
 def resolve_sources(checkpoint: Path, data: str | None, ood: list[str], settings: EvalSettings,
@@ -230,7 +241,9 @@ def resolve_sources(checkpoint: Path, data: str | None, ood: list[str], settings
     if data is None:
         cfg = DataConfig(**{**base, "tokenizer": tokenizer})
         specs.append(_spec(f"{cfg.source} ({settings.split})", cfg.source, settings.split, False, cfg))
-    elif Path(data).is_dir() and read_manifest(data) is not None:
+    elif Path(data).is_dir() and (manifest := read_manifest(data)) is not None:
+        if model_vocab is not None:
+            _check_shards_vocab(data, manifest, model_vocab)
         cfg = DataConfig(**{**base, "mode": "shards", "shards_dir": data, "tokenizer": tokenizer})
         specs.append(_spec(f"{Path(data).name} ({settings.split})", data, settings.split, False, cfg))
     else:
@@ -268,8 +281,6 @@ def _loader(spec: SourceSpec, context_length: int, batch_size: int):
 
 def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings: EvalSettings, *,
              out_path: str | Path | None = None, progress: bool = True, print_table: bool = True) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ebt.flops import parameter_count
     from launch.checkpoint import load_model, resolve_checkpoint
 
@@ -279,26 +290,24 @@ def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings:
     path = resolve_checkpoint(checkpoint)
     model, model_cfg = load_model(path, device=settings.device)
     specs = resolve_sources(path, data, ood, settings, model_vocab=model_cfg.vocab_size)
+    # Every source is opened before any is evaluated: a glob that matches nothing, a missing path or shards of
+    # another tokenizer fail at once, not after the in-distribution evaluation.
+    loaders = [_open(spec, model_cfg.context_length, settings.batch_size) for spec in specs]
     is_ebt = model_cfg.kind == "ebt"
+    settings = _resolve_samples(settings, model_cfg) if is_ebt else settings
     n_cells = len(grid_cells(settings, model_cfg.mcmc_steps)) if is_ebt else 1
-    if is_ebt and max(settings.samples) > 1 and model_cfg.init_logit_std == 0 and settings.noise == 0:
-        # Every chain then starts from the same uniform logits and follows the same deterministic descent.
-        print("ebt eval: warning: the checkpoint's model.init_logit_std is 0 and --noise is 0, so all samples of "
-              "a cell are the same chain and the samples/selection columns repeat one result; pass --noise "
-              "(or train with init_logit_std > 0) to compare samples", file=sys.stderr)
     results = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress, transient=True) as bar:
-        for spec in specs:
-            loader = _loader(spec, model_cfg.context_length, settings.batch_size)
+    with EvalProgress(enabled=progress) as bar:
+        for spec, loader in zip(specs, loaders, strict=True):
             total = len(loader) if hasattr(loader, "__len__") else None
-            if total is not None and settings.max_batches:
-                total = min(total, settings.max_batches)
-            task = bar.add_task(f"eval {spec.name}", total=None if total is None else total * n_cells)
+            if settings.max_batches:
+                total = settings.max_batches if total is None else min(total, settings.max_batches)
+            task = bar.start(f"eval {spec.name}", total, n_cells)
             try:
                 res = evaluate_batches(model, model_cfg, loader, settings, bar, task)
             except ValueError as error:
                 raise ValueError(f"source {spec.data!r}: {error}") from None
+            bar.finish(task)
             results.append({"name": spec.name, "data": spec.data, "split": spec.split, "ood": spec.ood, **res})
     report = {
         "schema": EVAL_SCHEMA, "checkpoint": str(path), "run": _run_name(path), "kind": model_cfg.kind,
@@ -315,6 +324,128 @@ def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings:
         _print_tables(report)
         print(f"wrote {out}")
     return report
+
+
+def _open(spec: SourceSpec, context_length: int, batch_size: int):
+    try:
+        return _loader(spec, context_length, batch_size)
+    except (ValueError, FileNotFoundError) as error:
+        option = "--ood" if spec.ood else "--data"
+        raise type(error)(f"{option} {spec.data}: {error}") from None
+
+
+def _resolve_samples(settings: EvalSettings, model_cfg) -> EvalSettings:
+    """The sample counts to evaluate; with identical chains the default grid keeps one sample (said once)."""
+    same_chain = model_cfg.init_logit_std == 0 and settings.noise == 0
+    if settings.samples is None:
+        if same_chain:
+            print("ebt eval: note: the checkpoint's model.init_logit_std is 0 and --noise is 0, so every sample "
+                  "of a cell would be the same chain; evaluating 1 sample only (pass --noise to compare samples, "
+                  "or --samples to evaluate more anyway)", file=sys.stderr)
+            return dataclasses.replace(settings, samples=[1])
+        return dataclasses.replace(settings, samples=list(DEFAULT_SAMPLES))
+    if same_chain and max(settings.samples) > 1:
+        # Every chain then starts from the same uniform logits and follows the same deterministic descent.
+        print("ebt eval: warning: the checkpoint's model.init_logit_std is 0 and --noise is 0, so all samples of "
+              "a cell are the same chain and the samples/selection columns repeat one result; pass --noise "
+              "(or train with init_logit_std > 0) to compare samples", file=sys.stderr)
+    return settings
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class EvalProgress:
+    """Progress of `ebt eval` on stderr: a rich bar with elapsed time and ETA on a terminal; elsewhere (a Slurm
+    log, a pipe, a file) a plain line every total/lines_per_source batches (every lines_per_source batches when
+    the total is unknown), after `interval_s` seconds without one, and at the end of each source, so a log shows
+    how far an evaluation got and when it will end.
+
+    Units are grid cells of one batch (`advance` per cell, as evaluate_batches calls it); lines count batches.
+    """
+
+    def __init__(self, enabled: bool = True, stream=None, lines_per_source: int = 10,
+                 interval_s: float = 60.0) -> None:
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
+        self.lines_per_source, self.interval_s = lines_per_source, interval_s
+        self._bar = None
+        self._tasks: dict[int, dict[str, Any]] = {}
+
+    def __enter__(self) -> EvalProgress:
+        if self.live:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=Console(file=self.stream), transient=True)
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def start(self, name: str, total_batches: int | None, cells_per_batch: int) -> int:
+        """A new source of `total_batches` batches (None: unknown); returns its task id."""
+        if not self.enabled:
+            return -1
+        if self._bar is not None:
+            total = None if total_batches is None else total_batches * cells_per_batch
+            return self._bar.add_task(name, total=total)
+        task = len(self._tasks)
+        every = max(1, -(-total_batches // self.lines_per_source)) if total_batches else self.lines_per_source
+        now = time.monotonic()
+        self._tasks[task] = {"name": name, "total": total_batches, "cells": cells_per_batch, "units": 0,
+                             "every": every, "start": now, "last": now, "printed": 0}
+        return task
+
+    def advance(self, task: int, advance: int = 1) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.advance(task, advance)
+            return
+        state = self._tasks.get(task)
+        if state is None:
+            return
+        before = state["units"] // state["cells"]
+        state["units"] += advance
+        batches = state["units"] // state["cells"]
+        now = time.monotonic()
+        if batches > before and (batches % state["every"] == 0 or now - state["last"] >= self.interval_s):
+            self._line(state, batches, now)
+
+    def finish(self, task: int) -> None:
+        """The end of a source: a last line unless the last batch already printed one."""
+        if not self.enabled:
+            return
+        state = self._tasks.get(task)
+        if state is not None and state["units"] // state["cells"] != state["printed"]:
+            self._line(state, state["units"] // state["cells"], time.monotonic())
+
+    def _line(self, state: dict[str, Any], batches: int, now: float) -> None:
+        elapsed = now - state["start"]
+        total = state["total"]
+        if total:
+            eta = elapsed / batches * (total - batches) if batches else float("nan")
+            text = (f"{batches}/{total} batches ({100 * batches / total:.0f}%), {_clock(elapsed)} elapsed, "
+                    f"ETA {_clock(eta) if eta == eta else '?'}")
+        else:
+            text = f"{batches} batches, {_clock(elapsed)} elapsed"
+        print(f"ebt eval: {state['name']}: {text}", file=self.stream, flush=True)
+        state["last"], state["printed"] = now, batches
 
 
 def _run_name(path: Path) -> str:

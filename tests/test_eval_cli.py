@@ -166,3 +166,103 @@ def test_identical_chains_are_flagged(setup, tmp_path, capsys):
     assert grid[(1, 2, "min")] == grid[(1, 1, "none")]  # what the warning is about
     assert main(["eval", "--checkpoint", str(ckpt), "--out", str(out), "--noise", "0.5", *ARGS]) == 0
     assert "same chain" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--ood", "--data"])
+def test_a_glob_that_matches_nothing_fails_before_any_evaluation(setup, tmp_path, capsys, monkeypatch, option):
+    import eval.evaluate
+
+    evaluated = []
+    monkeypatch.setattr(eval.evaluate, "evaluate_batches", lambda *a, **k: evaluated.append(a) or {})
+    glob = str(tmp_path / "nothing" / "*.txt")
+    out = tmp_path / "e.json"
+    argv = ["eval", "--checkpoint", str(setup["ckpt"]["ebt"]), option, glob, "--out", str(out), *ARGS]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ebt eval: error:") and f"{option} {glob}:" in err and "matched no files" in err
+    assert "\n" not in err
+    assert evaluated == [] and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_or_shards_of_another_vocabulary_are_refused(setup, tmp_path, capsys):
+    """A smaller tokenizer (ids in range, so nothing would crash) or shards of a 400-piece vocabulary for a
+    512-piece model: one line naming both sizes, nothing evaluated."""
+    cfg = ModelConfig(kind="ebt", vocab_size=1024, context_length=CTX, dim=32, n_layers=1, n_heads=2)
+    ckpt = tmp_path / "big-vocab"
+    ckpt.mkdir()
+    save_model(build_model(cfg), str(ckpt / "model.safetensors"))
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(cfg)}))
+    argv = ["eval", "--checkpoint", str(ckpt), "--data", str(setup["code"]), "--tokenizer", setup["tokenizer"],
+            "--out", str(tmp_path / "e.json"), *ARGS]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has 512 pieces but the model's vocab_size is 1024" in err and "\n" not in err
+
+    other = prepare_if_needed(DataConfig(source=str(setup["code"]), mode="shards", vocab_size=400,
+                                         cache_dir=str(setup["root"] / "cache400"), val_fraction=0.3, num_proc=1,
+                                         progress=False))
+    argv = ["eval", "--checkpoint", str(setup["ckpt"]["ebt"]), "--data", other["shards_dir"],
+            "--out", str(tmp_path / "e.json"), *ARGS]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "400-piece vocabulary but the model's vocab_size is 512" in err and "\n" not in err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(setup, tmp_path, capsys):
+    """A Slurm log gets plain lines with an ETA (capsys' stderr is not a terminal)."""
+    args = [a for a in ARGS if a != "--no-progress"]
+    assert main(["eval", "--checkpoint", str(setup["ckpt"]["transformer"]), "--out", str(tmp_path / "e.json"),
+                 *args]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ebt eval: eval ")]
+    assert lines == [f"ebt eval: eval {setup['code']} (val): 1/2 batches (50%), 0:00:00 elapsed, ETA 0:00:00",
+                     f"ebt eval: eval {setup['code']} (val): 2/2 batches (100%), 0:00:00 elapsed, ETA 0:00:00"]
+
+
+def test_eval_progress_counts_batches_and_is_silent_when_disabled():
+    import io
+
+    from eval.evaluate import EvalProgress
+
+    stream = io.StringIO()
+    with EvalProgress(stream=stream, lines_per_source=2) as bar:
+        task = bar.start("eval x", 4, cells_per_batch=3)
+        for _ in range(4 * 3):
+            bar.advance(task)
+        bar.finish(task)
+        unknown = bar.start("eval y", None, cells_per_batch=1)
+        for _ in range(3):
+            bar.advance(unknown)
+        bar.finish(unknown)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["ebt eval: eval x: 2/4 batches (50%)",
+                                                     "ebt eval: eval x: 4/4 batches (100%)",
+                                                     "ebt eval: eval y: 2 batches", "ebt eval: eval y: 3 batches"]
+    quiet = io.StringIO()
+    with EvalProgress(enabled=False, stream=quiet) as bar:
+        task = bar.start("eval x", 4, cells_per_batch=1)
+        bar.advance(task)
+        bar.finish(task)
+    assert quiet.getvalue() == ""
+
+
+def test_default_grid_skips_sample_counts_that_cannot_differ(setup, tmp_path, capsys):
+    """init_logit_std=0, no --noise and no --samples: one sample per cell, and one note saying why."""
+    raw = yaml.safe_load((setup["ckpt"]["ebt"] / "config.yaml").read_text())
+    raw["model"]["init_logit_std"] = 0.0
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes((setup["ckpt"]["ebt"] / "model.safetensors").read_bytes())
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "eval.json"
+    args = [a for a in ARGS if a not in ("--samples", "1,2")]
+    assert main(["eval", "--checkpoint", str(ckpt), "--ood", str(setup["prose"]), "--out", str(out), *args]) == 0
+    err = capsys.readouterr().err
+    assert err.count("evaluating 1 sample only") == 1 and "warning" not in err
+    result = json.loads(out.read_text())
+    assert result["settings"]["samples"] == [1]
+    for src in result["sources"]:
+        assert {g["samples"] for g in src["grid"]} == {1} and len(src["grid"]) == 1 + 2 + 1
+    assert main(["eval", "--checkpoint", str(setup["ckpt"]["ebt"]), "--out", str(out), *args]) == 0
+    assert "1 sample only" not in capsys.readouterr().err  # random starts: the default 1,2,4 samples
+    assert json.loads(out.read_text())["settings"]["samples"] == [1, 2, 4]
