@@ -11,7 +11,7 @@ Policies (gradients are identical under all of them; tests/test_second_order_pol
 - "block": non-reentrant torch.utils.checkpoint around each candidate-stream block.
 - "mcmc_step": each second-order MCMC step is one `RematerialisedStep` (a custom autograd.Function). Its
   forward computes the step FIRST-ORDER (no create_graph, so nothing of the step survives it) and saves only
-  the step's inputs: the logits and the step size (the real stream's keys/values and the parameters are
+  the step's inputs: the state and the step size (the real stream's keys/values and the parameters are
   shared by every step and alive anyway). Its backward recomputes the step with create_graph=True and runs
   the outer vector-Jacobian product through it, so one step's second-order graph is live at a time.
   Compared with wrapping the step in torch.utils.checkpoint (`generic_step_runner`, kept for the benchmark),
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ebt.mcmc import EnergyFn, StepRunner, inner_gradient, mcmc_step
+from ebt.mcmc import EnergyFn, StepRule, StepRunner, inner_gradient, mcmc_step
 
 POLICIES = ("none", "block", "mcmc_step", "block+mcmc_step")
 
@@ -82,8 +82,9 @@ class RebindableEnergy:
 @dataclass
 class _StepSpec:
     energy_fn: RebindableEnergy
-    step: int
-    grad_clamp: float | None
+    landscape: int
+    rule: StepRule
+    bound: float | None  # a constant clamp bound; a tensor bound travels as an input of the Function
     n_captured: int
     n_params: int
     autocast: tuple[str, bool, torch.dtype] | None
@@ -115,20 +116,24 @@ class RematerialisedStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, spec: _StepSpec, logits, step_size, *tensors):  # type: ignore[override]
+    def forward(ctx, spec: _StepSpec, state, step_size, bound, *tensors):  # type: ignore[override]
         captured = tensors[: spec.n_captured]
-        batch = logits.shape[0]
+        batch = state.shape[0]
+        limit = spec.bound if bound is None else bound.detach()
         news, energies = [], []
         for rows in _rows(batch, spec.chunk):
-            with torch.enable_grad():
-                start = logits[rows].detach().requires_grad_(True)
-                energy_fn = spec.energy_fn.rebind([t[rows].detach() for t in captured], rows)
-                new, energy = mcmc_step(energy_fn, start, _batch_slice(step_size, rows, batch).detach(), spec.step,
-                                        create_graph=False, grad_clamp=spec.grad_clamp)
-            news.append(new.detach())
+            start = state[rows].detach()
+            energy_fn = spec.energy_fn.rebind([t[rows].detach() for t in captured], rows)
+            base, grad, energy = inner_gradient(energy_fn, start, spec.landscape, spec.rule, limit,
+                                                create_graph=False)
+            new = base.detach() - _batch_slice(step_size, rows, batch).detach() * grad
+            if spec.rule.candidate_clamp > 0:
+                new = new.clamp(-spec.rule.candidate_clamp, spec.rule.candidate_clamp)
+            news.append(new)
             energies.append(energy.detach())
         ctx.spec = spec
-        ctx.save_for_backward(logits, step_size, *captured)
+        ctx.has_bound = bound is not None
+        ctx.save_for_backward(state, step_size, *(() if bound is None else (bound,)), *captured)
         ctx.params = tensors[spec.n_captured :]
         energy = torch.cat(energies) if len(energies) > 1 else energies[0]
         ctx.mark_non_differentiable(energy)
@@ -136,50 +141,70 @@ class RematerialisedStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_new, _grad_energy):  # type: ignore[override]
-        # new = x - s * g(x, theta, context) with g = dE/dx, so for the incoming cotangent y:
-        #   x_bar = y + VJP_x(g, -s*y),  theta_bar = VJP_theta(g, -s*y),  s_bar = -sum(g * y).
-        # Differentiating g directly (not `new`) keeps two [B, S, V] tensors (s*g and new) out of the graph.
+        # new = b(x) - s * g(x, theta, context), b = phi(x) (probs update) or x, g = dE/db, so for the
+        # incoming cotangent y:  x_bar = VJP_x(b, y) + VJP_x(g, -s*y),  theta_bar = VJP_theta(g, -s*y),
+        # s_bar = -sum(g * y). Differentiating b and g (not `new`) keeps s*g and new out of the graph; when b
+        # is x itself, VJP_x(b, y) = y is added directly.
         spec: _StepSpec = ctx.spec
-        logits, step_size, *captured = ctx.saved_tensors
+        state, step_size, *rest = ctx.saved_tensors
+        bound = rest.pop(0) if ctx.has_bound else None
+        captured = rest
         params = ctx.params
         needs = ctx.needs_input_grad[1:]
-        need_logits, need_size = needs[0], needs[1]
-        need_captured = [n and t.requires_grad for n, t in zip(needs[2 : 2 + len(captured)], captured, strict=True)]
-        need_params = [n and p.requires_grad for n, p in zip(needs[2 + len(captured) :], params, strict=True)]
-        batch = logits.shape[0]
-        logits_grad = grad_new.clone() if need_logits else None
+        need_state, need_size, need_bound = needs[0], needs[1], needs[2] and bound is not None
+        offset = 3
+        need_captured = [n and t.requires_grad
+                         for n, t in zip(needs[offset : offset + len(captured)], captured, strict=True)]
+        need_params = [n and p.requires_grad
+                       for n, p in zip(needs[offset + len(captured) :], params, strict=True)]
+        batch = state.shape[0]
+        state_grad = torch.zeros_like(state) if need_state else None
         captured_grads = [torch.zeros_like(t) if n else None for t, n in zip(captured, need_captured, strict=True)]
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         size_grad = torch.zeros_like(step_size) if need_size else None
+        bound_grad = torch.zeros_like(bound) if need_bound else None
+        rule = spec.rule
         for rows in _rows(batch, spec.chunk):
             with torch.enable_grad(), _maybe_autocast(spec.autocast):
-                start = logits[rows].detach().requires_grad_(True)
+                start = state[rows].detach().requires_grad_(True)
                 leaves = [t[rows].detach().requires_grad_(t.requires_grad) for t in captured]
-                grad, _ = inner_gradient(spec.energy_fn.rebind(leaves, rows), start, spec.step, create_graph=True,
-                                         grad_clamp=spec.grad_clamp)
-                inputs = [start, *leaves, *params]
-                need = [need_logits, *need_captured, *need_params]
-                wanted = [i for i, n in enumerate(need) if n]
+                limit = spec.bound if bound is None else bound.detach().requires_grad_(need_bound)
+                base, grad, _ = inner_gradient(spec.energy_fn.rebind(leaves, rows), start, spec.landscape, rule,
+                                               limit, create_graph=True)
                 size = _batch_slice(step_size, rows, batch).detach()
-                cotangent = -size * grad_new[rows]
-                grads = torch.autograd.grad(grad, [inputs[i] for i in wanted], cotangent, allow_unused=True)
+                incoming = grad_new[rows]
+                if rule.candidate_clamp > 0:  # clamp passes gradient only inside [-c, c]
+                    pre = base.detach() - size * grad.detach()
+                    incoming = incoming * (pre.abs() <= rule.candidate_clamp).to(incoming.dtype)
+                inputs = [start, *leaves, *params, *([limit] if need_bound else [])]
+                need = [need_state, *need_captured, *need_params, *([True] if need_bound else [])]
+                wanted = [i for i, n in enumerate(need) if n]
+                outputs, cotangents = [grad], [-size * incoming]
+                if rule.steps_from_candidate and need_state:
+                    outputs.append(base)
+                    cotangents.append(incoming)
+                grads = torch.autograd.grad(outputs, [inputs[i] for i in wanted], cotangents, allow_unused=True)
+            if need_state and not rule.steps_from_candidate:
+                state_grad[rows] += incoming
             for i, value in zip(wanted, grads, strict=True):
                 if value is None:
                     continue
                 if i == 0:
-                    logits_grad[rows] += value
+                    state_grad[rows] += value
                 elif i <= len(captured):
                     captured_grads[i - 1][rows] = value
-                else:
+                elif i <= len(captured) + len(params):
                     j = i - 1 - len(captured)
                     param_grads[j] = value if param_grads[j] is None else param_grads[j] + value
+                else:
+                    bound_grad += value
             if need_size:
-                chunk_size_grad = -(grad.detach() * grad_new[rows])
+                chunk_size_grad = -(grad.detach() * incoming)
                 if size_grad.dim() > 0 and size_grad.shape[0] == batch:
                     size_grad[rows] = chunk_size_grad.sum_to_size(size_grad[rows].shape)
                 else:
                     size_grad += chunk_size_grad.sum_to_size(step_size.shape)
-        return (None, logits_grad, size_grad, *captured_grads, *param_grads)
+        return (None, state_grad, size_grad, bound_grad, *captured_grads, *param_grads)
 
 
 class _maybe_autocast:
@@ -195,32 +220,37 @@ class _maybe_autocast:
         return None if self.ctx is None else self.ctx.__exit__(*exc)
 
 
+def _split_bound(bound) -> tuple[float | None, torch.Tensor | None]:
+    return (None, bound) if torch.is_tensor(bound) else (bound, None)
+
+
 def rematerialised_step_runner(
-    energy_fn: EnergyFn, logits: torch.Tensor, step_size: torch.Tensor, step: int, grad_clamp: float | None
+    energy_fn: EnergyFn, state: torch.Tensor, step_size: torch.Tensor, landscape: int, rule: StepRule, bound
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """StepRunner for "mcmc_step": the custom-Function implementation (the default)."""
     if not isinstance(energy_fn, RebindableEnergy):
         raise TypeError("checkpointing=mcmc_step needs an energy function with captured()/rebind()/parameters()")
     captured = energy_fn.captured()
     params = energy_fn.parameters()
-    chunk = getattr(energy_fn, "remat_chunk", 0) or logits.shape[0]
-    spec = _StepSpec(energy_fn, step, grad_clamp, len(captured), len(params), _autocast_state(logits.device),
-                     chunk)
-    return RematerialisedStep.apply(spec, logits, step_size, *captured, *params)
+    chunk = getattr(energy_fn, "remat_chunk", 0) or state.shape[0]
+    constant, tensor = _split_bound(bound)
+    spec = _StepSpec(energy_fn, landscape, rule, constant, len(captured), len(params),
+                     _autocast_state(state.device), chunk)
+    return RematerialisedStep.apply(spec, state, step_size, tensor, *captured, *params)
 
 
 def generic_step_runner(
-    energy_fn: EnergyFn, logits: torch.Tensor, step_size: torch.Tensor, step: int, grad_clamp: float | None
+    energy_fn: EnergyFn, state: torch.Tensor, step_size: torch.Tensor, landscape: int, rule: StepRule, bound
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The straightforward recipe: the whole step inside one non-reentrant torch.utils.checkpoint.
 
     Kept as the benchmark's comparison point for RematerialisedStep; exact as well."""
 
     def run(x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new, energy = mcmc_step(energy_fn, x, size, step, create_graph=True, grad_clamp=grad_clamp)
+        new, energy = mcmc_step(energy_fn, x, size, landscape, rule, bound, create_graph=True)
         return new, energy.detach()
 
-    return checkpoint(run, logits, step_size, use_reentrant=False)
+    return checkpoint(run, state, step_size, use_reentrant=False)
 
 
 STEP_RUNNERS: dict[str, StepRunner] = {"function": rematerialised_step_runner, "generic": generic_step_runner}

@@ -24,7 +24,12 @@ from torch import nn
 from torch.func import functional_call
 
 from ebt.energy import EnergyTransformer, RealContext
-from ebt.mcmc import NonFiniteEnergyGradientError, mcmc_step
+from ebt.mcmc import NonFiniteEnergyGradientError, StepRule, mcmc_step
+
+
+def _logits_rule(rule: StepRule, bound) -> bool:
+    """Whether a step is the one these functional paths implement: y - alpha * dE(softmax(y))/dy."""
+    return rule.normalize and not rule.probs_update and rule.candidate_clamp == 0 and not torch.is_tensor(bound)
 
 
 class _CandidateEnergy(nn.Module):
@@ -80,16 +85,17 @@ def make_functional_step_runner(model: EnergyTransformer, compile: bool = True):
     """A StepRunner computing each second-order step through `InnerGradient` (policy "none" only)."""
     inner = InnerGradient(model, compile=compile)
 
-    def runner(energy_fn, logits, step_size, step, grad_clamp):
+    def runner(energy_fn, logits, step_size, step, rule, bound):
         context = getattr(energy_fn, "context", None)
-        if context is None:  # time_embed / no cache: the real stream is inside the step; stay eager
-            return mcmc_step(energy_fn, logits, step_size, step, create_graph=True, grad_clamp=grad_clamp)
+        if context is None or not _logits_rule(rule, bound):
+            # time_embed / no cache: the real stream is inside the step; other update rules: stay eager
+            return mcmc_step(energy_fn, logits, step_size, step, rule, bound, create_graph=True)
         grad, energy = inner(logits, _parameters(inner.wrapper), tuple(context.keys), tuple(context.values),
                              context.offset, step)
         if not bool(torch.isfinite(grad).all()):
             raise NonFiniteEnergyGradientError(f"non-finite dE/dlogits at MCMC step {step}")
-        if grad_clamp is not None:
-            grad = grad.clamp(-grad_clamp, grad_clamp)
+        if bound is not None:
+            grad = grad.clamp(-bound, bound)
         return logits - step_size * grad, energy
 
     runner.inner = inner  # type: ignore[attr-defined]
@@ -146,10 +152,10 @@ def make_jvp_step_runner(model: EnergyTransformer):
     """StepRunner for "mcmc_step" via forward-over-reverse (cached context, no grad_clamp); measured only."""
     wrapper = _CandidateEnergy(model)
 
-    def runner(energy_fn, logits, step_size, step, grad_clamp):
+    def runner(energy_fn, logits, step_size, step, rule, bound):
         context = getattr(energy_fn, "context", None)
-        if context is None or grad_clamp is not None:
-            raise ValueError("the forward-over-reverse step needs a cached context and no grad_clamp")
+        if context is None or bound is not None or not _logits_rule(rule, None):
+            raise ValueError("the forward-over-reverse step needs a cached context, the logits update and no clamp")
         params = [p for _, p in wrapper.named_parameters()]
         return _JvpStep.apply(wrapper, step, logits, step_size, context.offset, len(context.keys),
                               *context.keys, *context.values, *params)

@@ -6,9 +6,13 @@ energy of a plain causal transformer run on [x_0..x_i, p_i] with p_i at RoPE pos
 - default: exactly that.
 - time_embed: a learned token per MCMC step is prepended to the real stream at position 0 (as in the paper),
   so the oracle sequence is [t_k, x_0..x_i, p_i]. The real stream then depends on the step and cannot be cached.
-- adaln: step-conditioned adaLN (shift and scale of each block's two norms), applied to the CANDIDATE stream
-  only. Real tokens are context and carry no notion of a thinking step, so the real stream stays step-free and
-  is computed once per forward. This is the step-conditioned variant that caches; time_embed is the paper's.
+- adaln: gated adaLN conditioned on the step (DiT's: SiLU(step embedding) -> shift, scale and gate of each
+  block's attention and MLP branches, plus shift and scale before the energy head), as in the reference, where
+  every position is modulated. With `adaln_real_stream=False` only the CANDIDATE stream is: real tokens are
+  context and carry no notion of a thinking step, so the real stream stays step-free and is computed once per
+  forward (this project's caching variant, same parameters).
+
+Step tables have `mcmc_steps` rows (the trained landscapes); a step past them reuses the last trained row.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ebt.attention import candidate_attention, visibility_bias
 from ebt.config import ModelConfig
 from ebt.layers import Block, RMSNorm, RotaryEmbedding, init_weights
-from ebt.streams import causal_stack
+from ebt.streams import Modulation, causal_stack, modulate
 
 
 @dataclass
@@ -43,9 +48,8 @@ class EnergyTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.cand_proj = None
-        if not cfg.tie_candidate_embedding:
-            self.cand_proj = nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim))
+        # The reference's vocab_to_embed: candidate distribution [V] -> embedding [D], untied by default.
+        self.cand_proj = None if cfg.tie_candidate_embedding else nn.Linear(cfg.vocab_size, cfg.dim, bias=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # No bias: a bias only shifts E, never receives a gradient, and then breaks DDP (FACTS.md).
@@ -54,28 +58,57 @@ class EnergyTransformer(nn.Module):
         self.step_tokens = None
         self.step_emb = None
         self.adaln = None
+        self.adaln_final = None
+        rows = cfg.step_table_rows
         if cfg.variant == "time_embed":
-            self.step_tokens = nn.Parameter(torch.empty(cfg.max_step_embeddings, cfg.dim))
+            self.step_tokens = nn.Parameter(torch.empty(rows, cfg.dim))
         elif cfg.variant == "adaln":
-            self.step_emb = nn.Embedding(cfg.max_step_embeddings, cfg.dim)
-            self.adaln = nn.ModuleList(nn.Linear(cfg.dim, 4 * cfg.dim, bias=False) for _ in range(cfg.n_layers))
+            self.step_emb = nn.Embedding(rows, cfg.dim)
+            self.adaln = nn.ModuleList(nn.Linear(cfg.dim, 6 * cfg.dim) for _ in range(cfg.n_layers))
+            self.adaln_final = nn.Linear(cfg.dim, 2 * cfg.dim)
         # Set by ebt.checkpointing from cfg.checkpointing ("block" policies); a runtime switch, not a weight.
         self.checkpoint_blocks = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_weights(self, self.cfg)
-        for param in (self.cand_proj, self.step_tokens):
-            if param is not None:
-                nn.init.normal_(param, mean=0.0, std=self.cfg.init_std)
-        if self.adaln is not None:
-            # adaLN-Zero: every modulation starts as the identity, so adaln begins as the default variant.
-            for linear in self.adaln:
-                nn.init.zeros_(linear.weight)
+        cfg = self.cfg
+        init_weights(self, cfg)
+        if self.step_tokens is not None:  # the reference's time embeddings are an nn.Embedding
+            nn.init.normal_(self.step_tokens, mean=0.0, std=1.0 if cfg.init_scheme == "reference" else cfg.init_std)
+        if self.adaln is None:
+            return
+        if cfg.init_scheme == "reference":  # the reference leaves its adaLN linears at PyTorch's default init
+            for linear in (*self.adaln, self.adaln_final):
+                linear.reset_parameters()
+            return
+        # Otherwise every modulation starts as the identity (shift 0, scale 0, gate 1): adaln begins as default.
+        for linear in (*self.adaln, self.adaln_final):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        for linear in self.adaln:
+            gates = linear.bias.view(6, cfg.dim)
+            nn.init.ones_(gates[2])
+            nn.init.ones_(gates[5])
 
     def step_index(self, step: int) -> int:
-        # Steps past the table (System-2 inference with more steps than training) reuse its last entry.
-        return min(step, self.cfg.max_step_embeddings - 1)
+        # Steps past the trained landscapes (System-2 inference) reuse the last trained one: rows beyond
+        # mcmc_steps - 1 never receive a gradient.
+        return min(step, self.cfg.mcmc_steps - 1)
+
+    def modulations(self, step: int) -> list[Modulation] | None:
+        """Per-block adaLN (shift, scale, gate) x (attention, MLP) for `step`; None without adaln."""
+        if self.adaln is None:
+            return None
+        condition = F.silu(self.step_emb.weight[self.step_index(step)])
+        return [linear(condition).chunk(6) for linear in self.adaln]
+
+    def energy_readout(self, hidden: torch.Tensor, step: int) -> torch.Tensor:
+        """E [B, Sc] from the candidate stream's last hidden states [B, Sc, D]."""
+        normed = self.final_norm(hidden)
+        if self.adaln_final is not None:
+            shift, scale = self.adaln_final(F.silu(self.step_emb.weight[self.step_index(step)])).chunk(2)
+            normed = modulate(normed, shift, scale)
+        return self.energy_head(normed).squeeze(-1)
 
     # ---- real stream ---------------------------------------------------------------------------------------
     def context(self, tokens: torch.Tensor, step: int = 0) -> RealContext:
@@ -86,19 +119,23 @@ class EnergyTransformer(nn.Module):
             step_token = self.step_tokens[self.step_index(step)]
             hidden = torch.cat((step_token.expand(hidden.shape[0], 1, -1), hidden), dim=1)
             offset = 1
-        _, cache = causal_stack(self.blocks, self.rope, hidden, need_output=False)
+        modulations = self.modulations(step) if self.cfg.adaln_real_stream else None
+        _, cache = causal_stack(self.blocks, self.rope, hidden, need_output=False, modulations=modulations)
         return RealContext([k for k, _ in cache], [v for _, v in cache], offset)
 
-    def extend_context(self, context: RealContext, new_tokens: torch.Tensor) -> RealContext:
+    def extend_context(self, context: RealContext, new_tokens: torch.Tensor, step: int = 0) -> RealContext:
         """The context after appending `new_tokens` [B, n], computing only the new positions (generation)."""
         past = list(zip(context.keys, context.values, strict=True))
-        _, cache = causal_stack(self.blocks, self.rope, self.tok_emb(new_tokens), past, need_output=False)
+        modulations = self.modulations(step) if self.cfg.adaln_real_stream else None
+        _, cache = causal_stack(self.blocks, self.rope, self.tok_emb(new_tokens), past, need_output=False,
+                                modulations=modulations)
         return RealContext([k for k, _ in cache], [v for _, v in cache], context.offset)
 
     # ---- candidate stream ----------------------------------------------------------------------------------
     def candidate_embeddings(self, candidate_probs: torch.Tensor) -> torch.Tensor:
-        weight = self.tok_emb.weight if self.cand_proj is None else self.cand_proj
-        return candidate_probs @ weight
+        if self.cand_proj is None:
+            return candidate_probs @ self.tok_emb.weight
+        return self.cand_proj(candidate_probs)
 
     def candidate_energies(
         self,
@@ -114,15 +151,16 @@ class EnergyTransformer(nn.Module):
         last_visible = candidate_index + context.offset
         positions = last_visible + 1
         bias = visibility_bias(last_visible, context.length, hidden.dtype)
-        step_vector = self.step_emb.weight[self.step_index(step)] if self.adaln is not None else None
+        modulations = self.modulations(step)
         for layer in range(len(self.blocks)):
-            args = (layer, hidden, positions, context.keys[layer], context.values[layer], bias, step_vector)
+            modulation = None if modulations is None else modulations[layer]
+            args = (layer, hidden, positions, context.keys[layer], context.values[layer], bias, modulation)
             if self.checkpoint_blocks and torch.is_grad_enabled():
                 # ebt.checkpointing's "block" policy: non-reentrant, the only kind that survives autograd.grad.
                 hidden = checkpoint(self.candidate_layer, *args, use_reentrant=False)
             else:
                 hidden = self.candidate_layer(*args)
-        return self.energy_head(self.final_norm(hidden)).squeeze(-1)
+        return self.energy_readout(hidden, step)
 
     def candidate_layer(
         self,
@@ -132,19 +170,18 @@ class EnergyTransformer(nn.Module):
         keys: torch.Tensor,
         values: torch.Tensor,
         bias: torch.Tensor,
-        step_vector: torch.Tensor | None,
+        modulation: Modulation | None,
     ) -> torch.Tensor:
         """One block of the candidate stream over the real stream's `keys`/`values` of that layer."""
         block = self.blocks[layer]
-        modulation = None if step_vector is None else self.adaln[layer](step_vector).chunk(4)
         normed = block.attn_norm(hidden)
         if modulation is not None:
-            normed = normed * (1 + modulation[1]) + modulation[0]
+            normed = modulate(normed, modulation[0], modulation[1])
         q, k, v = block.qkv(normed)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        attended = candidate_attention(q, k, v, keys, values, bias)
-        hidden = hidden + block.wo(block.merge_heads(attended))
-        normed = block.ffn_norm(hidden)
-        if modulation is not None:
-            normed = normed * (1 + modulation[3]) + modulation[2]
-        return hidden + block.mlp(normed)
+        attended = block.wo(block.merge_heads(candidate_attention(q, k, v, keys, values, bias)))
+        if modulation is None:
+            hidden = hidden + attended
+            return hidden + block.mlp(block.ffn_norm(hidden))
+        hidden = hidden + modulation[2] * attended
+        return hidden + modulation[5] * block.mlp(modulate(block.ffn_norm(hidden), modulation[3], modulation[4]))

@@ -25,13 +25,14 @@ def parameter_count(cfg: ModelConfig) -> int:
     total = cfg.n_layers * per_block + cfg.vocab_size * cfg.dim + cfg.dim  # embedding, final norm
     if cfg.kind == "transformer":
         return total + cfg.vocab_size * cfg.dim  # untied head
-    total += cfg.dim + 1  # energy head, alpha
+    total += cfg.dim + 1 + int(cfg.langevin_learnable)  # energy head, alpha, a learnable noise std
     if not cfg.tie_candidate_embedding:
         total += cfg.vocab_size * cfg.dim
     if cfg.variant == "time_embed":
-        total += cfg.max_step_embeddings * cfg.dim
-    elif cfg.variant == "adaln":
-        total += cfg.max_step_embeddings * cfg.dim + cfg.n_layers * 4 * cfg.dim * cfg.dim
+        total += cfg.step_table_rows * cfg.dim
+    elif cfg.variant == "adaln":  # step table, per block (D -> 6D) and final (D -> 2D) modulations with biases
+        total += cfg.step_table_rows * cfg.dim + cfg.n_layers * 6 * cfg.dim * (cfg.dim + 1)
+        total += 2 * cfg.dim * (cfg.dim + 1)
     return total
 
 

@@ -1,8 +1,9 @@
 """System-2 inference: more thinking steps, several random starts, keep the best sample; and generation.
 
-Energies along a chain are those the descent already computes (one energy and gradient per point), so a chain
-of `steps` steps costs steps + 1 energy evaluations. Step-conditioned variants evaluate point n under step n's
-conditioning (clamped to the trained table).
+Energies along a chain are those the descent already computes (one energy and gradient per step) plus the final
+point's, so a chain of `steps` steps costs steps + 1 energy evaluations (accept-lower adds one per step).
+Step-conditioned variants run step n on landscape n, and every step past the trained ones (and the final
+score) on the last trained landscape, never on an untrained table row.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ebt.mcmc import NonFiniteEnergyGradientError
+from ebt.mcmc import StepRule, ThinkingLoop, candidate, inner_gradient
 from ebt.validation import check_positive_int, check_tokens
 
 SELECTIONS = ("min", "max", "max_gap")
@@ -32,54 +33,80 @@ class ThinkResult:
         return self.energies.gather(1, index).squeeze(1).mean(dim=(0, 2))
 
 
-def _energy_and_grad(energy_fn, logits: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.enable_grad():
-        logits = logits.detach().requires_grad_(True)
-        energy = energy_fn(torch.softmax(logits, dim=-1), step)
-        (grad,) = torch.autograd.grad(energy.sum(), logits)
-    if not bool(torch.isfinite(grad).all()):
-        raise NonFiniteEnergyGradientError(f"non-finite dE/dlogits at thinking step {step}")
-    return energy.detach(), grad
+def _energy(energy_fn, state: torch.Tensor, landscape: int, rule: StepRule) -> torch.Tensor:
+    with torch.no_grad():
+        return energy_fn(candidate(state, rule), landscape)
 
 
 def descend(
     energy_fn: Callable[[torch.Tensor, int], torch.Tensor],
     starts: torch.Tensor,
     steps: int,
-    alpha: torch.Tensor,
+    step_size: torch.Tensor,
     *,
+    trained_landscapes: int = 1,
+    loop: ThinkingLoop | None = None,
     accept_lower: bool = False,
     noise: float = 0.0,
-    grad_clamp: float | None = None,
+    noise_first_step_only: bool = False,
+    bound: float | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Energy descent without a graph; returns final logits and energies [steps + 1, ...] at each point.
+    """Energy descent without a graph; returns final states and energies [steps + 1, ...].
 
-    accept_lower: a token keeps its current candidate unless the proposal's energy is strictly lower, so its
-    energy never rises along the chain.
+    Step n runs on landscape min(n, trained_landscapes - 1), so steps past the trained ones reuse the last
+    trained landscape; energies[n] is step n's input energy there, and energies[steps] scores the final point on
+    the last trained landscape, as the reference does, so samples are compared on one landscape.
+    noise: Langevin std, placed as loop.langevin_placement says (only at the first step with
+    noise_first_step_only, the reference's infer_langevin_first_step).
+    accept_lower: a token keeps its current state unless the proposal's energy, on the same landscape, is
+    strictly lower, so its energy never rises along the chain.
     """
-    alpha = alpha.detach()
-    logits = starts.detach()
-    energy, grad = _energy_and_grad(energy_fn, logits, 0)
-    energies = [energy]
+    loop = ThinkingLoop() if loop is None else loop
+    step_size = step_size.detach()
+    bound = bound.detach() if torch.is_tensor(bound) else bound
+    last = trained_landscapes - 1
+    state = starts.detach()
+    energies = []
+
+    def draw(like: torch.Tensor) -> torch.Tensor:
+        return noise * torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
     for step in range(steps):
-        if grad_clamp is not None:
-            grad = grad.clamp(-grad_clamp, grad_clamp)
-        proposal = logits - alpha * grad
-        if noise > 0:
-            proposal = proposal + noise * torch.randn(
-                proposal.shape, generator=generator, dtype=proposal.dtype, device=proposal.device
-            )
-        new_energy, new_grad = _energy_and_grad(energy_fn, proposal, step + 1)
+        landscape = min(step, last)
+        rule = loop.rule(step)
+        noisy = noise > 0 and (step == 0 or not noise_first_step_only)
+        if noisy and loop.langevin_placement == "input":
+            state = state + draw(state)
+        base, grad, energy = inner_gradient(energy_fn, state, landscape, rule, bound, create_graph=False)
+        energy = energy.detach()
+        with torch.no_grad():
+            proposal = base.detach() - step_size * grad
+            if rule.candidate_clamp > 0:
+                proposal = proposal.clamp(-rule.candidate_clamp, rule.candidate_clamp)
+            if noisy and loop.langevin_placement == "after_update":
+                proposal = proposal + draw(proposal)
         if accept_lower:
-            accept = new_energy < energy
-            logits = torch.where(accept[..., None], proposal, logits)
-            grad = torch.where(accept[..., None], new_grad, grad)
-            energy = torch.where(accept, new_energy, energy)
+            accept = _energy(energy_fn, proposal, landscape, rule) < energy
+            state = torch.where(accept[..., None], proposal, state.detach())
         else:
-            logits, grad, energy = proposal, new_grad, new_energy
+            state = proposal
         energies.append(energy)
-    return logits, torch.stack(energies)
+    energies.append(_energy(energy_fn, state, last, loop.rule(steps)))
+    return state, torch.stack(energies)
+
+
+def inference_step_size(model, alpha_override: float = 0.0) -> torch.Tensor:
+    """The trained alpha, scaled by 0 < alpha_override < 1, or replaced by alpha_override >= 1 (the
+    reference's infer_ebt_override_alpha); 0 keeps it."""
+    alpha = model.alpha.detach()
+    if alpha_override < 0:
+        raise ValueError(f"alpha_override: must be >= 0, got {alpha_override}")
+    if 0 < alpha_override < 1:
+        return alpha * alpha_override
+    if alpha_override >= 1:
+        return torch.full_like(alpha, alpha_override)
+    return alpha
 
 
 def select_samples(energies: torch.Tensor, selection: str) -> torch.Tensor:
@@ -104,10 +131,14 @@ def think(
     noise: float = 0.0,
     generator: torch.Generator | None = None,
     starts: torch.Tensor | None = None,
+    alpha_override: float = 0.0,
+    noise_first_step_only: bool = False,
 ) -> ThinkResult:
     """Refine candidates for every position of tokens [B, S] with `samples` chains of `steps` steps each.
 
     `starts` [B, samples, S, V] gives the chains' initial logits; by default they are drawn from `generator`.
+    alpha_override and noise_first_step_only are the reference's infer_ebt_override_alpha and
+    infer_langevin_first_step (see `descend` and `inference_step_size`).
     """
     cfg = model.cfg
     check_tokens("tokens", tokens, cfg.vocab_size, cfg.context_length)
@@ -130,10 +161,13 @@ def think(
         energy_fn,
         starts.flatten(0, 1),
         steps,
-        model.alpha,
+        inference_step_size(model, alpha_override),
+        trained_landscapes=cfg.mcmc_steps,
+        loop=model.thinking_loop,
         accept_lower=accept_lower,
         noise=noise,
-        grad_clamp=cfg.grad_clamp,
+        noise_first_step_only=noise_first_step_only,
+        bound=model.grad_bound(),
         generator=generator,
     )
     energies = energies.view(steps + 1, batch, samples, length).permute(1, 2, 0, 3)
@@ -182,7 +216,8 @@ def generate(
         return _generate_transformer(model, prompt, max_new_tokens, temperature, top_p, generator)
     steps = cfg.mcmc_steps if steps is None else steps
     energy_model = model.energy_model
-    step_keys = range(steps + 1) if not cfg.caches_context else [0]
+    last = cfg.mcmc_steps - 1
+    step_keys = sorted({min(n, last) for n in range(steps)} | {last}) if not cfg.caches_context else [0]
     contexts = {k: energy_model.context(prompt.repeat_interleave(samples, 0), k) for k in step_keys}
     tokens = prompt
     for _ in range(max_new_tokens):
@@ -196,14 +231,15 @@ def generate(
             [model.initial_logits((tokens.shape[0], 1, cfg.vocab_size), model.alpha_raw, generator)
              for _ in range(samples)], dim=1,
         ).flatten(0, 1)
-        logits, energies = descend(energy_fn, starts, steps, model.alpha, grad_clamp=cfg.grad_clamp)
+        logits, energies = descend(energy_fn, starts, steps, model.alpha, trained_landscapes=cfg.mcmc_steps,
+                                   loop=model.thinking_loop, bound=model.grad_bound())
         energies = energies.view(steps + 1, tokens.shape[0], samples, 1).permute(1, 2, 0, 3)
         chosen = select_samples(energies, selection)[:, 0]
         logits = logits.view(tokens.shape[0], samples, cfg.vocab_size)[torch.arange(tokens.shape[0]), chosen]
         next_token = sample_token(logits, temperature, top_p, generator)
         tokens = torch.cat((tokens, next_token[:, None]), dim=1)
         new = next_token[:, None].repeat_interleave(samples, 0)
-        contexts = {k: energy_model.extend_context(ctx, new) for k, ctx in contexts.items()}
+        contexts = {k: energy_model.extend_context(ctx, new, k) for k, ctx in contexts.items()}
     return tokens
 
 

@@ -87,13 +87,22 @@ class Block(nn.Module):
 
 
 def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
-    """GPT-2/Llama-style init: N(0, init_std) for projections and embeddings, residual outputs (wo, w2) scaled
-    by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth; norms start at one.
+    """Initialise every linear and embedding of `module` by cfg.init_scheme; norms start at one.
+
+    "reference": the EBT authors' (model_utils.init_whole_model_weights with xavier): xavier-normal linears,
+    embeddings left at PyTorch's N(0, 1).
+    "scaled_normal": GPT-2/Llama style N(0, init_std), residual outputs (wo, w2) scaled by 1/sqrt(2 n_layers)
+    so the residual stream's variance does not grow with depth.
     """
     residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            std = residual_std if name.endswith(("wo", "w2")) else cfg.init_std
-            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if cfg.init_scheme == "reference":
+                nn.init.xavier_normal_(sub.weight)
+            else:
+                std = residual_std if name.endswith(("wo", "w2")) else cfg.init_std
+                nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.Embedding):
-            nn.init.normal_(sub.weight, mean=0.0, std=cfg.init_std)
+            nn.init.normal_(sub.weight, mean=0.0, std=1.0 if cfg.init_scheme == "reference" else cfg.init_std)

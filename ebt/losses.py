@@ -33,3 +33,13 @@ def contrastive_energy_loss(
     """Hinge pushing the energy of the observed token below the (detached) energy of the final candidate."""
     hinge = torch.relu(margin + true_energy - predicted_energy.detach())
     return (hinge * mask).sum() / mask.sum().clamp(min=1)
+
+
+def contrastive_softmax_loss(
+    true_energy: torch.Tensor, predicted_energy: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The reference's contrastive term: a 2-way CE over -[E_true, E_predicted] with the true candidate as the
+    class, averaged over the non-ignored tokens (mask [B, S] bool)."""
+    scores = -torch.stack((true_energy, predicted_energy), dim=-1).reshape(-1, 2)
+    labels = torch.where(mask.reshape(-1), 0, -100)
+    return F.cross_entropy(scores, labels, ignore_index=-100)

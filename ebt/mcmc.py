@@ -1,103 +1,185 @@
-"""The thinking loop: gradient descent on the energy over candidate logits.
+"""The thinking loop: gradient descent on the energy over the candidates of every position.
 
-Each step maps logits to candidates with a softmax (the reference's normalisation), evaluates their energy,
-and moves the logits against dE/dlogits:  logits <- logits - alpha * dE/dlogits  (+ optional Langevin noise).
-In training the step keeps its graph (`create_graph=True`): the energy model's parameters receive gradient ONLY
-through these second-order terms.
+A chain's state y [B, S, V] is mapped to the candidate the energy reads, x = phi(y) (a softmax, or the identity
+when normalisation is off for that step), and moved against the energy of its landscape l (the step
+conditioning of time_embed/adaln; one landscape may run several steps):
+
+    update_space "probs"  (the reference):  y <- x - alpha * dE_l/dx     (the result is reused as logits)
+    update_space "logits":                  y <- y - alpha * dE_l/dy     (dE/dy through phi)
+
+Optional pieces, each a named option of ModelConfig: the chain is detached before every step (the reference's
+default), Langevin noise is added to a step's input before phi (reference) or to its output, the inner gradient
+is clamped (at a bound that may depend on alpha), and the state is clamped after the step. In training a
+step keeps its graph (`create_graph=True`): the energy model's parameters receive gradient ONLY through these
+second-order terms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 EnergyFn = Callable[[torch.Tensor, int], torch.Tensor]
-# (energy_fn, logits, step_size, step, grad_clamp) -> (new logits, energy); must equal mcmc_step(create_graph=True).
-StepRunner = Callable[
-    [EnergyFn, torch.Tensor, torch.Tensor, int, "float | None"], tuple[torch.Tensor, torch.Tensor]
-]
+Bound = "float | torch.Tensor | None"
 
 
 class NonFiniteEnergyGradientError(FloatingPointError):
-    """The inner gradient dE/dlogits contained NaN or inf; the trainer skips such a step."""
+    """The inner gradient dE/dcandidates contained NaN or inf; the trainer skips such a step."""
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """What one step does besides evaluating the energy: phi, what it differentiates, the state clamp."""
+
+    normalize: bool = True  # phi = softmax at this step (else the identity)
+    probs_update: bool = True  # differentiate w.r.t. phi(y) and step from it (only differs when normalize)
+    candidate_clamp: float = 0.0  # clamp the new state to [-c, c] (0: off)
+
+    @property
+    def steps_from_candidate(self) -> bool:
+        return self.normalize and self.probs_update
+
+
+# (energy_fn, state, step_size, landscape, rule, bound) -> (new state, energy); must equal
+# mcmc_step(..., create_graph=True). ebt.checkpointing's runners rematerialise the step in the outer backward.
+StepRunner = Callable[
+    [EnergyFn, torch.Tensor, torch.Tensor, int, StepRule, Bound], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+@dataclass(frozen=True)
+class ThinkingLoop:
+    """The static options of the loop (ModelConfig's thinking-loop fields; see there for the reference flags)."""
+
+    update_space: str = "probs"
+    normalize: str = "every_step"
+    detach_steps: bool = True
+    truncate: bool = False
+    langevin_placement: str = "input"
+    candidate_clamp: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg) -> ThinkingLoop:
+        return cls(cfg.update_space, cfg.normalize, cfg.detach_steps, cfg.truncate, cfg.langevin_placement,
+                   cfg.candidate_clamp)
+
+    def rule(self, executed_step: int) -> StepRule:
+        normalize = self.normalize == "every_step" or (self.normalize == "first_step" and executed_step == 0)
+        return StepRule(normalize, self.update_space == "probs", self.candidate_clamp)
 
 
 @dataclass
 class Trajectory:
-    logits: list[torch.Tensor] = field(default_factory=list)  # after each step, K entries
-    energies: list[torch.Tensor] = field(default_factory=list)  # at each step's start, detached [B, S]
+    logits: list[torch.Tensor] = field(default_factory=list)  # the state after each executed step
+    energies: list[torch.Tensor] = field(default_factory=list)  # at each step's input, detached [B, S]
+    landscapes: list[int] = field(default_factory=list)  # the landscape of each executed step
+    last_input: torch.Tensor | None = None  # the last step's input state (noise included), with its graph
+
+
+def candidate(state: torch.Tensor, rule: StepRule) -> torch.Tensor:
+    """phi(y): what the energy reads."""
+    return torch.softmax(state, dim=-1) if rule.normalize else state
+
+
+def inner_gradient(
+    energy_fn: EnergyFn,
+    state: torch.Tensor,
+    landscape: int,
+    rule: StepRule = StepRule(),
+    bound: Bound = None,
+    *,
+    create_graph: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(base, dE/dbase clamped to +-bound, E) at `state`; the step is base - alpha * grad.
+
+    base is phi(state) under the probs update (the reference differentiates w.r.t. the softmaxed candidate),
+    else the state itself.
+    """
+    with torch.enable_grad():
+        if rule.steps_from_candidate and not state.requires_grad:
+            # Nothing can flow back to the state, so phi(state) is a leaf: no softmax graph to keep alive.
+            x = candidate(state.detach(), rule).requires_grad_(True)
+        else:
+            if not state.requires_grad:
+                state = state.detach().requires_grad_(True)
+            x = candidate(state, rule)
+        base = x if rule.steps_from_candidate else state
+        energy = energy_fn(x, landscape)
+        (grad,) = torch.autograd.grad(energy.sum(), base, create_graph=create_graph)
+    if not bool(torch.isfinite(grad).all()):
+        raise NonFiniteEnergyGradientError(f"non-finite dE/dcandidates at MCMC step {landscape}")
+    if bound is not None:
+        grad = torch.clamp(grad, -bound, bound)
+    # E is returned detached: nothing differentiates it (the second-order terms flow through grad), and its
+    # graph would otherwise keep phi's saved output alive after a first-order step.
+    return base, grad, energy.detach()
 
 
 def mcmc_step(
     energy_fn: EnergyFn,
-    logits: torch.Tensor,
+    state: torch.Tensor,
     step_size: torch.Tensor,
-    step: int,
+    landscape: int,
+    rule: StepRule = StepRule(),
+    bound: Bound = None,
     *,
     create_graph: bool,
-    grad_clamp: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One descent step: (logits - step_size * dE/dlogits, E). `logits` must require grad."""
-    grad, energy = inner_gradient(energy_fn, logits, step, create_graph=create_graph, grad_clamp=grad_clamp)
-    return logits - step_size * grad, energy
+    """One descent step: (base - step_size * grad, E)."""
+    base, grad, energy = inner_gradient(energy_fn, state, landscape, rule, bound, create_graph=create_graph)
+    new = base - step_size * grad
+    if rule.candidate_clamp > 0:
+        new = new.clamp(-rule.candidate_clamp, rule.candidate_clamp)
+    return new, energy
 
 
-def inner_gradient(
-    energy_fn: EnergyFn, logits: torch.Tensor, step: int, *, create_graph: bool, grad_clamp: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dE/dlogits, clamped if asked; E) at `logits`, which must require grad."""
-    with torch.enable_grad():
-        energy = energy_fn(torch.softmax(logits, dim=-1), step)
-        (grad,) = torch.autograd.grad(energy.sum(), logits, create_graph=create_graph)
-    if not bool(torch.isfinite(grad).all()):
-        raise NonFiniteEnergyGradientError(f"non-finite dE/dlogits at MCMC step {step}")
-    if grad_clamp is not None:
-        grad = grad.clamp(-grad_clamp, grad_clamp)
-    return grad, energy
+NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]  # (executed step, like) -> N(0, 1) of like's shape
 
 
 def run_mcmc(
     energy_fn: EnergyFn,
-    init_logits: torch.Tensor,
-    steps: int,
-    alpha: torch.Tensor,
+    init_state: torch.Tensor,
+    landscapes: int | Sequence[int],
+    step_size: torch.Tensor,
     *,
     create_graph: bool,
-    truncate: bool = False,
-    langevin_noise_std: float = 0.0,
-    grad_clamp: float | None = None,
-    alpha_scale: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    loop: ThinkingLoop = ThinkingLoop(),
+    noise_std: float | torch.Tensor = 0.0,
+    noise: NoiseFn | None = None,
+    bound: Bound = None,
     step_runner: StepRunner | None = None,
 ) -> Trajectory:
-    """Run `steps` energy-descent steps from `init_logits` [B, S, V].
+    """Run one step per entry of `landscapes` (an int n: landscapes 0..n-1) from `init_state` [B, S, V].
 
-    create_graph: keep every step differentiable (second-order training). With `truncate`, only the last step
-    is; earlier steps run detached. `alpha_scale` [B, S, 1] scales the step size per token.
+    create_graph: keep the steps differentiable (second-order training); with loop.truncate only the last one
+    is, while earlier steps still pass first-order gradient to alpha and the chain unless loop.detach_steps.
+    `step_size` is alpha, or alpha per token [B, S, 1]; `noise` draws the Langevin noise of each step.
     step_runner: runs each second-order step in place of `mcmc_step` (same result); ebt.checkpointing uses it
     to rematerialise a step's graph during the outer backward.
     """
-    if steps < 1:
-        raise ValueError(f"steps: must be >= 1, got {steps}")
-    trajectory = Trajectory()
-    logits = init_logits
-    step_size = alpha if alpha_scale is None else alpha * alpha_scale
-    for step in range(steps):
-        second_order = create_graph and (not truncate or step == steps - 1)
-        if not second_order or not logits.requires_grad:
-            logits = logits.detach().requires_grad_(True)
+    plan = list(range(landscapes)) if isinstance(landscapes, int) else list(landscapes)
+    if not plan:
+        raise ValueError("steps: must be >= 1, got 0")
+    noisy = noise is not None and (torch.is_tensor(noise_std) or noise_std > 0)
+    trajectory = Trajectory(landscapes=plan)
+    state = init_state
+    for index, landscape in enumerate(plan):
+        rule = loop.rule(index)
+        second_order = create_graph and (not loop.truncate or index == len(plan) - 1)
+        if loop.detach_steps:
+            state = state.detach()
+        if noisy and loop.langevin_placement == "input":
+            state = state + noise_std * noise(index, state)
+        trajectory.last_input = state
         if second_order and step_runner is not None:
-            logits, energy = step_runner(energy_fn, logits, step_size, step, grad_clamp)
+            state, energy = step_runner(energy_fn, state, step_size, landscape, rule, bound)
         else:
-            logits, energy = mcmc_step(energy_fn, logits, step_size if second_order else step_size.detach(), step,
-                                       create_graph=second_order, grad_clamp=grad_clamp)
-        if langevin_noise_std > 0:
-            noise = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-            logits = logits + langevin_noise_std * noise
-        if not second_order:
-            logits = logits.detach()
-        trajectory.logits.append(logits)
+            state, energy = mcmc_step(energy_fn, state, step_size, landscape, rule, bound,
+                                      create_graph=second_order)
+        if noisy and loop.langevin_placement == "after_update":
+            state = state + noise_std * noise(index, state)
+        trajectory.logits.append(state)
         trajectory.energies.append(energy.detach())
     return trajectory

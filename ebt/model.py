@@ -8,16 +8,17 @@ from torch import nn
 from ebt.checkpointing import RebindableEnergy
 from ebt.checkpointing import configure as configure_checkpointing
 from ebt.config import ModelConfig
+from ebt.draws import Draws
 from ebt.energy import EnergyTransformer, RealContext
 from ebt.inference import think
-from ebt.losses import contrastive_energy_loss, smoothing_schedule, token_cross_entropy
-from ebt.mcmc import Trajectory, run_mcmc
+from ebt.losses import contrastive_energy_loss, contrastive_softmax_loss, smoothing_schedule, token_cross_entropy
+from ebt.mcmc import ThinkingLoop, Trajectory, candidate, run_mcmc
 from ebt.replay import ReplayBuffer
 from ebt.validation import check_candidates, check_positive_int, check_tokens
 
 
 class ContextEnergy(RebindableEnergy):
-    """E(probs, step) over the real context of `tokens`: the cached one, or one computed per step (time_embed)."""
+    """E(candidates, landscape) over the real context of `tokens`: cached, or computed per step (time_embed)."""
 
     def __init__(self, model: EnergyTransformer, tokens: torch.Tensor, context: RealContext | None,
                  remat_chunk: int = 0) -> None:
@@ -50,9 +51,14 @@ class EnergyBasedTransformer(nn.Module):
         self.energy_model = EnergyTransformer(cfg)
         # The MCMC step size; the optimizer gives parameters named *alpha* their own LR multiplier.
         self.alpha_raw = nn.Parameter(torch.tensor(float(cfg.alpha_init)))
+        # The reference's learnable Langevin std (langevin_dynamics_noise_learnable); a plain float otherwise.
+        self.langevin_std_raw = (
+            nn.Parameter(torch.tensor(float(cfg.langevin_noise_std))) if cfg.langevin_learnable else None
+        )
         self.replay_buffer = (
             ReplayBuffer(cfg.replay_capacity, cfg.replay_fraction) if cfg.replay_capacity > 0 else None
         )
+        self.thinking_loop = ThinkingLoop.from_config(cfg)
         # How "mcmc_step" checkpointing runs a step: "function" (RematerialisedStep) or "generic" (benchmarks).
         self.step_impl = "function"
         # A StepRunner replacing every second-order step (ebt.compiled's functional/compiled inner gradient).
@@ -61,6 +67,21 @@ class EnergyBasedTransformer(nn.Module):
     @property
     def alpha(self) -> torch.Tensor:
         return self.alpha_raw.clamp(min=self.cfg.alpha_min)
+
+    @property
+    def langevin_std(self) -> float | torch.Tensor:
+        if self.langevin_std_raw is None:
+            return self.cfg.langevin_noise_std
+        return self.langevin_std_raw.clamp(min=1e-6)  # the reference's floor
+
+    def grad_bound(self) -> float | torch.Tensor | None:
+        """The inner-gradient clamp: grad_clamp, or grad_clamp / alpha (the reference's max change per step)."""
+        cfg = self.cfg
+        if cfg.grad_clamp is None:
+            return None
+        if cfg.grad_clamp_mode == "absolute":
+            return cfg.grad_clamp
+        return cfg.grad_clamp / self.alpha_raw  # the raw parameter, as the reference (not the per-token alpha)
 
     # ---- energies ------------------------------------------------------------------------------------------
     def energies(self, tokens: torch.Tensor, candidate_probs: torch.Tensor, step: int = 0) -> torch.Tensor:
@@ -71,7 +92,8 @@ class EnergyBasedTransformer(nn.Module):
         return self.energy_model.candidate_energies(self.energy_model.context(tokens, step), candidate_probs, step)
 
     def energy_fn(self, tokens: torch.Tensor, context: RealContext | None = None) -> ContextEnergy:
-        """E(probs, step) for a fixed context; the real stream is shared by every step when the variant allows."""
+        """E(candidates, landscape) for a fixed context; the real stream is shared by every step where the
+        variant allows."""
         if context is None and self.cfg.caches_context:
             context = self.energy_model.context(tokens)
         return ContextEnergy(self.energy_model, tokens, context, getattr(self, "remat_chunk", self.cfg.remat_chunk))
@@ -80,57 +102,94 @@ class EnergyBasedTransformer(nn.Module):
         noise = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
         return noise * self.cfg.init_logit_std
 
-    # ---- training loss -------------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, init_logits: torch.Tensor | None = None):
-        return self.loss(tokens, init_logits)
+    def landscape_plan(self, training: bool, draws: Draws) -> list[int]:
+        """The landscape of every step one forward runs (see ModelConfig.landscape_repeats)."""
+        cfg = self.cfg
+        last = cfg.mcmc_steps - 1
+        if cfg.landscape_repeats:
+            most = cfg.landscape_repeats + 1
+            plan: list[int] = []
+            for landscape in range(cfg.mcmc_steps):
+                if not training:
+                    repeats = most if landscape == last else 1
+                elif cfg.landscape_repeats_final_only and landscape != last:
+                    repeats = 1
+                else:
+                    repeats = draws.repeats(landscape, max(cfg.landscape_repeats_min, 1), most)
+                plan.extend([landscape] * repeats)
+            return plan
+        steps = cfg.mcmc_steps
+        if training and cfg.random_steps_min is not None:
+            steps = draws.step_count(cfg.random_steps_min, cfg.mcmc_steps)
+        return list(range(steps))
 
-    def loss(self, tokens: torch.Tensor, init_logits: torch.Tensor | None = None):
-        """Mean CE over MCMC steps for tokens [B, S+1]; returns (loss, metrics)."""
+    def step_size(self, shape: tuple[int, ...], training: bool, draws: Draws) -> torch.Tensor:
+        """alpha, or per-token alpha [B, S, 1] under the training-time randomisations."""
+        cfg = self.cfg
+        alpha = self.alpha
+        if training and cfg.alpha_random_scale != 1.0:
+            scale = cfg.alpha_random_scale
+            low, high = alpha / scale, alpha * scale
+            return low + draws.alpha_uniform(shape, alpha) * (high - low)
+        if training and cfg.alpha_jitter > 0:
+            jitter = draws.alpha_uniform(shape, alpha)
+            return alpha * (1 - cfg.alpha_jitter + 2 * cfg.alpha_jitter * jitter)
+        return alpha
+
+    # ---- training loss -------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, init_logits: torch.Tensor | None = None, draws: Draws | None = None):
+        return self.loss(tokens, init_logits, draws)
+
+    def loss(self, tokens: torch.Tensor, init_logits: torch.Tensor | None = None, draws: Draws | None = None):
+        """Mean CE over the thinking steps for tokens [B, S+1]; returns (loss, metrics).
+
+        init_logits [B, S, V]: the chains' starts (default: N(0, init_logit_std^2) from the global RNG).
+        draws: the source of every other random number (ebt.draws.Draws).
+        """
         cfg = self.cfg
         check_tokens("tokens", tokens, cfg.vocab_size, cfg.context_length + 1)
         if tokens.shape[1] < 2:
             raise ValueError(f"tokens: need at least 2 positions (inputs + targets), got {tokens.shape[1]}")
-        batch, length = tokens.shape[0], tokens.shape[1] - 1
-        dtype = self.alpha_raw.dtype
+        draws = Draws() if draws is None else draws
+        training = self.training
+        fresh = tokens.shape[0]
+        length = tokens.shape[1] - 1
         if init_logits is None:
-            init_logits = self.initial_logits((batch, length, cfg.vocab_size), self.alpha_raw)
+            init_logits = self.initial_logits((fresh, length, cfg.vocab_size), self.alpha_raw)
         else:
-            check_candidates("init_logits", init_logits, batch, length, cfg.vocab_size)
-        replayed = 0
-        if self.training and self.replay_buffer is not None:
-            tokens, init_logits, replayed = self.replay_buffer.mix(tokens, init_logits)
+            check_candidates("init_logits", init_logits, fresh, length, cfg.vocab_size)
+        fresh_tokens, replayed = tokens, 0
+        if training and self.replay_buffer is not None:
+            count = min(int(cfg.replay_fraction * fresh), len(self.replay_buffer))
+            indices = draws.replay_indices(len(self.replay_buffer), count) if count else None
+            tokens, init_logits, replayed = self.replay_buffer.mix(tokens, init_logits, indices)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        plan = self.landscape_plan(training, draws)
+        step_size = self.step_size((tokens.shape[0], length, 1), training, draws)
 
-        steps = cfg.mcmc_steps
-        if self.training and cfg.random_steps_min is not None:
-            steps = int(torch.randint(cfg.random_steps_min, cfg.mcmc_steps + 1, ()).item())
-        alpha_scale = None
-        if self.training and cfg.alpha_jitter > 0:
-            jitter = torch.rand(batch, length, 1, dtype=dtype, device=tokens.device)
-            alpha_scale = 1 - cfg.alpha_jitter + 2 * cfg.alpha_jitter * jitter
-
-        _, step_runner = configure_checkpointing(self, batch, self.step_impl)
+        _, step_runner = configure_checkpointing(self, tokens.shape[0], self.step_impl)
         if self.step_runner_override is not None:
             step_runner = self.step_runner_override
         energy = self.energy_fn(inputs)
+        noise_std = self.langevin_std if training else 0.0
         trajectory = run_mcmc(
             energy,
             init_logits,
-            steps,
-            self.alpha,
+            plan,
+            step_size,
             create_graph=torch.is_grad_enabled(),
-            truncate=cfg.truncate,
-            langevin_noise_std=cfg.langevin_noise_std if self.training else 0.0,
-            grad_clamp=cfg.grad_clamp,
-            alpha_scale=alpha_scale,
+            loop=self.thinking_loop,
+            noise_std=noise_std,
+            noise=draws.langevin,
+            bound=self.grad_bound(),
             step_runner=step_runner,
         )
         loss, metrics = self._trajectory_loss(trajectory, targets)
         if cfg.contrastive_weight > 0:
-            loss = loss + cfg.contrastive_weight * self._contrastive(energy, trajectory, targets, steps)
-        if self.training and self.replay_buffer is not None:
-            self.replay_buffer.push(tokens, trajectory.logits[-1])
-        metrics.update(alpha=float(self.alpha.detach()), replayed=float(replayed), mcmc_steps=float(steps))
+            loss = loss + cfg.contrastive_weight * self._contrastive(energy, trajectory, targets)
+        if training and self.replay_buffer is not None:
+            self.replay_buffer.push(fresh_tokens, trajectory.logits[-1][:fresh])
+        metrics.update(alpha=float(self.alpha.detach()), replayed=float(replayed), mcmc_steps=float(len(plan)))
         metrics["energy_gap"] = float(trajectory.energies[0].mean() - trajectory.energies[-1].mean())
         return loss, metrics
 
@@ -152,18 +211,27 @@ class EnergyBasedTransformer(nn.Module):
         metrics.update(loss=float(loss.detach()), ce=final_ce, ppl=float(torch.tensor(final_ce).exp()))
         return loss, metrics
 
-    def _contrastive(self, energy, trajectory: Trajectory, targets: torch.Tensor, steps: int) -> torch.Tensor:
+    def _contrastive(self, energy, trajectory: Trajectory, targets: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        mask = (targets != cfg.ignore_index).to(self.alpha_raw.dtype)
-        safe_targets = targets.clamp(min=0)
-        true_probs = torch.nn.functional.one_hot(safe_targets, cfg.vocab_size).to(self.alpha_raw.dtype)
-        final_probs = torch.softmax(trajectory.logits[-1].detach(), dim=-1)
-        true_energy = energy(true_probs, steps - 1)
-        predicted_energy = energy(final_probs, steps - 1)
-        return contrastive_energy_loss(true_energy, predicted_energy, mask, cfg.contrastive_margin)
+        dtype = self.alpha_raw.dtype
+        mask = targets != cfg.ignore_index
+        true_probs = torch.nn.functional.one_hot(targets.clamp(min=0), cfg.vocab_size).to(dtype)
+        last = len(trajectory.logits) - 1
+        true_energy = energy(true_probs, cfg.mcmc_steps - 1)
+        if cfg.contrastive_form == "margin":
+            final_probs = torch.softmax(trajectory.logits[-1].detach(), dim=-1)
+            predicted_energy = energy(final_probs, trajectory.landscapes[-1])
+            return contrastive_energy_loss(true_energy, predicted_energy, mask.to(dtype), cfg.contrastive_margin)
+        # The reference: E of the last step's candidate, with its graph (recomputed here, so any step runner
+        # works), against E of the true one-hot, as a 2-way CE over negative energies.
+        last_candidate = candidate(trajectory.last_input, self.thinking_loop.rule(last))
+        predicted_energy = energy(last_candidate, trajectory.landscapes[-1])
+        return contrastive_softmax_loss(true_energy, predicted_energy, mask)
 
     # ---- System-2 inference ----------------------------------------------------------------------------------
     def think(self, tokens: torch.Tensor, steps: int, samples: int = 1, selection: str = "min",
               accept_lower: bool = False, noise: float = 0.0, generator: torch.Generator | None = None,
-              starts: torch.Tensor | None = None):
-        return think(self, tokens, steps, samples, selection, accept_lower, noise, generator, starts)
+              starts: torch.Tensor | None = None, alpha_override: float = 0.0,
+              noise_first_step_only: bool = False):
+        return think(self, tokens, steps, samples, selection, accept_lower, noise, generator, starts,
+                     alpha_override, noise_first_step_only)

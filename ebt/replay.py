@@ -1,5 +1,9 @@
-"""A replay buffer of thinking trajectories: some sequences of a batch continue from where earlier batches left
-their candidates instead of starting from noise (longer effective chains at the cost of K steps per batch).
+"""A replay buffer of thinking trajectories: a training batch is extended by buffered sequences that continue
+from where earlier batches left their candidates (longer effective chains at the cost of K steps per batch).
+
+As in the reference (model/replay_buffer.py): replayed sequences are APPENDED to the fresh batch (no fresh
+sequence is dropped), only fresh sequences are pushed (no chain is duplicated), and the oldest entries leave
+first once the buffer is full.
 
 The buffer is part of training state, so `state_dict()` carries its contents and its sampling generator.
 """
@@ -22,18 +26,31 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def mix(self, tokens: torch.Tensor, init_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Replace the last rows of the batch by buffered (tokens, logits) pairs; returns the count replaced."""
+    def slot(self, chronological: int) -> int:
+        """Ring-buffer slot of the entry at `chronological` (0 = the oldest kept)."""
+        return (self.cursor - self.size + chronological) % self.capacity
+
+    def mix(
+        self, tokens: torch.Tensor, init_logits: torch.Tensor, indices: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Append int(fraction * batch) buffered (tokens, final logits) pairs to the batch (fewer while the
+        buffer holds fewer); returns the extended batch and the count appended. `indices` picks them (0 = the
+        oldest entry); by default they are drawn without replacement from the buffer's own generator."""
         count = min(int(self.fraction * tokens.shape[0]), self.size)
         if count == 0 or self.tokens.shape[1:] != tokens.shape[1:]:
             return tokens, init_logits, 0
-        picked = torch.randperm(self.size, generator=self.generator)[:count].to(tokens.device)
-        tokens = torch.cat((tokens[:-count], self.tokens[picked]), dim=0)
-        init_logits = torch.cat((init_logits[:-count], self.logits[picked].to(init_logits.dtype)), dim=0)
-        return tokens, init_logits, count
+        if indices is None:
+            indices = torch.randperm(self.size, generator=self.generator)[:count].tolist()
+        elif len(indices) != count or not all(0 <= i < self.size for i in indices):
+            raise ValueError(f"replay indices: expected {count} distinct indices in [0, {self.size}), got {indices}")
+        picked = torch.tensor([self.slot(i) for i in indices], device=self.tokens.device)
+        tokens = torch.cat((tokens, self.tokens[picked].to(tokens.device)), dim=0)
+        replayed = self.logits[picked].to(init_logits.device, init_logits.dtype)
+        return tokens, torch.cat((init_logits, replayed), dim=0), count
 
     @torch.no_grad()
     def push(self, tokens: torch.Tensor, final_logits: torch.Tensor) -> None:
+        """Store fresh sequences with their final candidates; the oldest entries are overwritten when full."""
         if self.tokens is None or self.tokens.shape[1:] != tokens.shape[1:]:
             self.tokens = tokens.new_zeros((self.capacity, *tokens.shape[1:]))
             self.logits = final_logits.new_zeros((self.capacity, *final_logits.shape[1:]))

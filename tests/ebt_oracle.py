@@ -30,6 +30,19 @@ def rotate(x: torch.Tensor, theta: float) -> torch.Tensor:
     return out
 
 
+def modulated(normed: torch.Tensor, shift, scale, all_positions: bool) -> torch.Tensor:
+    """adaLN x (1 + scale) + shift on every position, or on the candidate (last) position only."""
+    if all_positions:
+        return normed * (1 + scale) + shift
+    return torch.cat((normed[:-1], normed[-1:] * (1 + scale) + shift))
+
+
+def gated(update: torch.Tensor, gate, all_positions: bool) -> torch.Tensor:
+    if all_positions:
+        return gate * update
+    return torch.cat((update[:-1], gate * update[-1:]))
+
+
 def causal_lm_last_energy(model, sequence: torch.Tensor, step: int) -> torch.Tensor:
     """Energy of the last position of `sequence` [T, D] (already embedded) through the energy transformer."""
     energy_model = model.energy_model
@@ -37,43 +50,50 @@ def causal_lm_last_energy(model, sequence: torch.Tensor, step: int) -> torch.Ten
     length = sequence.shape[0]
     mask = torch.full((length, length), float("-inf"), dtype=sequence.dtype).triu(1)
     hidden = sequence
-    step_row = min(step, cfg.max_step_embeddings - 1)
+    step_row = min(step, cfg.mcmc_steps - 1)  # past the trained landscapes: the last trained one
+    adaln = cfg.variant == "adaln"
+    everywhere = cfg.adaln_real_stream
+    condition = None
+    if adaln:
+        condition = torch.nn.functional.silu(energy_model.step_emb.weight[step_row])
     for layer, block in enumerate(energy_model.blocks):
-        shift1 = scale1 = shift2 = scale2 = None
-        if cfg.variant == "adaln":
-            mod = energy_model.adaln[layer].weight @ energy_model.step_emb.weight[step_row]
-            shift1, scale1, shift2, scale2 = mod.split(cfg.dim)
         normed = rms_norm(hidden, block.attn_norm.weight, cfg.norm_eps)
-        if shift1 is not None:  # adaLN modulates the candidate (last) position only
-            normed = torch.cat((normed[:-1], normed[-1:] * (1 + scale1) + shift1))
+        if adaln:
+            linear = energy_model.adaln[layer]
+            shift1, scale1, gate1, shift2, scale2, gate2 = (linear.weight @ condition + linear.bias).split(cfg.dim)
+            normed = modulated(normed, shift1, scale1, everywhere)
         heads = cfg.n_heads
         q = (normed @ block.wq.weight.T).view(length, heads, -1).transpose(0, 1)
         k = (normed @ block.wk.weight.T).view(length, heads, -1).transpose(0, 1)
         v = (normed @ block.wv.weight.T).view(length, heads, -1).transpose(0, 1)
         q, k = rotate(q, cfg.rope_theta), rotate(k, cfg.rope_theta)
         scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + mask
-        attended = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(length, -1)
-        hidden = hidden + attended @ block.wo.weight.T
+        attended = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(length, -1) @ block.wo.weight.T
+        hidden = hidden + (gated(attended, gate1, everywhere) if adaln else attended)
         normed = rms_norm(hidden, block.ffn_norm.weight, cfg.norm_eps)
-        if shift2 is not None:
-            normed = torch.cat((normed[:-1], normed[-1:] * (1 + scale2) + shift2))
+        if adaln:
+            normed = modulated(normed, shift2, scale2, everywhere)
         gate = normed @ block.w1.weight.T
-        hidden = hidden + ((gate * torch.sigmoid(gate)) * (normed @ block.w3.weight.T)) @ block.w2.weight.T
+        mlp = ((gate * torch.sigmoid(gate)) * (normed @ block.w3.weight.T)) @ block.w2.weight.T
+        hidden = hidden + (gated(mlp, gate2, everywhere) if adaln else mlp)
     last = rms_norm(hidden[-1], energy_model.final_norm.weight, cfg.norm_eps)
+    if adaln:
+        shift, scale = (energy_model.adaln_final.weight @ condition + energy_model.adaln_final.bias).split(cfg.dim)
+        last = last * (1 + scale) + shift
     return last @ energy_model.energy_head.weight[0]
 
 
 def oracle_energies(model, tokens: torch.Tensor, candidate_probs: torch.Tensor, step: int) -> torch.Tensor:
     """[B, S] energies, each from its own naive causal-LM run."""
     energy_model = model.energy_model
-    cand_weight = energy_model.tok_emb.weight if energy_model.cand_proj is None else energy_model.cand_proj
+    cand_weight = energy_model.tok_emb.weight if energy_model.cand_proj is None else energy_model.cand_proj.weight.T
     batch, length = tokens.shape
     out = torch.empty(batch, length, dtype=candidate_probs.dtype)
     for b in range(batch):
         for i in range(length):
             parts = [energy_model.tok_emb.weight[tokens[b, : i + 1]], (candidate_probs[b, i] @ cand_weight)[None]]
             if model.cfg.variant == "time_embed":
-                step_row = min(step, model.cfg.max_step_embeddings - 1)
+                step_row = min(step, model.cfg.mcmc_steps - 1)
                 parts.insert(0, energy_model.step_tokens[step_row][None])
             out[b, i] = causal_lm_last_energy(model, torch.cat(parts), step)
     return out

@@ -74,3 +74,22 @@ def test_top_p_sampling_only_draws_from_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     draws = {int(sample_token(logits, 1.0, 0.7, torch.Generator().manual_seed(s))) for s in range(200)}
     assert draws == {0, 1}
+
+
+@pytest.mark.parametrize("variant", ["time_embed", "adaln"])
+def test_thinking_past_the_trained_steps_reuses_the_last_trained_landscape(variant):
+    """Rows of the step table past mcmc_steps - 1 never get a gradient: thinking longer, the final score and the
+    accept-lower comparison must all use the last trained landscape, never those rows (poisoned with NaN here)."""
+    model = tiny_model(variant=variant, mcmc_steps=2, max_step_embeddings=4)
+    table = model.energy_model.step_tokens if variant == "time_embed" else model.energy_model.step_emb.weight
+    with torch.no_grad():
+        table[2:] = float("nan")
+    tokens = torch.randint(0, 11, (2, 6))
+    for accept_lower in (False, True):
+        result = model.think(tokens, steps=5, samples=2, accept_lower=accept_lower,
+                             generator=torch.Generator().manual_seed(1))
+        assert bool(torch.isfinite(result.energies).all())
+        final = model.energies(tokens, torch.softmax(result.logits, -1), step=1)
+        assert (final - result.final_energy).abs().max() < 1e-10
+        if accept_lower:  # from step 1 on every point is scored on landscape 1, so energies never rise
+            assert bool((result.energies[:, :, 2:] <= result.energies[:, :, 1:-1] + 1e-12).all())

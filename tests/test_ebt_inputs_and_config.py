@@ -5,6 +5,7 @@ import torch
 from ebt_factories import tiny_model
 
 from ebt import SIZES, ModelConfig, build_model
+from ebt.draws import Draws
 from ebt.flops import parameter_count, train_flops_per_token
 
 
@@ -96,3 +97,31 @@ def test_replay_buffer_continues_trajectories_and_round_trips_its_state():
     torch.manual_seed(7)
     b = twin.loss(tokens)[0]
     assert torch.equal(a, b)
+
+
+def test_replay_appends_to_the_fresh_batch_and_pushes_only_fresh_sequences():
+    """The reference's semantics: no fresh sequence is dropped, no replayed chain is pushed back (duplicated)."""
+    model = tiny_model(replay_capacity=8, replay_fraction=0.5)
+    model.train()
+    first, second = torch.randint(0, 11, (2, 6)), torch.randint(0, 11, (2, 6))
+    init = torch.randn(2, 5, 11, dtype=torch.float64)
+    model.loss(first, init_logits=init)
+    stored = model.replay_buffer.logits[:2].clone()
+
+    class PickOldest(Draws):
+        def replay_indices(self, size, count):
+            return [0]
+
+    torch.manual_seed(3)
+    loss, metrics = model.loss(second, init_logits=init, draws=PickOldest())
+    assert metrics["replayed"] == 1.0
+    # Same loss as the explicit batch [second; first[0]] started from [init; first[0]'s stored final state].
+    plain = tiny_model()
+    plain.load_state_dict(model.state_dict())
+    plain.train()
+    torch.manual_seed(3)
+    expected, _ = plain.loss(torch.cat((second, first[:1])), init_logits=torch.cat((init, stored[:1])))
+    assert abs(loss.item() - expected.item()) < 1e-12
+    # The buffer holds the four fresh sequences once each, oldest first.
+    kept = model.replay_buffer.tokens[[model.replay_buffer.slot(i) for i in range(len(model.replay_buffer))]]
+    assert len(model.replay_buffer) == 4 and torch.equal(kept, torch.cat((first, second)))
