@@ -139,10 +139,31 @@ class EmbeddedCorpus(Source):
 
 
 def _walk_sorted(root: str, suffixes: tuple[str, ...], skip_dirs: set[str]) -> list[str]:
+    """Files under `root` in sorted order, following directory symlinks but entering each real directory once
+    (a symlink back up the tree would otherwise recurse forever)."""
     out: list[str] = []
+    entered: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in entered:
+            dirnames[:] = []
+            continue
+        entered.add(real)
         dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
         out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(suffixes)]
+    return out
+
+
+def unique_real_paths(paths: list[str]) -> list[str]:
+    """`paths` without the ones that name a file already listed under another name (symlinks, `..`): the first
+    name of each real file is kept, in order."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            out.append(path)
     return out
 
 
@@ -169,7 +190,9 @@ def expand_paths(spec: str) -> list[str]:
     for path in files:
         if not path.endswith(SUPPORTED_SUFFIXES):
             raise ValueError(f"data source file {path!r}: unsupported type (use .txt, .jsonl or .parquet)")
-    return list(dict.fromkeys(files))
+    # By real path: a glob through symlinked directories (Debian's python3-doc links several html trees to one)
+    # matches each document under several names.
+    return unique_real_paths(files)
 
 
 @dataclass
