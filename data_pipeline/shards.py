@@ -44,6 +44,8 @@ class PackedShards:
                              f"(val_fraction={manifest.get('val_fraction')} selected no documents)")
         if context_length < 1:
             raise ValueError(f"context length must be positive, got {context_length}")
+        for path, count in zip(self.files, tokens.tolist(), strict=True):
+            _check_shard_file(path, count, self.dtype, shards_dir)
         per_shard = np.maximum((tokens - 1) // context_length, 0)
         if per_shard.sum() == 0:
             raise ValueError(f"context length {context_length} is longer than the {split!r} shards in "
@@ -77,3 +79,32 @@ class PackedShards:
         for row, (s, start) in enumerate(zip(shard.tolist(), local.tolist(), strict=True)):
             out[row] = maps[s][start:start + length + 1]
         return out
+
+
+def _check_shard_file(path: str, tokens: int, dtype: np.dtype, shards_dir: str) -> None:
+    """A shard must hold the tokens its manifest lists: a truncated or replaced file is named with its expected
+    and actual size (np.load's memmap would only say "mmap length is greater than file size")."""
+    hint = f"; the shard directory {shards_dir!r} is damaged: delete it to prepare it again"
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise ValueError(f"shard file {path!r} is missing{hint}") from None
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _fortran, file_dtype = read_header(handle)
+            header = handle.tell()
+    except (OSError, ValueError) as error:  # too short for a header, or not an .npy file at all
+        raise ValueError(f"shard file {path!r} is not a readable .npy file: expected {tokens * dtype.itemsize} "
+                         f"bytes of tokens after an .npy header, found {size} bytes "
+                         f"({str(error).splitlines()[0]}){hint}") from None
+    if shape != (tokens,) or file_dtype != dtype:
+        raise ValueError(f"shard file {path!r} holds {shape} {file_dtype} but the manifest lists {tokens} "
+                         f"{dtype.name} tokens{hint}")
+    expected = header + tokens * dtype.itemsize
+    if size != expected:
+        what = "is truncated" if size < expected else "is larger than its manifest says"
+        raise ValueError(f"shard file {path!r} {what}: expected {expected} bytes ({tokens} {dtype.name} tokens "
+                         f"after a {header}-byte header), found {size}{hint}")
