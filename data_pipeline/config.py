@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 MODES = ("shards", "stream")
+# Smallest tokenizer vocabulary: 256 byte pieces, 4 specials and 2 user pieces, plus some room for BPE merges.
+MIN_VOCAB = 320
 
 
 @dataclass
@@ -53,6 +55,9 @@ class DataConfig:
             raise ValueError(f"data.mode must be one of {MODES}, got {self.mode!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.tokenizer is None and self.vocab_size < MIN_VOCAB:  # a given tokenizer brings its own size
+            raise ValueError(f"data.vocab_size: vocab size {self.vocab_size} is too small (minimum {MIN_VOCAB}: "
+                             "256 byte pieces + specials)")
         if self.dtype not in ("auto", "uint16", "uint32"):
             raise ValueError(f"data.dtype must be auto, uint16 or uint32, got {self.dtype!r}")
         if isinstance(self.hf_data_files, str):

@@ -20,13 +20,13 @@ from typing import Any
 
 import sentencepiece as spm
 
+from .config import MIN_VOCAB
 from .sources import Source
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
-# Beyond the 256 byte pieces, 4 specials and 2 user pieces, BPE needs some room for merges.
-MIN_VOCAB = 320
+# Beyond the 256 byte pieces, 4 specials and 2 user pieces, BPE needs some room for merges (data.config).
 
 
 @dataclass
@@ -74,7 +74,7 @@ def train_tokenizer(source: Source, out_dir: str, *, vocab_size: int = 4096, max
     sentences = _sentences(source, counter)
     first = next(sentences, None)
     if first is None:
-        raise ValueError(f"source {source.name!r} yielded no text to train a tokenizer on")
+        raise ValueError(f"source {source.name!r} yielded no text to train a tokenizer on{_why_empty(source)}")
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
@@ -102,6 +102,22 @@ def train_tokenizer(source: Source, out_dir: str, *, vocab_size: int = 4096, max
     _atomic_write(os.path.join(out_dir, MODEL_FILE), model_bytes)
     _atomic_write(os.path.join(out_dir, META_FILE), json.dumps(asdict(meta), indent=2).encode())
     return meta
+
+
+def _why_empty(source: Source) -> str:
+    """Which files an empty source read, so the message names them (a zero-byte file is the usual cause)."""
+    files = list(getattr(source, "files", None) or [])
+    if not files:
+        return ""
+
+    def describe(path: str) -> str:
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        return f"{path!r} is empty (0 bytes)" if size == 0 else f"{path!r} holds only whitespace or empty records"
+
+    if len(files) == 1:
+        return f": {describe(files[0])}"
+    shown = ", ".join(repr(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return f": its {len(files)} files ({shown}) are empty or hold only whitespace"
 
 
 def _chain_first(first: str, rest: Iterator[str]) -> Iterator[str]:
