@@ -15,7 +15,15 @@ from typing import Any
 
 from .config import DataConfig
 from .loader import ShardEvalLoader, ShardLoader
-from .prepare import dir_lock, prepare_shards, read_manifest, shard_dtype, shards_key
+from .prepare import (
+    dir_lock,
+    mismatch_message,
+    prepare_shards,
+    read_manifest,
+    shard_differences,
+    shard_dtype,
+    shards_key,
+)
 from .shards import PackedShards
 from .sources import Source, build_source
 from .streaming import StreamEvalLoader, StreamLoader
@@ -69,6 +77,8 @@ def prepare_if_needed(cfg: DataConfig, *, force: bool = False) -> dict[str, Any]
                     return {"tokenizer": cfg.tokenizer, "vocab_size": meta.vocab_size,
                             "shards_dir": cfg.shards_dir, "manifest": manifest}
     source = build_source(cfg)
+    if cfg.mode == "shards" and cfg.shards_dir and not force:
+        _check_existing_shards(cfg, source)
     tok_dir, meta = ensure_tokenizer(cfg, source)
     result: dict[str, Any] = {"tokenizer": tok_dir, "vocab_size": meta.vocab_size, "shards_dir": None}
     if cfg.mode == "shards":
@@ -78,6 +88,25 @@ def prepare_if_needed(cfg: DataConfig, *, force: bool = False) -> dict[str, Any]
                                   force=force, progress=cfg.progress)
         result.update(shards_dir=out, manifest=manifest)
     return result
+
+
+def _check_existing_shards(cfg: DataConfig, source: Source) -> None:
+    """Shards of other inputs in an explicit shards_dir are refused BEFORE a tokenizer is trained for them, so
+    the refusal leaves nothing behind (prepare_shards checks again with the trained tokenizer's hash)."""
+    manifest = read_manifest(cfg.shards_dir)  # type: ignore[arg-type]
+    if manifest is None:
+        return
+    path = tokenizer_dir(cfg, source)
+    if tokenizer_exists(path):
+        meta = load_meta(path)
+        vocab, sha = meta.vocab_size, meta.model_sha256
+    else:
+        vocab, sha = cfg.vocab_size, None
+    differences = shard_differences(manifest, source, vocab_size=vocab, tokenizer_sha256=sha,
+                                    val_fraction=cfg.val_fraction, seed=cfg.shuffle_seed,
+                                    shard_tokens=cfg.shard_tokens, dtype=shard_dtype(vocab, cfg.dtype))
+    if differences:
+        raise ValueError(mismatch_message(os.path.abspath(cfg.shards_dir), manifest, differences))  # type: ignore
 
 
 def _tokenizer(cfg: DataConfig, source: Source | None) -> tuple[str, TokenizerMeta]:

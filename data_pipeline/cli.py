@@ -47,8 +47,15 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
         same = (meta.sources_hash, meta.vocab_size, meta.max_sentences) == (
             source.fingerprint(), cfg.vocab_size, cfg.tokenizer_max_sentences)
         if not same and not args.force:
+            differs = []
+            if meta.vocab_size != cfg.vocab_size:
+                differs.append(f"vocab size {meta.vocab_size} there, {cfg.vocab_size} now")
+            if meta.max_sentences != cfg.tokenizer_max_sentences:
+                differs.append(f"max sentences {meta.max_sentences} there, {cfg.tokenizer_max_sentences} now")
+            if meta.sources_hash != source.fingerprint():
+                differs.append("the source's files or contents differ")
             raise ValueError(f"{args.out!r} holds a tokenizer trained on other inputs or settings "
-                             "(pass --force to retrain it there, or choose another --out)")
+                             f"({'; '.join(differs)}); pass --force to retrain it there, or choose another --out")
         if not same:
             for name in (MODEL_FILE, META_FILE):
                 os.unlink(os.path.join(args.out, name))

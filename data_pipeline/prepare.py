@@ -65,16 +65,98 @@ def read_manifest(shards_dir: str) -> dict[str, Any] | None:
         return json.load(handle)
 
 
+def _brief_source(summary: Any) -> str:
+    if not isinstance(summary, dict):
+        return repr(summary)
+    kind = summary.get("kind")
+    if kind == "files":
+        return f"{summary.get('spec')!r} ({summary.get('files')} files)"
+    if kind == "embedded":
+        return f"embedded ({summary.get('files')} files, {summary.get('bytes')} bytes)"
+    return f"{kind}:{summary.get('path')}"
+
+
+def shard_differences(manifest: dict[str, Any], source: Source, *, vocab_size: int, tokenizer_sha256: str | None,
+                      val_fraction: float, seed: int, shard_tokens: int, dtype: np.dtype) -> list[str]:
+    """What differs between the inputs a shard directory was made from and these ones, as "X in the shards, Y now"
+    phrases (`tokenizer_sha256` None: the tokenizer is not trained yet, so only its size can be compared)."""
+    made = manifest.get("tokenizer", {})
+    out = []
+    if made.get("vocab_size") != vocab_size:
+        out.append(f"tokenizer vocab size {made.get('vocab_size')} in the shards, {vocab_size} now")
+    if tokenizer_sha256 is not None and made.get("sha256") != tokenizer_sha256:
+        out.append(f"tokenizer hash {str(made.get('sha256'))[:12]} in the shards, {tokenizer_sha256[:12]} now")
+    if manifest.get("source_fingerprint") != source.fingerprint():
+        there, here = _brief_source(manifest.get("sources")), _brief_source(source.summary())
+        out.append(f"source {there} in the shards, {here} now" if there != here
+                   else f"source {here}: its files changed (size or modification time)")
+    for label, key, here in (("val_fraction", "val_fraction", val_fraction), ("shuffle seed", "shuffle_seed", seed),
+                             ("shard_tokens", "shard_tokens", shard_tokens), ("dtype", "dtype", dtype.name)):
+        if manifest.get(key) != here:
+            out.append(f"{label} {manifest.get(key)!r} in the shards, {here!r} now")
+    return out
+
+
+def mismatch_message(out_dir: str, manifest: dict[str, Any], differences: list[str]) -> str:
+    made_with = manifest.get("tokenizer", {}).get("path")
+    what = "; ".join(differences) or "their key differs"
+    return (f"output directory {out_dir!r} holds shards of other inputs ({what}); they were made with the "
+            f"tokenizer {made_with}. To keep them, write these shards to another directory (--out or "
+            "data.shards_dir), or use the tokenizer and settings they were made with")
+
+
+def _make_parents(path: str) -> list[str]:
+    """os.makedirs(path), returning the directories it created (outermost first)."""
+    missing: list[str] = []
+    probe = path
+    while not os.path.isdir(probe):
+        missing.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    os.makedirs(path, exist_ok=True)
+    return missing[::-1]
+
+
 @contextlib.contextmanager
 def dir_lock(path: str) -> Iterator[None]:
-    """Exclusive lock next to `path`, so ranks (or users) racing to prepare the same output wait, not clash."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(os.path.abspath(path).rstrip("/") + ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """Exclusive lock next to `path`, so ranks (or users) racing to prepare the same output wait, not clash.
+
+    Nothing is left behind: the holder deletes `<path>.lock` before unlocking it (a waiter that then wins the
+    deleted file sees that it is no longer the one at that name and locks the new one), and directories made
+    only to hold the lock are removed again when they are still empty, e.g. after a bad input.
+    """
+    lock_path = os.path.abspath(path).rstrip("/") + ".lock"
+    parent = os.path.dirname(lock_path)
+    created = _make_parents(parent)
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except FileNotFoundError:  # another process removed the empty parents it had made: make them again
+            created += [d for d in _make_parents(parent) if d not in created]
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            break
+        os.close(fd)  # the previous holder deleted the file we waited on: lock the one now at that name
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        for directory in reversed(created):
+            try:
+                os.rmdir(directory)
+            except OSError:  # not empty (it holds the output now, or another process's lock): keep it
+                break
 
 
 def _init_worker(tokenizer_dir: str, eos_id: int, dtype: str, val_fraction: float) -> None:
@@ -145,8 +227,9 @@ def prepare_shards(source: Source, tokenizer_dir: str, out_dir: str, *, val_frac
             if existing is None and os.listdir(out_dir):
                 raise ValueError(f"output directory {out_dir!r} exists and is not a shard directory")
             if existing is not None and not force:
-                raise ValueError(f"output directory {out_dir!r} holds shards of other inputs "
-                                 "(pass --force to replace them, or choose another --out)")
+                raise ValueError(mismatch_message(out_dir, existing, shard_differences(
+                    existing, source, vocab_size=meta.vocab_size, tokenizer_sha256=meta.model_sha256,
+                    val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, dtype=np_dtype)))
         partial = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
         shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run: restart cleanly
         os.makedirs(partial)

@@ -78,7 +78,7 @@ def test_interrupted_run_leaves_no_manifest_and_restarts(tmp_path, tiny, monkeyp
     monkeypatch.setattr(prepare_mod, "_write_split", crash_after_first_split)
     with pytest.raises(KeyboardInterrupt):
         prepare_shards(tiny_corpus(), tiny.tokenizer, out, val_fraction=0.25, num_proc=1, progress=False)
-    assert listing(tmp_path) == ["shards.lock"]  # no shard dir, no partial dir, no manifest
+    assert listing(tmp_path) == []  # no shard dir, no partial dir, no manifest, no lock
     monkeypatch.setattr(prepare_mod, "_write_split", real)
     manifest = prepare_shards(tiny_corpus(), tiny.tokenizer, out, val_fraction=0.25, num_proc=1, progress=False)
     assert read_manifest(out) == manifest
@@ -159,7 +159,7 @@ def test_concurrent_prepares_wait_for_each_other(tmp_path, tiny):  # noqa: F811
     assert [child.exitcode for child in children] == [0, 0]
     keys = {queue.get(timeout=5) for _ in children}
     assert keys == {read_manifest(out)["key"]}
-    assert listing(tmp_path) == sorted(["shards.lock", *(f"shards/{f}" for f in os.listdir(out))])
+    assert listing(tmp_path) == sorted(f"shards/{f}" for f in os.listdir(out))  # the lock is gone too
 
 
 def test_cli_prepares_a_training_configs_data_section(tmp_path, tiny, capsys):  # noqa: F811
