@@ -43,11 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     # A real command line (not a call from Python) may replace its own process, e.g. `ebt train` re-executing
     # itself with the configured CPU allocator preloaded (launch/allocator.py).
     args.from_command_line = argv is None
+    from launch.distributed import RankLostError
+
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as error:
         print(f"ebt {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RankLostError as error:  # not the user's input: another process of the run went away
+        print(f"ebt {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -116,3 +118,58 @@ def broadcast_object(obj):
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+class RankLostError(RuntimeError):
+    """Another rank died, was killed or stopped responding mid-collective: printed as one line naming it."""
+
+
+# What gloo/NCCL/c10d put in the error of a collective whose peer went away (closed socket or timeout).
+_PEER_FAILURE = re.compile(r"gloo|nccl|c10d|ProcessGroup|Connection (reset|closed|refused)|[Tt]imed out|Broken pipe")
+
+
+def _first_cause(message: str) -> str:
+    """The informative part of a backend error: "Read error [127.0.0.1]:36272: Connection reset by peer"."""
+    line = message.strip().splitlines()[0] if message.strip() else "no message"
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", line)  # the C++ source location
+    return re.split(r"\. This is typically caused", line)[0].rstrip(". ")
+
+
+def _absent_ranks(rank: int, world: int, grace_s: float) -> list[int] | None:
+    """The ranks that do not check in at the rendezvous store within grace_s (None when the store is gone too).
+    With two ranks the other one is the lost one: no store needed."""
+    if world == 2:
+        return [1 - rank]
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        store.set(f"ebt/alive/{rank}", "1")
+        deadline = time.monotonic() + grace_s
+        while True:
+            absent = [r for r in range(world) if r != rank and not store.check([f"ebt/alive/{r}"])]
+            if not absent or time.monotonic() > deadline:
+                return absent
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - the store lives on rank 0 (or the launcher): it may be gone as well
+        return None
+
+
+def lost_rank_error(error: BaseException, grace_s: float = 5.0) -> RankLostError | None:
+    """A one-line RankLostError when `error` is a collective that failed because a peer rank went away, naming
+    that rank; None for any other error. Call it before the process group is destroyed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    dist_error = getattr(torch.distributed, "DistError", RuntimeError)
+    if world < 2 or not isinstance(error, RuntimeError):
+        return None
+    if not (isinstance(error, dist_error) or _PEER_FAILURE.search(str(error))):
+        return None
+    absent = _absent_ranks(rank, world, grace_s)
+    if absent:
+        who = f"rank {absent[0]}" if len(absent) == 1 else f"ranks {', '.join(map(str, absent))}"
+    else:
+        who = "another rank"
+    return RankLostError(f"rank {rank} of {world} lost {who} in a collective ({_first_cause(str(error))}): it "
+                         "died, was killed or stopped responding; its own output (or the scheduler's) says why")

@@ -15,19 +15,110 @@ from launch.signals import PREEMPTED_EXIT_CODE
 def run_training(cfg: TrainConfig, log=None) -> dict[str, Any]:
     """Train (resuming from the newest valid checkpoint in the run dir); returns the final metrics.
 
-    Under torchrun / accelerate launch / srun each process calls this; it returns on every rank.
+    Under torchrun / accelerate launch / srun each process calls this; it returns on every rank. A run that
+    cannot start is refused by `preflight` before anything is written; a rank whose peer dies raises
+    RankLostError (one line naming the lost rank) instead of the backend's traceback.
     """
+    from launch.distributed import lost_rank_error
     from launch.trainer import Trainer
 
+    preflight(cfg)
     trainer = Trainer(cfg, log=log)
     finished = False
     try:
         trainer.setup()
         result = trainer.fit()
         finished = True
+    except RuntimeError as error:
+        lost = lost_rank_error(error)  # asks the store who is left: before close() destroys the group
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         trainer.close(finished)
     return result
+
+
+# ---------------------------------------------------------------------------------------------- preflight
+
+
+def preflight(cfg: TrainConfig, ranks_here: int | None = None) -> None:
+    """Refuse, before any file is written, a run that cannot start: a runs_dir that cannot hold it, a model
+    vocabulary that is not the tokenizer's, or a step predicted (ebt.planner) not to fit this machine's memory.
+    `ranks_here`: the processes that will share this machine (default: LOCAL_WORLD_SIZE)."""
+    _check_runs_dir(cfg)
+    _check_vocab(cfg)
+    _check_memory(cfg, ranks_here)
+
+
+def _check_runs_dir(cfg: TrainConfig) -> None:
+    import tempfile
+    from pathlib import Path
+
+    runs, run_dir = Path(cfg.runs_dir), cfg.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"config key 'name': {run_dir} exists and is not a directory (runs_dir={cfg.runs_dir})")
+    probe = run_dir
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = f"{runs} is not a directory" if probe == runs else f"{probe} is not a directory"
+        raise ValueError(f"config key 'runs_dir': cannot hold runs: {what}")
+    try:  # creating and removing a directory is the only sure test (root may write anywhere but in /proc)
+        os.rmdir(tempfile.mkdtemp(prefix=".ebt-write-test-", dir=probe))
+    except OSError as error:
+        raise ValueError(f"config key 'runs_dir': cannot create {runs}: {error.strerror or error} "
+                         f"(in {probe})") from None
+
+
+def _check_vocab(cfg: TrainConfig) -> None:
+    from data_pipeline.tokenizer import load_meta, tokenizer_exists
+
+    data = cfg.data
+    if data.tokenizer and tokenizer_exists(data.tokenizer):
+        vocab, where = load_meta(data.tokenizer).vocab_size, f"the tokenizer {data.tokenizer}"
+    else:
+        vocab, where = data.vocab_size, "the tokenizer (data.vocab_size)"
+    if cfg.model.vocab_size != vocab:
+        raise ValueError(f"config key 'model.vocab_size': {cfg.model.vocab_size} differs from the {vocab} pieces "
+                         f"of {where}; leave model.vocab_size unset to follow the tokenizer")
+
+
+def _planning_device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _check_memory(cfg: TrainConfig, ranks_here: int | None) -> None:
+    """An explicit checkpointing policy at trainer.micro_batch_size must fit the machine (auto plans its own
+    micro-batch and refuses by itself). Only the clearly impossible is refused: the prediction is compared with
+    all the memory available, not with a budget, and bf16 activations are counted at 2 bytes."""
+    if cfg.model.checkpointing == "auto" or cfg.distributed.strategy != "ddp":
+        return  # ZeRO shards the optimizer state, which the planner counts whole
+    from ebt import planner
+    from launch.distributed import resolve_precision
+
+    device = _planning_device()
+    ranks = 1 if device.type == "cuda" else max(1, ranks_here or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    try:
+        precision = resolve_precision(cfg.trainer.precision, device.type == "cuda")
+        dtype_bytes = 2 if precision == "bf16" else 4
+        predicted = planner.predict_peak_bytes(cfg.model, cfg.model.checkpointing, cfg.trainer.micro_batch_size,
+                                               device, dtype_bytes=dtype_bytes)
+        available = planner.device_capacity_bytes(device) / ranks
+    except Exception:  # noqa: BLE001 - a config the planner cannot model is left to the run itself
+        return
+    if predicted > available:
+        where = f"{device.type} memory" + (f" per rank ({ranks} ranks on this machine)" if ranks > 1 else "")
+        raise ValueError(
+            f"config key 'model.context_length': a training step at context length {cfg.model.context_length} "
+            f"with micro-batch {cfg.trainer.micro_batch_size} (trainer.micro_batch_size) is predicted to peak at "
+            f"{predicted / 1e9:,.1f} GB (ebt.planner, checkpointing {cfg.model.checkpointing}), but only "
+            f"{available / 1e9:,.1f} GB of {where} is available; lower model.context_length or "
+            "trainer.micro_batch_size, or set model.checkpointing=auto to recompute and split the batch")
 
 
 def _launch_local_processes(args: argparse.Namespace) -> int:
@@ -69,15 +160,22 @@ def _launch_local_processes(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise ValueError(f"--nproc: must be >= 1, got {args.nproc}")
     configs = [c for c in args.configs if c.endswith((".yaml", ".yml")) or "=" not in c]
     overrides = [c for c in args.configs if c not in configs]
     if not configs:
         raise ValueError("no config file given: ebt train CONFIG.yaml [key=value ...]")
     args.configs, args.overrides = configs, overrides
     cfg = load_config(configs, overrides)
-    if getattr(args, "from_command_line", False):
-        _use_configured_cpu_allocator(cfg)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    note = _use_configured_cpu_allocator(cfg) if getattr(args, "from_command_line", False) else None
+    local = args.nproc > 1 and "WORLD_SIZE" not in os.environ
+    # Before the note and before any rank starts: a run that cannot start is one line (run_training checks
+    # again, which costs little: the planner's trace is cached).
+    preflight(cfg, ranks_here=args.nproc if local else None)
+    if note:
+        print(note, file=sys.stderr)
+    if local:
         return _launch_local_processes(args)
     result = run_training(cfg)
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -91,23 +189,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _use_configured_cpu_allocator(cfg: TrainConfig) -> None:
-    """CPU training runs on trainer.cpu_allocator (tcmalloc when installed): re-execute with it preloaded."""
+def _use_configured_cpu_allocator(cfg: TrainConfig) -> str | None:
+    """CPU training runs on trainer.cpu_allocator (tcmalloc when installed): re-execute with it preloaded.
+    Returns the note to print when training falls back to the C library's allocator (the caller prints it
+    once the run is known to start, so that a refused run prints only its error)."""
     import torch
 
     from launch.allocator import effective_choice, reexec_with, resolve
 
     if torch.cuda.is_available():
-        return
+        return None
     choice = effective_choice(cfg.trainer.cpu_allocator)
     name, path = resolve(choice)
+    note = None
     if path is None and choice == "auto" and int(os.environ.get("RANK", "0")) == 0 \
             and not os.environ.get("EBT_ALLOCATOR_NOTED"):
         os.environ["EBT_ALLOCATOR_NOTED"] = "1"  # once per launch, not once per rank
-        print("ebt train: note: neither tcmalloc nor jemalloc is installed (Debian/Ubuntu: apt install "
-              "libtcmalloc-minimal4); training on the C library's allocator, whose heap fragments: expect up to "
-              "50% more peak memory and ~10% slower steps on CPU", file=sys.stderr)
+        note = ("ebt train: note: neither tcmalloc nor jemalloc is installed (Debian/Ubuntu: apt install "
+                "libtcmalloc-minimal4); training on the C library's allocator, whose heap fragments: expect up "
+                "to 50% more peak memory and ~10% slower steps on CPU")
     reexec_with(name, path)
+    return note
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -133,4 +235,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_export)
 
 
-__all__ = ["PREEMPTED_EXIT_CODE", "register", "run_training"]
+__all__ = ["PREEMPTED_EXIT_CODE", "preflight", "register", "run_training"]
