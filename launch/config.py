@@ -170,6 +170,10 @@ def _all_keys(schema: type, prefix: str = "") -> list[str]:
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """One YAML file with its `include:` files merged in underneath it."""
     path = path.resolve()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.y*ml"))
+        hint = f" (it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''})" if inside else ""
+        raise ValueError(f"config file {path} is a directory, not a YAML file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     if path in seen:
