@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from launch.fsutil import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from launch.fsutil import atomic_write_text, chmod_like_open, fsync_dir, fsync_file, sha256_file
 
 MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -198,15 +198,47 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     cfg = _model_cfg_from_yaml(path / "config.yaml")
     model = build_model(cfg)
     if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
         from safetensors.torch import load_model as st_load_model
 
+        with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
+            shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
+        check_weights_match(path, model, shapes)
         st_load_model(model, str(path / "model.safetensors"), device=str(device))
     else:
         problem = verify(path)
         if problem is not None:
             raise ValueError(f"checkpoint {path} is unusable: {problem}")
-        model.load_state_dict(_load_pt(path / "model.pt"))
+        state = _load_pt(path / "model.pt")
+        check_weights_match(path, model, {key: tuple(value.shape) for key, value in state.items()})
+        model.load_state_dict(state)
     return model.to(device).eval(), cfg
+
+
+def check_weights_match(path: Path, model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """One line naming the first weight whose name or shape differs from what the checkpoint's config.yaml
+    builds (load_state_dict would list every one over many lines). A weight tied to one that is present (the
+    safetensors de-duplication of shared tensors) does not count as missing."""
+    expected = model.state_dict()
+    shared: dict[int, list[str]] = {}
+    for key, tensor in expected.items():
+        shared.setdefault(tensor.data_ptr() or id(tensor), []).append(key)
+    hint = "config.yaml does not describe these weights (edited, or copied from another run?)"
+    for key, tensor in expected.items():
+        want = tuple(tensor.shape)
+        if key in shapes and shapes[key] != want:
+            raise ValueError(f"checkpoint {path}: weight {key!r} has shape {list(shapes[key])} but its config.yaml "
+                             f"builds {list(want)}; {hint}")
+        tied = shared[tensor.data_ptr() or id(tensor)]
+        if key not in shapes and not any(other in shapes for other in tied):
+            missing = sum(1 for k in expected if k not in shapes)
+            raise ValueError(f"checkpoint {path}: weight {key!r} (shape {list(want)}) is missing"
+                             f"{f' (and {missing - 1} more)' if missing > 1 else ''}; {hint}")
+    unexpected = [key for key in shapes if key not in expected]
+    if unexpected:
+        raise ValueError(f"checkpoint {path}: weight {unexpected[0]!r} (shape {list(shapes[unexpected[0]])}) is not "
+                         f"in the model its config.yaml builds"
+                         f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; {hint}")
 
 
 def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -222,6 +254,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
     tmp.mkdir(parents=True)
     # save_model (not save_file) de-duplicates tied weights, which safetensors cannot store twice.
     save_model(model, str(tmp / "model.safetensors"))
+    chmod_like_open(tmp / "model.safetensors")  # safetensors creates it 0600; an export is shared like any output
     import dataclasses
 
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": dataclasses.asdict(cfg)})))
