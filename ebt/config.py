@@ -73,6 +73,9 @@ class ModelConfig:
     # last draw reaches the loss unseen by the energy).
     langevin_noise_std: float = 0.0
     langevin_placement: str = "input"
+    # The reference adds the noise in validation too (its noise is not gated by the phase); by default this
+    # project validates noise-free, so val_loss is deterministic.
+    langevin_in_eval: bool = False
     # A learnable noise std (a parameter with the base LR) [langevin_dynamics_noise_learnable]; the reference
     # turns learning on only after warm-up, here it learns from the first step.
     langevin_learnable: bool = False

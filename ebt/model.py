@@ -171,7 +171,7 @@ class EnergyBasedTransformer(nn.Module):
         if self.step_runner_override is not None:
             step_runner = self.step_runner_override
         energy = self.energy_fn(inputs)
-        noise_std = self.langevin_std if training else 0.0
+        noise_std = self.langevin_std if training or cfg.langevin_in_eval else 0.0
         trajectory = run_mcmc(
             energy,
             init_logits,

@@ -51,7 +51,7 @@ def test_overrides_types_and_size_defaults(tmp_path):
     assert cfg.name == "other" and cfg.logging.wandb is False and cfg.optim.betas == [0.9, 0.99]
     assert cfg.model.vocab_size == 1000
     # No optim.lr: the size table's reference peak LR.
-    assert load_config(path).peak_lr == pytest.approx(1.0e-3)
+    assert load_config(path).peak_lr == pytest.approx(9.0e-4)  # the reference's xs LR (model_utils.py)
 
 
 @pytest.mark.parametrize(

@@ -220,3 +220,20 @@ def test_flipping_one_option_breaks_parity(recipe, flip):
 def test_adaln_real_stream_flip_breaks_parity():
     worst = run("ebt_s1", "adaln", ours=["model.adaln_real_stream=false"], steps=1)
     assert worst["loss"] > 1e-8, worst
+
+
+@pytest.mark.parametrize("recipe", ["ebt_s1", "ebt_s2"])
+def test_validation_loss_matches_the_reference(recipe):
+    """The reference's val phase: no randomised step sizes or repeats (the last landscape runs R + 1 steps), no
+    replay, but Langevin noise (model.langevin_in_eval=true restores it; this project's default is noise-free)."""
+    reference, model, cfg, _ = build_pair(recipe, "time_embed", {}, ["model.langevin_in_eval=true"])
+    model.eval()
+    tokens = torch.randint(1, VOCAB, (BATCH, CONTEXT + 1), generator=torch.Generator().manual_seed(2))
+    with fp64_reference(), recording_draws() as record:
+        expected = float(reference.forward_loss_wrapper({"input_ids": tokens}, "val")["loss"].detach())
+    draws = RecordedDraws({k: v for k, v in record.items() if k != "randn"})
+    with torch.no_grad():
+        loss, metrics = model.loss(tokens, init_logits=record["randn"][0] * cfg.model.init_logit_std, draws=draws)
+    assert not draws.unused()
+    assert abs(float(loss) - expected) / abs(expected) < 1e-9
+    assert metrics["mcmc_steps"] == (3 if recipe == "ebt_s2" else 2)
