@@ -33,7 +33,8 @@ def pure_tokens_per_s(cfg, nproc: int, threads: int, steps: int) -> dict:
     m, t = cfg.model, cfg.trainer
     args = [sys.executable, "-m", "benchmarks.step", f"--kind={m.kind}", f"--size={m.size}",
             f"--context={m.context_length}", f"--batch={t.micro_batch_size}", f"--vocab={m.vocab_size}",
-            f"--mcmc-steps={m.mcmc_steps}", f"--threads={threads}", f"--steps={steps}", "--warmup=3"]
+            f"--mcmc-steps={m.mcmc_steps}", f"--threads={threads}", f"--steps={steps}", "--warmup=3",
+            *(["--recipe=logits"] if m.kind == "ebt" else [])]  # the quickstart's thinking loop
     env = child_allocator()[1]  # the allocator `ebt train` runs on, or the comparison measures allocators
     procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True, env=env) for _ in range(nproc)]
     results = []
