@@ -14,8 +14,8 @@ QUICKSTART = REPO / "configs" / "train" / "quickstart.yaml"
 
 
 def frozen_quickstart(root: Path) -> Path:
-    """Copy configs/train and configs/model (the base includes the size files) under `root`; return the
-    copied quickstart.yaml."""
-    shutil.copytree(REPO / "configs" / "train", root / "train")
-    shutil.copytree(REPO / "configs" / "model", root / "model")
+    """Copy configs/train, configs/model and configs/recipes (the base includes a size file and a recipe) under
+    `root`; return the copied quickstart.yaml."""
+    for folder in ("train", "model", "recipes"):
+        shutil.copytree(REPO / "configs" / folder, root / folder)
     return root / "train" / QUICKSTART.name
