@@ -155,6 +155,9 @@ def test_changed_base_config_is_refused_naming_the_file(tmp_path, capsys):
     base = tmp_path / "train" / "q.yaml"
     base.write_text(BASE.read_text())
     (tmp_path / "model" / "4xs.yaml").write_text((REPO / "configs" / "model" / "4xs.yaml").read_text())
+    (tmp_path / "recipes").mkdir()
+    for recipe in (REPO / "configs" / "recipes").glob("*.yaml"):  # the base includes one
+        (tmp_path / "recipes" / recipe.name).write_text(recipe.read_text())
     path = write_spec(tmp_path, base=str(base), grid={"kind": ["ebt"], "steps": [5]})
     spec = load_spec(path)
     SweepState(spec.sweep_dir).write_plan(plan_fingerprint(spec, spec.plan()))
