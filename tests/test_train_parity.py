@@ -21,11 +21,19 @@ REPO = HERE.parent
 GLOBAL_BATCH = 4
 
 
-def parity_raw(kind: str, strategy: str, zero_stage: int | None) -> dict:
+# (kind, recipe): the EBT and Transformer++ defaults, and the paper's S1 and S2 presets (configs/recipes).
+CASES = [("ebt", None), ("transformer", None), ("ebt", "ebt_s1"), ("ebt", "ebt_s2")]
+
+
+def parity_raw(kind: str, strategy: str, zero_stage: int | None, recipe: str | None = None) -> dict:
+    import yaml
+
+    model = {"kind": kind, "mcmc_steps": 2, "alpha_init": 5.0}
+    if recipe is not None:
+        model = yaml.safe_load((REPO / "configs" / "recipes" / f"{recipe}.yaml").read_text())["model"]
     raw = {
-        "name": f"parity-{kind}-{strategy}",
-        "model": {"kind": kind, "dim": 32, "n_layers": 2, "n_heads": 2, "context_length": 16, "mcmc_steps": 2,
-                  "vocab_size": 64, "alpha_init": 5.0},
+        "name": f"parity-{recipe or kind}-{strategy}",
+        "model": {**model, "dim": 32, "n_layers": 2, "n_heads": 2, "context_length": 16, "vocab_size": 64},
         "trainer": {"micro_batch_size": GLOBAL_BATCH // 2, "max_steps": 1},
         "optim": {"lr": 1e-3, "clip_grad_norm": 0.0},
         "logging": {"wandb": False, "progress": False},
@@ -40,12 +48,28 @@ def worker(strategy: str, zero_stage: int | None, out: str) -> None:
     import torch
 
     from ebt import build_model
+    from ebt.draws import Draws
     from launch.config import build_config
     from launch.trainer import Trainer, seed_everything
 
+    class BatchDraws(Draws):
+        """Draws made for the whole global batch; each rank takes its rows (so 2 ranks see 1 process's)."""
+
+        def __init__(self, uniform, noise, rows):
+            self.uniform, self.noise, self.rows = uniform, noise, rows
+
+        def alpha_uniform(self, shape, like):
+            return self.uniform[self.rows].to(like.dtype)
+
+        def langevin(self, executed_step, like):
+            return self.noise[executed_step][self.rows].to(like.dtype)
+
+        def repeats(self, landscape, low, high):
+            return high
+
     results = {}
-    for kind in ("ebt", "transformer"):
-        cfg = build_config(parity_raw(kind, strategy, zero_stage))
+    for kind, recipe in CASES:
+        cfg = build_config(parity_raw(kind, strategy, zero_stage, recipe))
         trainer = Trainer(cfg)
         trainer.setup_model()
         rank, world = trainer.rank, trainer.world
@@ -55,14 +79,17 @@ def worker(strategy: str, zero_stage: int | None, out: str) -> None:
         tokens = torch.randint(0, m.vocab_size, (GLOBAL_BATCH, m.context_length + 1), generator=gen)
         init = torch.randn(GLOBAL_BATCH, m.context_length, m.vocab_size, generator=gen)
         share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-        kwargs = {"init_logits": init[share]} if kind == "ebt" else {}
+        uniform = torch.rand(GLOBAL_BATCH, m.context_length, 1, generator=gen)
+        noise = torch.randn(m.max_executed_steps, GLOBAL_BATCH, m.context_length, m.vocab_size, generator=gen)
+        kwargs = {"init_logits": init[share], "draws": BatchDraws(uniform, noise, share)} if kind == "ebt" else {}
         _, finite = trainer.forward_backward(tokens[share], last_micro=True, **kwargs)
         assert finite
         grads = trainer.full_gradients()  # collective under DeepSpeed
         if rank == 0:
             seed_everything(cfg.trainer.seed)
             reference = build_model(cfg.model)
-            ref_kwargs = {"init_logits": init} if kind == "ebt" else {}
+            everything = BatchDraws(uniform, noise, slice(None))
+            ref_kwargs = {"init_logits": init, "draws": everything} if kind == "ebt" else {}
             loss, _ = reference.loss(tokens, **ref_kwargs)
             loss.backward()
             diffs, scales = {}, {}
@@ -70,7 +97,7 @@ def worker(strategy: str, zero_stage: int | None, out: str) -> None:
                 assert grads[name] is not None, f"{kind}: {name} got no gradient under {strategy}"
                 diffs[name] = float((grads[name] - param.grad).abs().max())
                 scales[name] = float(param.grad.abs().max())
-            results[kind] = {"diffs": diffs, "scales": scales}
+            results[recipe or kind] = {"diffs": diffs, "scales": scales}
         trainer.accelerator.wait_for_everyone()
         if trainer.is_deepspeed:
             # Accelerate keeps one DeepSpeed plugin per process; reset its singletons for the next engine.
@@ -106,15 +133,15 @@ pytestmark = pytest.mark.slow
 
 def test_ddp_two_ranks_match_one_process(tmp_path):
     result = run_parity(tmp_path, "ddp", None)
-    assert_parity(result, "ebt")  # second-order
-    assert_parity(result, "transformer")
+    for case in ("ebt", "transformer", "ebt_s1", "ebt_s2"):  # the EBTs are second-order
+        assert_parity(result, case)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_zero_two_ranks_match_one_process(tmp_path, stage):
     result = run_parity(tmp_path, "deepspeed", stage)
-    assert_parity(result, "ebt")
-    assert_parity(result, "transformer")
+    for case in ("ebt", "transformer", "ebt_s1", "ebt_s2"):
+        assert_parity(result, case)
 
 
 if __name__ == "__main__":
