@@ -3,13 +3,17 @@
 Layout of `checkpoints/step_<N>/`:
   model.pt        model state_dict (rank 0; replicated under DDP and ZeRO-1/2)
   optimizer.pt    optimizer state (rank 0, DDP; DeepSpeed keeps its partitions under deepspeed/)
-  trainer.pt      step/token counters, scheduler, failure counters, wandb id
+  dcp/            fsdp only, instead of model.pt and optimizer.pt: every rank's shards of the model and the
+                  optimizer, written by torch.distributed.checkpoint (DCP); loadable at any world size
+  trainer.pt      step/token counters, scheduler, failure counters, wandb id, global batch
   rank_<r>.pt     per rank: RNG states (python, numpy, torch CPU/CUDA), data-loader state, EBT replay buffer
   config.yaml     the resolved training config
-  manifest.json   sha256 and size of every file above, written LAST
-Every rank writes into `checkpoints/.tmp-step_<N>/`; after a barrier rank 0 fsyncs, writes the manifest and
-renames the directory into place, so a kill at any moment leaves no directory that looks complete but is not.
-Loading verifies the manifest; a directory that fails is reported and the previous one is used.
+  manifest.json   sha256 and size of every file above (DCP's included), written LAST
+Every rank writes into `checkpoints/.tmp-step_<N>/` (a shared filesystem across nodes, as DeepSpeed's files
+need too); after a barrier rank 0 fsyncs, writes the manifest and renames the directory into place, so a kill
+at any moment leaves no directory that looks complete but is not. Loading verifies the manifest; a directory
+that fails is reported and the previous one is used. A checkpoint with dcp/ is marked `reshardable`: it may be
+resumed with another number of ranks (launch/trainer.py says what stays exact); the others need the same one.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from launch.fsutil import atomic_write_text, chmod_like_open, fsync_dir, fsync_file, sha256_file
 
 MANIFEST = "manifest.json"
+DCP_DIR = "dcp"  # as launch.fsdp.DCP_DIR (not imported: this module must not need torch.distributed)
 STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -50,8 +55,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------------ save
     def save(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any], config_yaml: str,
-             deepspeed_engine: Any = None) -> Path:
-        """Collective: every rank calls it. `shared` is written by rank 0 only."""
+             deepspeed_engine: Any = None, sharded_save: Callable[[Path], None] | None = None) -> Path:
+        """Collective: every rank calls it. `shared` is written by rank 0 only; `sharded_save(directory)` is
+        called on every rank to write its shards (DCP) into the checkpoint's dcp/."""
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp-step_{step}"
         if self.rank == 0:
@@ -64,6 +70,8 @@ class CheckpointManager:
         if deepspeed_engine is not None:
             # ZeRO partitions optimizer state per rank; DeepSpeed writes its own files (all ranks take part).
             deepspeed_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        if sharded_save is not None:
+            sharded_save(tmp / DCP_DIR)
         if self.rank == 0:
             for name, obj in shared.items():
                 _save_pt(obj, tmp / f"{name}.pt")
@@ -78,7 +86,8 @@ class CheckpointManager:
                 files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}):
                 fsync_dir(sub)
-            manifest = {"step": step, "world_size": self.world_size, "files": files}
+            manifest = {"step": step, "world_size": self.world_size, "reshardable": sharded_save is not None,
+                        "files": files}
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
             if final.exists():  # a re-save of the same step (e.g. final == periodic): replace it
                 shutil.rmtree(final)
@@ -119,12 +128,17 @@ class CheckpointManager:
     def load_shared(self, path: Path, name: str) -> Any:
         return _load_pt(path / f"{name}.pt")
 
-    def load_rank(self, path: Path) -> Any:
-        return _load_pt(path / f"rank_{self.rank}.pt")
+    def load_rank(self, path: Path, rank: int | None = None) -> Any:
+        """This rank's per-rank state, or another rank's (a resharded resume, see launch/trainer.py)."""
+        return _load_pt(path / f"rank_{self.rank if rank is None else rank}.pt")
+
+    def saved_world_size(self, path: Path) -> int:
+        return int(json.loads((path / MANIFEST).read_text())["world_size"])
 
 
 def verify(path: Path, world_size: int | None = None) -> str | None:
-    """None when `path` is a complete checkpoint, else a short reason."""
+    """None when `path` is a complete checkpoint, else a short reason. A checkpoint saved with another world
+    size is refused unless it is reshardable (sharded by fsdp, in DCP files)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return "no manifest: the save did not finish"
@@ -133,7 +147,7 @@ def verify(path: Path, world_size: int | None = None) -> str | None:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return "manifest is corrupt"
-    if world_size is not None and manifest.get("world_size") != world_size:
+    if world_size is not None and manifest.get("world_size") != world_size and not manifest.get("reshardable"):
         return (f"saved with {manifest.get('world_size')} ranks but this run has {world_size}; "
                 "the per-rank data and RNG state cannot be remapped")
     for rel, meta in files.items():
@@ -209,10 +223,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         problem = verify(path)
         if problem is not None:
             raise ValueError(f"checkpoint {path} is unusable: {problem}")
-        state = _load_pt(path / "model.pt")
-        check_weights_match(path, model, {key: tuple(value.shape) for key, value in state.items()})
+        if (path / DCP_DIR).is_dir() and not (path / "model.pt").is_file():
+            state = _load_dcp_model(path, model)
+        else:
+            state = _load_pt(path / "model.pt")
+            check_weights_match(path, model, {key: tuple(value.shape) for key, value in state.items()})
         model.load_state_dict(state)
     return model.to(device).eval(), cfg
+
+
+def _load_dcp_model(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model weights of a sharded (fsdp) checkpoint, read in this one process without a process group.
+
+    The shards were saved under the names of the model's own parameters, with 0-d ones (alpha) as [1] (FSDP
+    shards dim 0); they are read at the saved shapes and given the model's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
+    saved = {key.removeprefix("model."): tuple(meta.size) for key, meta in metadata.items()
+             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    expected = model.state_dict()
+    shapes = {key: tuple(expected[key].shape) if key in expected and shape == (1,) and expected[key].dim() == 0
+              else shape for key, shape in saved.items()}
+    check_weights_match(path, model, shapes)
+    buffers = {key: torch.empty(saved[key], dtype=expected[key].dtype) for key in expected if key in saved}
+    dcp.load({"model": buffers}, checkpoint_id=str(path / DCP_DIR), no_dist=True)
+    return {key: value.reshape(expected[key].shape) for key, value in buffers.items()}
 
 
 def check_weights_match(path: Path, model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -91,10 +91,15 @@ class LoggingConfig:
 
 @dataclass
 class DistributedConfig:
-    strategy: str = "ddp"  # ddp (also plain single process) | deepspeed | fsdp
+    # ddp (also plain single process) | deepspeed (ZeRO-1/2; ZeRO-3 for Transformer++ only) | fsdp (FSDP2 with
+    # sharded parameters, gradients and optimizer state, for both kinds: launch/fsdp.py)
+    strategy: str = "ddp"
     deepspeed_config: str | None = None  # a configs/deepspeed/*.json file, required for strategy=deepspeed
     timeout_s: float = 600.0  # collective timeout: a dead rank makes the others fail within this bound
     find_unused_parameters: bool = False
+    # fsdp only: keep parameters sharded inside the step too, re-gathering each weight where the graph needs it
+    # (launch/fsdp.py). Off: every block stays gathered for the whole step.
+    fsdp_regather: bool = False
 
 
 @dataclass
@@ -335,19 +340,22 @@ def validate(cfg: TrainConfig) -> None:
             raise _err("distributed.deepspeed_config", "strategy=deepspeed needs a configs/deepspeed/*.json file")
         stage = deepspeed_stage(d.deepspeed_config)
         if stage == 3 and cfg.model.kind == "ebt":
+            # Measured (FACTS.md): the outer backward fails with "size of tensor a (64) must match ... b (0)"
+            # under the defaults, stage3_param_persistence_threshold/max_live_parameters 1e12,
+            # GatheredParameters and set_z3_leaf_modules alike.
             raise _err("distributed.deepspeed_config",
                        "ZeRO-3 cannot train an EBT: it releases gathered parameters that the second-order "
-                       "(double) backward still needs (deepspeedai/DeepSpeed#3539); use ZeRO-1 or ZeRO-2")
+                       "(double) backward still needs (measured: a size-0 parameter in the outer backward under "
+                       "every stage-3 setting tried; deepspeedai/DeepSpeed#3539); use ZeRO-1/2, or "
+                       "distributed.strategy=fsdp to shard parameters")
     elif d.deepspeed_config:
         raise _err("distributed.deepspeed_config", f"is only used with distributed.strategy=deepspeed, "
                    f"not {d.strategy!r}")
-    if d.strategy == "fsdp":
-        if cfg.model.kind == "ebt":
-            raise _err("distributed.strategy",
-                       "FSDP cannot train an EBT yet: sharded parameters break the double backward through the "
-                       "MCMC inner gradient (FSDP1 does not support it; FSDP2 only with resharding disabled); "
-                       "use ddp or deepspeed ZeRO-1/2")
-        raise _err("distributed.strategy", "fsdp is not implemented; use ddp or deepspeed ZeRO-1/2")
+    if d.fsdp_regather and d.strategy != "fsdp":
+        raise _err("distributed.fsdp_regather", f"is only used with distributed.strategy=fsdp, not {d.strategy!r}")
+    if d.fsdp_regather:
+        raise _err("distributed.fsdp_regather", "is not implemented yet: fsdp keeps every block gathered for the "
+                   "whole step (parameters, gradients and optimizer state are sharded between steps); set it false")
     if cfg.model.context_length < 2:
         raise _err("model.context_length", "must be >= 2")
 
@@ -367,8 +375,12 @@ def deepspeed_stage(path: str) -> int:
 MODEL_RESUME_KEYS_IGNORED: tuple[str, ...] = ("checkpointing", "memory_budget_gb", "remat_chunk")
 
 
-def check_resume_compatible(saved: dict, cfg: TrainConfig, run_dir: Path) -> None:
-    """Resuming with a different model (or data/seed layout) would load mismatched state: refuse, naming the key."""
+def check_resume_compatible(saved: dict, cfg: TrainConfig, run_dir: Path, world_changed: bool = False) -> None:
+    """Resuming with a different model (or data/seed layout) would load mismatched state: refuse, naming the key.
+
+    world_changed: the checkpoint is sharded (strategy=fsdp) and this run has another number of ranks. The
+    global batch is then micro_batch_size x grad_accum_steps x ranks, so these two may change with it (the
+    trainer logs the old and new global batch; keeping it equal continues the same optimisation)."""
     current = config_to_dict(cfg)
     for section in ("model",):
         for key, old in saved.get(section, {}).items():
@@ -376,7 +388,7 @@ def check_resume_compatible(saved: dict, cfg: TrainConfig, run_dir: Path) -> Non
             if key not in MODEL_RESUME_KEYS_IGNORED and old != new:
                 raise ValueError(f"config key '{section}.{key}': the run in {run_dir} was trained with {old!r} "
                                  f"but this config says {new!r}; pick a new name= or remove the run dir")
-    for key in ("micro_batch_size", "grad_accum_steps", "seed"):
+    for key in ("seed",) if world_changed else ("micro_batch_size", "grad_accum_steps", "seed"):
         old, new = saved.get("trainer", {}).get(key), current["trainer"][key]
         if old is not None and old != new:
             raise ValueError(f"config key 'trainer.{key}': the run in {run_dir} used {old!r} but this config "

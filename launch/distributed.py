@@ -1,4 +1,5 @@
-"""Process setup: the Accelerate `Accelerator` (DDP over gloo/nccl, or DeepSpeed ZeRO-1/2) and small collectives.
+"""Process setup: the Accelerate `Accelerator` (DDP over gloo/nccl, DeepSpeed ZeRO-1/2, or the process group
+and device that launch/fsdp.py shards over) and small collectives.
 
 Works under `torchrun`, `accelerate launch --multi_gpu` and srun-exported torch env vars; a plain `python` run is
 one process. Collective timeouts come from `distributed.timeout_s`: when a rank dies, the survivors' next
@@ -80,11 +81,27 @@ def make_accelerator(cfg: TrainConfig):
             _single_process_rendezvous()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
+    elif cfg.distributed.strategy == "fsdp" and "WORLD_SIZE" not in os.environ:
+        # fully_shard needs a process group even for one process (a 1-rank mesh; resuming a sharded checkpoint
+        # on one machine is a supported case). Accelerate sets one up once the torch variables are there.
+        _single_process_rendezvous()
     # Accelerate only switches to DeepSpeed when cpu=False (on a CPU-only machine DeepSpeed then picks gloo
     # itself); for DDP, cpu=True is what makes it set up a gloo process group on CPU.
     cpu = not use_cuda and plugin is None
-    return Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers,
-                       deepspeed_plugin=plugin, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers,
+                              deepspeed_plugin=plugin, step_scheduler_with_optimizer=False)
+    if cfg.distributed.strategy == "fsdp" and not torch.distributed.is_initialized():
+        # Accelerate leaves a single GPU without a process group; the sharded model needs one.
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
+                                             timeout=timedelta(seconds=cfg.distributed.timeout_s))
+    return accelerator
+
+
+def device_mesh(device: torch.device):
+    """The 1-D mesh over every rank that launch/fsdp.py shards parameters on."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (torch.distributed.get_world_size(),))
 
 
 def _single_process_rendezvous() -> None:

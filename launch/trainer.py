@@ -1,6 +1,7 @@
 """The generic training loop: steps, accumulation, non-finite handling, evaluation, checkpoints, logging.
 
-Model-kind specifics live in a TrainModule (launch/train_module.py); process setup in launch/distributed.py.
+Model-kind specifics live in a TrainModule (launch/train_module.py); process setup in launch/distributed.py;
+sharded parameters (distributed.strategy=fsdp) in launch/fsdp.py, driven from here.
 Exact resume: everything that shapes a later step is in the checkpoint (weights, optimizer, scheduler, counters,
 per-rank RNG streams, data-loader position, replay buffer), evaluation runs under a forked RNG so it never
 shifts the training stream, and metrics.jsonl is cut back to the checkpoint's step on restart.
@@ -28,7 +29,14 @@ from ebt import NonFiniteEnergyGradientError, build_model
 from launch import memory_plan
 from launch.checkpoint import CheckpointManager
 from launch.config import TrainConfig, check_resume_compatible, config_to_dict, load_saved_config, save_config
-from launch.distributed import all_reduce_sum, barrier, broadcast_object, configure_threads, make_accelerator
+from launch.distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    configure_threads,
+    device_mesh,
+    make_accelerator,
+)
 from launch.metrics import MetricsWriter, Throughput, measured_peak_flops, peak_memory_mb
 from launch.optim import build_optimizer, build_scheduler
 from launch.signals import PreemptionFlag
@@ -87,6 +95,8 @@ class Trainer:
         self.device = self.accelerator.device
         self.is_main = self.rank == 0
         self.is_deepspeed = cfg.distributed.strategy == "deepspeed"
+        self.is_fsdp = cfg.distributed.strategy == "fsdp"
+        self.sharded = None  # launch.fsdp.ShardedModel under fsdp
         self.reshaped_scalars: list[str] = []
         self.run_dir = cfg.run_dir
         self._agree_on_memory_plan()
@@ -141,15 +151,30 @@ class Trainer:
         self._init_wandb()
 
     def setup_model(self) -> None:
-        """Model, optimizer, scheduler, wrapped for DDP or DeepSpeed; same initial weights on every rank."""
+        """Model, optimizer, scheduler, wrapped for DDP or DeepSpeed or sharded by FSDP; same initial weights on
+        every rank."""
         cfg = self.cfg
         seed_everything(cfg.trainer.seed)  # same seed everywhere: identical initial weights without a broadcast
         model = build_model(cfg.model)
         self.raw_model = model
         self.module = make_train_module(cfg.model, cfg.trainer.seed)
+        if self.is_fsdp:
+            from launch import fsdp
+
+            # fully_shard shards dim 0, so 0-d parameters (alpha) become [1] for the run, as under DeepSpeed.
+            self.reshaped_scalars = _scalar_params_as_1d(model)
+            model.to(self.device)
+            bf16 = self.accelerator.mixed_precision == "bf16"
+            self.sharded = fsdp.shard_model(model, device_mesh(self.device), bf16=bf16)
+        # The parameters the optimizer updates: under fsdp the sharded DTensors, which are the module's
+        # attributes only between steps (while gathered, FSDP swaps in the unsharded copies).
+        self.trained_parameters = dict(model.named_parameters())
+        # Under fsdp the optimizer must see the sharded (DTensor) parameters that fully_shard put in place.
         optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(optimizer, cfg)
-        if self.is_deepspeed:
+        if self.is_fsdp:
+            self.model, self.optimizer = model, optimizer
+        elif self.is_deepspeed:
             self.reshaped_scalars = _scalar_params_as_1d(model)
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         else:
@@ -193,11 +218,22 @@ class Trainer:
             raise ValueError(f"config key 'checkpoint.resume': {self.run_dir} already holds checkpoints; "
                              "set checkpoint.resume=true to continue it or pick a new name=")
         saved = config_to_dict(load_saved_config(path / "config.yaml"))
-        check_resume_compatible(saved, self.user_cfg, self.run_dir)
+        saved_strategy = saved.get("distributed", {}).get("strategy", "ddp")
+        if (saved_strategy == "fsdp") != self.is_fsdp:
+            raise ValueError(f"config key 'distributed.strategy': the checkpoints in {self.run_dir} were saved "
+                             f"under {saved_strategy!r}, whose {'sharded ' if saved_strategy == 'fsdp' else ''}"
+                             f"files {cfg.distributed.strategy!r} cannot load; resume with "
+                             f"distributed.strategy={saved_strategy}")
+        saved_world = self.ckpt.saved_world_size(path)
+        check_resume_compatible(saved, self.user_cfg, self.run_dir, world_changed=saved_world != self.world)
         trainer_state = self.ckpt.load_shared(path, "trainer")
         if self.is_deepspeed:
             self.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
                                        load_lr_scheduler_states=False)
+        elif self.is_fsdp:
+            from launch.fsdp import DCP_DIR, load_sharded
+
+            load_sharded(path / DCP_DIR, self.raw_model, self.optimizer)  # DCP reshards to this world size
         else:
             self.raw_model.load_state_dict(self.ckpt.load_shared(path, "model"))
             self.optimizer.load_state_dict(self.ckpt.load_shared(path, "optimizer"))
@@ -207,12 +243,35 @@ class Trainer:
         self.nonfinite_total = trainer_state["nonfinite_total"]
         self.nonfinite_in_row = trainer_state["nonfinite_in_row"]
         self.wandb_id = trainer_state.get("wandb_id")
-        per_rank = self.ckpt.load_rank(path)
-        self.loader.load_state_dict(per_rank["data"])
-        self.module.load_state_dict(self.raw_model, per_rank["module"])
-        set_rng_state(per_rank["rng"])
+        if saved_world == self.world:
+            per_rank = self.ckpt.load_rank(path)
+            self.loader.load_state_dict(per_rank["data"])
+            self.module.load_state_dict(self.raw_model, per_rank["module"])
+            set_rng_state(per_rank["rng"])
+        else:
+            self._resume_resharded(path, saved_world, trainer_state.get("global_batch"))
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {path} (step {self.step})")
+
+    def _resume_resharded(self, path: Path, saved_world: int, saved_global_batch: int | None) -> None:
+        """The per-rank state of a sharded checkpoint saved with another number of ranks.
+
+        Exact: weights, optimizer state, scheduler, counters, and the data position (global: every rank saved
+        the same one, and the new ranks split the rest of the same epoch permutation). Rank r < the saved world
+        also keeps rank r's RNG streams and replay buffer; a new rank starts its own RNG stream (seeded in
+        setup_model) with an empty buffer, and the buffers of ranks beyond the new world are dropped. With the
+        same global batch and no per-rank randomness (no Langevin noise, random step counts or replay) the run
+        continues as it would have at the old world size, up to the order of the gradient sums."""
+        per_rank = self.ckpt.load_rank(path, rank=self.rank if self.rank < saved_world else 0)
+        self.loader.load_state_dict(per_rank["data"])
+        if self.rank < saved_world:
+            self.module.load_state_dict(self.raw_model, per_rank["module"])
+            set_rng_state(per_rank["rng"])
+        batch = f"global batch {saved_global_batch} -> {self.global_batch}" if saved_global_batch else \
+            f"global batch now {self.global_batch}"
+        self.log(f"resharded a {saved_world}-rank checkpoint onto {self.world} ranks ({batch} sequences; "
+                 "weights, optimizer, schedule and data position exact, per-rank RNG and replay buffers of "
+                 f"ranks >= {min(saved_world, self.world)} start afresh)")
 
     def _init_wandb(self) -> None:
         lc = self.cfg.logging
@@ -243,6 +302,8 @@ class Trainer:
         so every rank's backward and gradient all-reduce stay matched; the step is then skipped everywhere.
         """
         accum = self.cfg.trainer.grad_accum_steps
+        if self.is_fsdp:
+            return self._fsdp_forward_backward(tokens, accum, **model_kwargs)
         sync = contextlib.nullcontext()
         if not self.is_deepspeed and not last_micro and self.world > 1:
             sync = self.accelerator.no_sync(self.model)
@@ -263,6 +324,34 @@ class Trainer:
                 (loss / accum).backward()
         return metrics, finite
 
+    def _fsdp_forward_backward(self, tokens: torch.Tensor, accum: int, **model_kwargs: Any) -> tuple[dict, bool]:
+        """One micro-batch under fsdp: forward (the root hook gathers every block), backward (FSDP
+        reduce-scatters the gradients at its end), then reshard every FSDP module (launch/fsdp.py, step 4).
+
+        A zero loss cannot stand in for a non-finite one here: FSDP's reduce-scatter runs from a hook on the
+        model's output, which a substitute loss does not carry, so the ranks' collectives would not match. The
+        ranks agree first instead (one all-reduce), and if any micro-batch is non-finite none runs a backward;
+        the step is then skipped everywhere, as in the other strategies."""
+        try:
+            with self.accelerator.autocast():
+                loss, metrics = self.module.loss(self.model, tokens, **model_kwargs)
+            finite = bool(torch.isfinite(loss.detach()).item())
+        except NonFiniteEnergyGradientError:
+            loss, metrics, finite = None, {}, False
+        everywhere = all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=self._collective_device))
+        if everywhere.item() == 0:
+            (loss / accum).backward()
+            self.sharded.reshard()
+        else:
+            del loss
+            self.sharded.abort_step()
+        return metrics, finite
+
+    @property
+    def _collective_device(self) -> torch.device:
+        """Where small collective tensors live: nccl needs them on the GPU."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
     def optimizer_step(self, skip: bool) -> tuple[float, bool]:
         """Clip, check the gradient norm, update unless skipping. Returns (grad_norm, updated)."""
         clip = self.cfg.optim.clip_grad_norm
@@ -275,8 +364,13 @@ class Trainer:
             return norm, not skip and math.isfinite(norm)
         norm = float("nan")
         if not skip:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
-                                                        clip if clip > 0 else math.inf))
+            total = torch.nn.utils.clip_grad_norm_(list(self.trained_parameters.values()),
+                                                   clip if clip > 0 else math.inf)
+            if self.is_fsdp:
+                from launch.fsdp import full_tensor
+
+                total = full_tensor(total)  # the norm over every rank's shards (a DTensor under fsdp)
+            norm = float(total)
         updated = not skip and math.isfinite(norm)
         if updated:
             self.optimizer.step()
@@ -284,19 +378,42 @@ class Trainer:
         return norm, updated
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
-        """Every parameter's full (reduced) gradient; collective under DeepSpeed. For tests and debugging."""
+        """Every parameter's full (reduced) gradient; collective under DeepSpeed and fsdp. For tests and
+        debugging."""
         out = {}
-        for name, param in self.raw_model.named_parameters():
+        for name, param in self.trained_parameters.items():
             if self.is_deepspeed:
                 from deepspeed.utils import safe_get_full_grad
 
                 grad = safe_get_full_grad(param)
+            elif self.is_fsdp:
+                from launch.fsdp import full_tensor
+
+                grad = None if param.grad is None else full_tensor(param.grad)
             else:
                 grad = param.grad
             if grad is not None and name in self.reshaped_scalars:
                 grad = grad.reshape(())
-            out[name] = None if grad is None else grad.detach().float().cpu().clone()
+            keep = grad is not None and grad.dtype == torch.float64  # fp64 tests compare to 1e-12
+            out[name] = None if grad is None else (grad.detach() if keep else grad.detach().float()).cpu().clone()
         return out
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter, whole, in the model's own shapes (collective under fsdp). For tests and debugging."""
+        from launch.fsdp import full_tensor
+
+        out = {}
+        for name, param in self.trained_parameters.items():
+            value = full_tensor(param.detach())
+            value = value.reshape(()) if name in self.reshaped_scalars else value
+            out[name] = (value if value.dtype == torch.float64 else value.float()).cpu().clone()
+        return out
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's bytes of parameters, gradients and optimizer state, measured on the live tensors."""
+        from launch.fsdp import state_bytes
+
+        return state_bytes(list(self.trained_parameters.values()), self.optimizer)
 
     def train_step(self) -> dict[str, Any]:
         t = self.cfg.trainer
@@ -360,7 +477,9 @@ class Trainer:
         cfg = self.cfg
         self.raw_model.eval()
         nll, count = 0.0, 0
-        with torch.random.fork_rng(devices=[]):
+        # Under fsdp validation calls model.loss directly (no forward hook gathers): gather for the evaluation.
+        gathered = self.sharded.gathered() if self.sharded is not None else contextlib.nullcontext()
+        with gathered, torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.trainer.seed + 17)
             whole = data_pipeline.build_eval_loader(
                 cfg.data, split="val", context_length=cfg.model.context_length,
@@ -381,24 +500,44 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ save
     def save_checkpoint(self) -> Path:
-        # Under ZeRO-1/2 every rank holds the full weights too, so this check is the same on every rank.
-        if not all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters()):
+        # Under ZeRO-1/2 every rank holds the full weights too, so this check is the same on every rank; under
+        # fsdp each rank checks its shards and the ranks agree.
+        if self.is_fsdp:
+            from launch.fsdp import all_finite
+
+            finite = all_finite(list(self.trained_parameters.values()))
+        else:
+            finite = all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters())
+        if not finite:
             raise NonFiniteAbort(f"refusing to checkpoint non-finite weights at step {self.step}")
         shared: dict[str, Any] = {
             "trainer": {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
                         "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
-                        "wandb_id": self.wandb_id},
-            "model": self.model_state_dict(),
+                        "wandb_id": self.wandb_id, "global_batch": self.global_batch},
         }
-        if not self.is_deepspeed:
+        if not self.is_fsdp:  # fsdp: the sharded model and optimizer go to DCP files written by every rank
+            shared["model"] = self.model_state_dict()
+        if not (self.is_deepspeed or self.is_fsdp):
             shared["optimizer"] = self.optimizer.state_dict()
         per_rank = {"rng": rng_state(), "data": self.loader.state_dict(),
                     "module": self.module.state_dict(self.raw_model)}
         from omegaconf import OmegaConf
 
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(self.user_cfg)))
+        sharded_save = None
+        if self.is_fsdp:
+            from launch.fsdp import save_sharded
+
+            def sharded_save(directory: Path) -> None:
+                save_sharded(directory, self.raw_model, self.optimizer)
+
         return self.ckpt.save(self.step, shared, per_rank, config_yaml,
-                              deepspeed_engine=self.model if self.is_deepspeed else None)
+                              deepspeed_engine=self.model if self.is_deepspeed else None, sharded_save=sharded_save)
+
+    @property
+    def global_batch(self) -> int:
+        t = self.cfg.trainer
+        return t.micro_batch_size * t.grad_accum_steps * self.world
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's weights in its own shapes (see _scalar_params_as_1d)."""

@@ -71,7 +71,7 @@ def test_overrides_types_and_size_defaults(tmp_path):
         ("model.dim=101", "config key 'model.dim'"),
         ("trainer.precision=fp8", "'trainer.precision'"),
         ("trainer.micro_batch_size=0", "'trainer.micro_batch_size': must be >= 1"),
-        ("distributed.strategy=fsdp", "'distributed.strategy': FSDP cannot train an EBT"),
+        ("distributed.fsdp_regather=true", "'distributed.fsdp_regather': is only used with distributed.strategy=fsdp"),
         ("distributed.strategy=deepspeed", "'distributed.deepspeed_config'"),
         (f"distributed.deepspeed_config={REPO}/configs/deepspeed/zero2.json", "only used with"),
         ("data.mode=ftp", "data.mode"),

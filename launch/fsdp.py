@@ -1,0 +1,206 @@
+"""`distributed.strategy=fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) under second-order EBT training.
+
+Parallelism is applied from outside the model, as torchtitan's parallelize.py does; the model code is unchanged.
+
+Why FSDP2 is driven here and not through Accelerate: Accelerate 1.15's FSDP2 plugin silently gives DDP when
+`Accelerator(cpu=True)` (so nothing is sharded on CPU, and a CPU test would not test sharding), and it has no
+switch for reshard-after-backward (FACTS.md). The Accelerator still sets up the process group, the device and
+autocast; it never wraps the model.
+
+The route, measured exact against one process (tests/test_train_parity.py, fp64 to 1e-12):
+
+1. `fully_shard` on every block and then on the root, which keeps the rest (embeddings, candidate projection,
+   step tables, adaLN, final norm, heads, alpha) as one unit.
+2. A forward pre-hook on the root unshards every block. `Block` has no forward: both EBT streams call its
+   norms, projections and MLP directly, so FSDP's per-block hooks would never fire and the block would compute
+   with its sharded DTensors ("aten.mul.Tensor got mixed torch.Tensor and DTensor"). And one step touches every
+   block 1 + K times forward (real stream, then each MCMC step's candidate stream), again inside each inner
+   `autograd.grad(create_graph=True)` and in the outer backward, so per-block gather/free would re-gather many
+   times per step. The blocks therefore stay gathered for the whole step.
+3. `set_reshard_after_backward(False)` on every FSDP module. With the default, an FSDP module whose forward ran
+   inside the MCMC loop is resharded by the end-of-backward that an inner `autograd.grad` fires, freeing
+   parameters the outer backward still needs (pytorch/pytorch#172543; its maintainers point to this switch).
+   On this route no FSDP forward runs inside the loop, so the default happens to survive today; the switch
+   keeps the route from depending on that.
+4. `reshard()` on every FSDP module after the outer backward, from the trainer. This frees the gathered
+   copies, and the next forward all-gathers the updated shards. Without it the next step computes with the
+   previous step's weights: `unshard()` on a module that is still unsharded does nothing.
+
+Gradients are reduce-scattered at the end of every backward (also of each accumulated micro-batch, as ZeRO-2
+does): `set_requires_gradient_sync(False)` would keep a full unsharded gradient per rank, which is what
+sharding is for avoiding.
+
+What is sharded: parameters, gradients and AdamW's moments live as 1/world shards between steps
+(`state_bytes` measures them on the live tensors). Inside a step the gathered parameters are whole on every
+rank, so a step's peak is activations + the full parameters + full gradients until the reduce-scatter + the
+shards (ebt.planner counts it so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launch.checkpoint import DCP_DIR  # noqa: F401  (the checkpoint's sharded model + optimizer, DCP files)
+
+
+def model_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of an EBT (`energy_model.blocks`) or a Transformer++ (`blocks`)."""
+    energy = getattr(model, "energy_model", None)
+    return energy.blocks if energy is not None else model.blocks
+
+
+def mixed_precision_policy(bf16: bool):
+    """On GPU with bf16: parameters all-gathered and computed in bf16, gradients reduced in fp32.
+
+    Forward inputs are not cast (cast_forward_inputs=False): the candidates and the MCMC update stay in the
+    dtype autocast gives them, so the numerics match DDP's bf16 autocast, with half the all-gather bytes."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not bf16:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+@dataclass
+class ShardedModel:
+    """The FSDP modules of one model (blocks first, root last) and the root hook that gathers the blocks."""
+
+    root: nn.Module
+    blocks: list[nn.Module]
+    hook: Any = field(repr=False, default=None)
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [*self.blocks, self.root]
+
+    def reshard(self) -> None:
+        """Free every gathered copy (step 4 of the module docstring); call after the outer backward."""
+        for module in self.modules:
+            module.reshard()
+
+    def abort_step(self) -> None:
+        """After a forward or backward that did not finish (a non-finite inner gradient raises mid-loop): reset
+        FSDP's per-step state and drop the step's gathered parameters; its gradients are discarded."""
+        for param in self.root.parameters():  # the gathered (unsharded) parameters while gathered
+            param.grad = None
+        self.root.reset_iter_state()  # also reshards every group
+        self.reshard()
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Every parameter gathered, for code that calls the model other than through its forward (validation
+        calls model.loss directly, so no FSDP hook runs); resharded on exit."""
+        for module in self.modules:
+            module.unshard()
+        try:
+            yield
+        finally:
+            self.reshard()
+
+
+def shard_model(model: nn.Module, mesh, bf16: bool = False) -> ShardedModel:
+    """Apply the route of the module docstring to `model` in place and return its FSDP modules.
+
+    0-d parameters must already be 1-d (fully_shard shards dim 0: launch.trainer._scalar_params_as_1d)."""
+    from torch.distributed.fsdp import fully_shard
+
+    policy = mixed_precision_policy(bf16)
+    blocks = list(model_blocks(model))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for module in [*blocks, model]:
+        module.set_reshard_after_backward(False)
+
+    def gather_blocks(_module: nn.Module, _args: Any, _kwargs: Any) -> None:
+        for block in blocks:
+            block.unshard()
+
+    # Registered after fully_shard's own pre-hook (which runs first: prepend=True) so FSDP's lazy init and the
+    # root's own unshard have happened when the blocks are gathered.
+    hook = model.register_forward_pre_hook(gather_blocks, with_kwargs=True)
+    return ShardedModel(root=model, blocks=blocks, hook=hook)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly DTensor) tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (collective for a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def state_bytes(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes this rank holds of `parameters`, their gradients and the optimizer's state, measured on the live
+    tensors (the local shard of each DTensor; unsharded tensors count whole)."""
+    params = sum(local_tensor(p).numel() * p.element_size() for p in parameters)
+    grads = sum(local_tensor(p.grad).numel() * p.grad.element_size() for p in parameters if p.grad is not None)
+    moments = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:  # AdamW's scalar `step` is not a moment
+                moments += local_tensor(value).numel() * value.element_size()
+    return {"params": params, "grads": grads, "optimizer": moments, "total": params + grads + moments}
+
+
+def gathered_bytes(sharded: ShardedModel) -> int:
+    """Bytes of all-gathered (unsharded) parameter storage this rank holds now: 0 between steps when every
+    module was resharded. Reads FSDP2's per-parameter all-gather outputs (torch internals, measurement only)."""
+    total = 0
+    for module in sharded.modules:
+        state = module._get_fsdp_state()
+        for group in getattr(state, "_fsdp_param_groups", None) or [state._fsdp_param_group]:
+            for param in group.fsdp_params:
+                total += sum(t.untyped_storage().nbytes() for t in param.all_gather_outputs)
+    return total
+
+
+def all_finite(parameters: list[torch.Tensor]) -> bool:
+    """Whether every parameter is finite on every rank (each rank checks its own shards; collective)."""
+    local = all(bool(torch.isfinite(local_tensor(p.detach())).all()) for p in parameters)
+    flag = torch.tensor([0.0 if local else 1.0])
+    if torch.distributed.is_initialized():
+        backend = torch.distributed.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        flag = flag.to(device)
+        torch.distributed.all_reduce(flag)
+    return float(flag.item()) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Collective: every rank writes its shards of the model and the optimizer to `directory` (DCP)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
+
+
+def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Collective: load a DCP checkpoint saved at any world size into this rank's shards (DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
