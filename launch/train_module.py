@@ -111,7 +111,8 @@ class EBTTrainModule(TrainModule):
 
     @property
     def metric_keys(self) -> tuple[str, ...]:  # type: ignore[override]
-        steps = tuple(f"ce_step_{k}" for k in range(self.model_cfg.mcmc_steps))
+        # Every step a forward can run (repeated landscapes add steps); rows omit those no micro-batch ran.
+        steps = tuple(f"ce_step_{k}" for k in range(self.model_cfg.max_executed_steps))
         return ("loss", "ppl", "alpha", "energy_gap") + steps
 
     @torch.no_grad()

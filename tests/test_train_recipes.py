@@ -46,7 +46,10 @@ def test_recipe_resumes_bit_for_bit(tmp_path, recipe):
     run_dir = tmp_path / "runs" / recipe
     expected = training_rows(run_dir)
     assert [r["step"] for r in expected] == list(range(1, 9))
+    # As if it had crashed after step 8's row and before its checkpoint: no final row, no step_8.
     shutil.rmtree(run_dir / "checkpoints" / "step_8")
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text("".join(line for line in metrics.read_text().splitlines(True) if '"final": true' not in line))
     again = recipe_run(tmp_path, recipe, 8, recipe)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "resumed from" in again.stdout and "step_4 (step 4)" in again.stdout
