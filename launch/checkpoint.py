@@ -248,7 +248,11 @@ def _load_dcp_model(path: Path, model: torch.nn.Module) -> dict[str, torch.Tenso
               else shape for key, shape in saved.items()}
     check_weights_match(path, model, shapes)
     buffers = {key: torch.empty(saved[key], dtype=expected[key].dtype) for key in expected if key in saved}
-    dcp.load({"model": buffers}, checkpoint_id=str(path / DCP_DIR), no_dist=True)
+    import warnings
+
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": buffers}, checkpoint_id=str(path / DCP_DIR), no_dist=True)
     return {key: value.reshape(expected[key].shape) for key, value in buffers.items()}
 
 
