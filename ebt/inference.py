@@ -205,15 +205,21 @@ def generate(
     temperature: float = 0.0,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> torch.Tensor:
-    """Extend prompt [B, P] by max_new_tokens; the real stream is cached and extended one token at a time."""
+    """Extend prompt [B, P] by max_new_tokens; the real stream is cached and extended one token at a time.
+
+    on_token: called with each new token [B] as soon as it is chosen, for streaming; returning True stops the
+    generation there (the tokens so far are returned). It only observes, so the tokens are those generated
+    without it.
+    """
     cfg = model.cfg
     check_tokens("prompt", prompt, cfg.vocab_size, cfg.context_length)
     check_positive_int("max_new_tokens", max_new_tokens)
     if prompt.shape[1] + max_new_tokens > cfg.context_length:
         raise ValueError(f"max_new_tokens: prompt + {max_new_tokens} exceeds context_length {cfg.context_length}")
     if cfg.kind == "transformer":
-        return _generate_transformer(model, prompt, max_new_tokens, temperature, top_p, generator)
+        return _generate_transformer(model, prompt, max_new_tokens, temperature, top_p, generator, on_token)
     steps = cfg.mcmc_steps if steps is None else steps
     energy_model = model.energy_model
     last = cfg.mcmc_steps - 1
@@ -238,16 +244,20 @@ def generate(
         logits = logits.view(tokens.shape[0], samples, cfg.vocab_size)[torch.arange(tokens.shape[0]), chosen]
         next_token = sample_token(logits, temperature, top_p, generator)
         tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+        if on_token is not None and on_token(next_token):
+            break
         new = next_token[:, None].repeat_interleave(samples, 0)
         contexts = {k: energy_model.extend_context(ctx, new, k) for k, ctx in contexts.items()}
     return tokens
 
 
-def _generate_transformer(model, prompt, max_new_tokens, temperature, top_p, generator) -> torch.Tensor:
+def _generate_transformer(model, prompt, max_new_tokens, temperature, top_p, generator, on_token) -> torch.Tensor:
     logits, cache = model.logits(prompt)
     tokens = prompt
     for _ in range(max_new_tokens):
         next_token = sample_token(logits[:, -1], temperature, top_p, generator)
         tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+        if on_token is not None and on_token(next_token):
+            break
         logits, cache = model.logits(next_token[:, None], cache)
     return tokens
