@@ -299,7 +299,15 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
     import dataclasses
 
     (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": dataclasses.asdict(cfg)})))
-    for file in tmp.iterdir():
+    # The tokenizer travels with the weights (tokenizer/), so generate and eval need nothing else. A checkpoint
+    # whose tokenizer cannot be found is still exported; `ebt export` says so (launch/run_tokenizer.py).
+    from launch.run_tokenizer import copy_tokenizer, find_tokenizer
+
+    try:
+        copy_tokenizer(find_tokenizer(resolve_checkpoint(checkpoint), model_vocab=cfg.vocab_size), tmp)
+    except (ValueError, FileNotFoundError):
+        pass
+    for file in (f for f in tmp.rglob("*") if f.is_file()):
         fsync_file(file)
     if out.exists():
         shutil.rmtree(out)

@@ -9,33 +9,51 @@ import sys
 from typing import Any
 
 from launch.config import TrainConfig, load_config
+from launch.resume import ALLOW_FLAG, check_resume, final_line, finished
 from launch.signals import PREEMPTED_EXIT_CODE
 
 
-def run_training(cfg: TrainConfig, log=None) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, log=None, allow_schedule_change: bool = False) -> dict[str, Any]:
     """Train (resuming from the newest valid checkpoint in the run dir); returns the final metrics.
 
     Under torchrun / accelerate launch / srun each process calls this; it returns on every rank. A run that
     cannot start is refused by `preflight` before anything is written; a rank whose peer dies raises
-    RankLostError (one line naming the lost rank) instead of the backend's traceback.
+    RankLostError (one line naming the lost rank) instead of the backend's traceback. A run that is already
+    finished returns its final metrics with "already_finished": True, without building anything; a resume that
+    changes the LR schedule is refused unless `allow_schedule_change` (launch/resume.py).
     """
     from launch.distributed import lost_rank_error
+    from launch.resume import apply_schedule, check_resume, finished, schedule_changes
+    from launch.run_tokenizer import keep_run_tokenizer
     from launch.trainer import Trainer
 
+    saved = check_resume(cfg, int(os.environ.get("WORLD_SIZE", "1")), allow_schedule_change)
+    done = finished(cfg)
+    if done is not None:
+        return {"step": done["step"], "tokens": done["tokens"], "run_dir": str(cfg.run_dir), "preempted": False,
+                "already_finished": True, "final_row": done,
+                **{k: done[k] for k in ("val_loss", "val_ppl", "val_tokens") if k in done}}
     preflight(cfg)
     trainer = Trainer(cfg, log=log)
-    finished = False
+    finished_ok = False
     try:
         trainer.setup()
+        if trainer.is_main:
+            keep_run_tokenizer(cfg)  # <run dir>/tokenizer: generate and eval find it there (launch/run_tokenizer.py)
+        changes = schedule_changes(saved.config, cfg) if saved is not None else []
+        if changes and trainer.step == saved.step:
+            apply_schedule(trainer, cfg)
+            trainer.log("LR schedule changed on resume (--allow-schedule-change): "
+                        + ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes))
         result = trainer.fit()
-        finished = True
+        finished_ok = True
     except RuntimeError as error:
         lost = lost_rank_error(error)  # asks the store who is left: before close() destroys the group
         if lost is None:
             raise
         raise lost from None
     finally:
-        trainer.close(finished)
+        trainer.close(finished_ok)
     return result
 
 
@@ -136,6 +154,8 @@ def _launch_local_processes(args: argparse.Namespace) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "launch.cli", "train", *args.configs, *args.overrides]
+    if args.allow_schedule_change:
+        cmd.append(ALLOW_FLAG)
     procs = []
     for rank in range(args.nproc):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(args.nproc),
@@ -168,25 +188,54 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError("no config file given: ebt train CONFIG.yaml [key=value ...]")
     args.configs, args.overrides = configs, overrides
     cfg = load_config(configs, overrides)
-    note = _use_configured_cpu_allocator(cfg) if getattr(args, "from_command_line", False) else None
     local = args.nproc > 1 and "WORLD_SIZE" not in os.environ
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    # A finished run, or a resume that would not continue the saved run, is settled here: before re-executing
+    # with another allocator and before any rank starts, so a re-run of a finished run takes seconds.
+    check_resume(cfg, args.nproc if local else int(os.environ.get("WORLD_SIZE", "1")), args.allow_schedule_change)
+    done = finished(cfg)
+    if done is not None:
+        if rank0:
+            _print_finished(cfg, done)
+        return 0
+    note = _use_configured_cpu_allocator(cfg) if getattr(args, "from_command_line", False) else None
     # Before the note and before any rank starts: a run that cannot start is one line (run_training checks
     # again, which costs little: the planner's trace is cached).
     preflight(cfg, ranks_here=args.nproc if local else None)
     if note:
         print(note, file=sys.stderr)
     if local:
+        print(_global_batch_note(cfg, args.nproc), file=sys.stderr)
         return _launch_local_processes(args)
-    result = run_training(cfg)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    result = run_training(cfg, allow_schedule_change=args.allow_schedule_change)
     if result["preempted"]:
         return PREEMPTED_EXIT_CODE
     if rank0:
-        ppl = result.get("val_ppl")
-        print(f"validation perplexity: {ppl:.3f} (loss {result['val_loss']:.4f}) after {result['step']} steps, "
-              f"{result['tokens']:,} tokens" if ppl is not None else "training finished")
+        if result.get("already_finished"):  # finished by another launch between the check above and here
+            _print_finished(cfg, result["final_row"])
+            return 0
+        print(final_line(result) if result.get("val_ppl") is not None else "training finished")
         print(f"run dir: {result['run_dir']}")
     return 0
+
+
+def _print_finished(cfg: TrainConfig, row: dict[str, Any]) -> None:
+    print(f"{cfg.run_dir} is already finished (step {row['step']}, trainer.max_steps={cfg.trainer.max_steps}): "
+          f"nothing to train or evaluate. To train it further raise trainer.max_steps and pass {ALLOW_FLAG}; "
+          "for a new run pick a new name=.")
+    print(final_line(row))
+    print(f"run dir: {cfg.run_dir}")
+
+
+def _global_batch_note(cfg: TrainConfig, nproc: int) -> str:
+    """--nproc N runs N copies of the config, and trainer.micro_batch_size is per process: say what that makes."""
+    t = cfg.trainer
+    one = t.micro_batch_size * t.grad_accum_steps
+    hint = (f"; for the config's global batch of {one} set trainer.micro_batch_size={t.micro_batch_size // nproc}"
+            if t.micro_batch_size % nproc == 0 else "")
+    return (f"ebt train: --nproc {nproc}: trainer.micro_batch_size={t.micro_batch_size} is per process, so a step "
+            f"takes {nproc} x {t.micro_batch_size} x {t.grad_accum_steps} (grad_accum_steps) = {nproc * one} "
+            f"sequences of {cfg.model.context_length} tokens, {nproc}x the batch of one process{hint}")
 
 
 def _use_configured_cpu_allocator(cfg: TrainConfig) -> str | None:
@@ -213,10 +262,21 @@ def _use_configured_cpu_allocator(cfg: TrainConfig) -> str | None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from launch.checkpoint import export_model
+    from pathlib import Path
+
+    from launch.checkpoint import export_model, resolve_checkpoint
+    from launch.run_tokenizer import KEPT_DIR, find_tokenizer
 
     out = export_model(args.checkpoint, args.out)
+    if (Path(out) / KEPT_DIR).is_dir():
+        print(f"exported {out}/model.safetensors, {out}/config.yaml and {out}/{KEPT_DIR}/")
+        return 0
     print(f"exported {out}/model.safetensors and {out}/config.yaml")
+    try:  # say why the tokenizer is not there: the same search that export_model's copy tried
+        find_tokenizer(resolve_checkpoint(args.checkpoint))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"ebt export: note: no tokenizer exported ({error}); `ebt generate` and `ebt eval` on {out} then "
+              "need --tokenizer", file=sys.stderr)
     return 0
 
 
@@ -226,7 +286,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "processes with torchrun, accelerate launch, srun or --nproc.")
     p.add_argument("configs", nargs="+", metavar="CONFIG.yaml|key=value",
                    help="config YAML file(s), merged in order, then key=value overrides")
-    p.add_argument("--nproc", type=int, default=1, help="local processes (gloo on CPU, nccl on GPU)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="local processes (gloo on CPU, nccl on GPU); trainer.micro_batch_size is per process, so "
+                        "N processes train on N times the global batch of one")
+    p.add_argument(ALLOW_FLAG, dest="allow_schedule_change", action="store_true",
+                   help="resume even though trainer.max_steps, optim.warmup_steps, optim.min_lr_scale or optim.lr "
+                        "changed: the LR schedule then follows the new values from the resumed step on")
     p.set_defaults(func=_train)
 
     e = subparsers.add_parser("export", help="write safetensors weights + config.yaml from a checkpoint")

@@ -1,0 +1,154 @@
+"""What re-running `ebt train` on an existing run dir may do, decided before the trainer starts.
+
+- A finished run (its metrics end with the final validation row at trainer.max_steps) is reported and left
+  alone: no model is built, nothing is evaluated again, nothing is written.
+- Resuming keeps the checkpoint's LR schedule state (LambdaLR stores the schedule's total and warm-up steps
+  and the base LRs), so a changed trainer.max_steps, optim.warmup_steps, optim.min_lr_scale or optim.lr would
+  otherwise be silently ignored, or, for max_steps, train past the point where the old schedule ended. Such a
+  change is refused, naming the key (old -> new), unless it is accepted explicitly (--allow-schedule-change),
+  and then `apply_schedule` makes the new schedule the one that runs.
+- Checkpoints saved by another number of processes are refused with the count: the trainer would find none of
+  them usable, start over and prune them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launch.checkpoint import MANIFEST, STEP_RE, verify
+from launch.config import TrainConfig, check_resume_compatible, config_to_dict, load_saved_config
+
+ALLOW_FLAG = "--allow-schedule-change"
+
+
+@dataclass
+class SavedRun:
+    checkpoint: Path  # the newest valid checkpoint
+    step: int
+    world_size: int | None
+    config: TrainConfig  # the config it was trained with
+    reshardable: bool = False  # sharded (fsdp, DCP) checkpoints resume at any world size
+
+
+def newest_checkpoint(cfg: TrainConfig) -> SavedRun | None:
+    """The newest checkpoint of the run dir that passes its manifest, whatever world size saved it."""
+    import json
+
+    root = cfg.run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = sorted((int(m.group(1)) for p in root.iterdir() if (m := STEP_RE.match(p.name))), reverse=True)
+    for step in steps:
+        path = root / f"step_{step}"
+        if _verified(path):
+            manifest = json.loads((path / MANIFEST).read_text())
+            return SavedRun(path, step, manifest.get("world_size"), load_saved_config(path / "config.yaml"),
+                            bool(manifest.get("reshardable")))
+    return None
+
+
+_VERIFIED: set[tuple[str, int]] = set()
+
+
+def _verified(path: Path) -> bool:
+    """verify(path) is None, remembered per manifest: `ebt train` checks before and inside run_training, and
+    hashing a large checkpoint twice would cost seconds."""
+    try:
+        key = (str(path.resolve()), (path / MANIFEST).stat().st_mtime_ns)
+    except OSError:
+        return False
+    if key not in _VERIFIED and verify(path) is None:
+        _VERIFIED.add(key)
+    return key in _VERIFIED
+
+
+def schedule_changes(saved: TrainConfig, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for every setting of the LR schedule that differs. optim.lr compares the peak LR
+    actually used (None means the size table's), so spelling out the default is no change."""
+    pairs = [("trainer.max_steps", saved.trainer.max_steps, cfg.trainer.max_steps),
+             ("optim.warmup_steps", saved.optim.warmup_steps, cfg.optim.warmup_steps),
+             ("optim.min_lr_scale", saved.optim.min_lr_scale, cfg.optim.min_lr_scale),
+             ("optim.lr", saved.peak_lr, cfg.peak_lr)]
+    return [(key, old, new) for key, old, new in pairs if not _same(old, new)]
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(old, float) or isinstance(new, float):
+        return math.isclose(float(old), float(new), rel_tol=1e-12, abs_tol=0.0)
+    return old == new
+
+
+def check_resume(cfg: TrainConfig, world_size: int, allow_schedule_change: bool = False) -> SavedRun | None:
+    """Refuse (ValueError, one line) a resume that would not continue the saved run; returns it (None: a new
+    run, or checkpoint.resume=false, which the trainer handles)."""
+    if not cfg.checkpoint.resume:
+        return None
+    saved = newest_checkpoint(cfg)
+    if saved is None:
+        return None
+    world_changed = saved.world_size is not None and saved.world_size != world_size
+    if world_changed and not saved.reshardable:
+        raise ValueError(f"{saved.checkpoint} was saved by {saved.world_size} process(es) but this launch has "
+                         f"{world_size}: its per-rank data-loader and RNG state cannot be split differently; resume "
+                         f"it with {saved.world_size} process(es) or pick a new name=")
+    # A resharded resume may change the per-rank batch with the world size (check_resume_compatible says how).
+    check_resume_compatible(config_to_dict(saved.config), cfg, cfg.run_dir, **({"world_changed": True}
+                                                                                  if world_changed else {}))
+    changes = schedule_changes(saved.config, cfg)
+    if changes and not allow_schedule_change:
+        key, old, new = changes[0]
+        more = f" (and {', '.join(k for k, _, _ in changes[1:])})" if len(changes) > 1 else ""
+        raise ValueError(f"config key '{key}': {old!r} -> {new!r}{more} changes the LR schedule of the run in "
+                         f"{cfg.run_dir} (at step {saved.step}); pass {ALLOW_FLAG} to continue it on the new "
+                         "schedule, or pick a new name=")
+    return saved
+
+
+def finished(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The final validation row when the run dir holds a run finished at (or past) trainer.max_steps.
+
+    The trainer writes that row last, after its final checkpoint, and cuts metrics.jsonl back to the resumed
+    step on every restart, so the row ends the file exactly when the last attempt ran to the end."""
+    from launch.fsutil import read_metrics_rows
+
+    if not cfg.checkpoint.resume or not (cfg.run_dir / "metrics.jsonl").is_file():
+        return None
+    rows = read_metrics_rows(cfg.run_dir)
+    if not rows or not rows[-1].get("final") or int(rows[-1].get("step", -1)) < cfg.trainer.max_steps:
+        return None
+    return rows[-1]
+
+
+def final_line(row: dict[str, Any]) -> str:
+    """The line `ebt train` ends a run with."""
+    ppl = row.get("val_ppl")
+    if ppl is None:
+        return "training finished"
+    return (f"validation perplexity: {ppl:.3f} (loss {row['val_loss']:.4f}) after {row['step']} steps, "
+            f"{row['tokens']:,} tokens")
+
+
+def apply_schedule(trainer, cfg: TrainConfig) -> None:
+    """After a resume that accepted a schedule change: the scheduler follows cfg from the resumed step on.
+
+    LambdaLR restored the old WarmupCosine settings and base LRs from the checkpoint; here both are replaced
+    by cfg's and the optimizer's LRs set to the new schedule's value at the current step, so the next update
+    uses the new schedule. The LR so far (already applied) is history and stays as it was."""
+    from launch.optim import param_groups
+    from launch.schedule import WarmupCosine
+
+    scheduler = trainer.scheduler
+    schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.min_lr_scale)
+    scheduler.lr_lambdas = [schedule] * len(scheduler.lr_lambdas)
+    peaks = [group["lr"] for group in param_groups(trainer.raw_model, cfg)]
+    groups = scheduler.optimizer.param_groups
+    if len(peaks) != len(groups):
+        raise RuntimeError(f"optimizer has {len(groups)} parameter groups, the config builds {len(peaks)}")
+    scheduler.base_lrs = peaks
+    lrs = [peak * schedule(scheduler.last_epoch) for peak in peaks]
+    for group, peak, lr in zip(groups, peaks, lrs, strict=True):
+        group["initial_lr"], group["lr"] = peak, lr
+    scheduler._last_lr = lrs  # what get_last_lr() (the trainer's logged lr) reports for the next step
