@@ -191,11 +191,19 @@ def _train_data_config(checkpoint: Path):
     return None, None
 
 
-def _tokenizer_of(train_cfg, settings: EvalSettings) -> str:
+def _tokenizer_of(checkpoint: Path, train_cfg, settings: EvalSettings) -> str:
+    from data_pipeline.tokenizer import tokenizer_exists
+    from launch.run_tokenizer import KEPT_DIR, run_dir_of
+
     if settings.tokenizer:
         if not Path(settings.tokenizer, "tokenizer.model").is_file():
             raise FileNotFoundError(f"--tokenizer {settings.tokenizer}: no tokenizer.model there")
         return settings.tokenizer
+    # The copy that `ebt export` puts in an export and `ebt train` in a run dir (launch/run_tokenizer.py).
+    run_dir = run_dir_of(checkpoint)
+    for kept in (checkpoint / KEPT_DIR, *([run_dir / KEPT_DIR] if run_dir else [])):
+        if tokenizer_exists(str(kept)):
+            return str(kept)
     if train_cfg is None:
         raise ValueError("the checkpoint has no data config (an `ebt export` dir?): pass --tokenizer DIR")
     from data_pipeline.api import tokenizer_dir
@@ -234,7 +242,7 @@ def resolve_sources(checkpoint: Path, data: str | None, ood: list[str], settings
         raise ValueError("the checkpoint has no data config (an `ebt export` dir?): pass --data")
     base = dataclasses.asdict(train_cfg) if train_cfg is not None else {}
     base["progress"] = False
-    tokenizer = _tokenizer_of(train_cfg, settings)
+    tokenizer = _tokenizer_of(checkpoint, train_cfg, settings)
     if model_vocab is not None:
         _check_vocab(tokenizer, model_vocab)
     specs = []
@@ -397,8 +405,9 @@ class EvalProgress:
         if self._bar is not None:
             self._bar.__exit__(*exc)
 
-    def start(self, name: str, total_batches: int | None, cells_per_batch: int) -> int:
-        """A new source of `total_batches` batches (None: unknown); returns its task id."""
+    def start(self, name: str, total_batches: int | None, cells_per_batch: int, unit: str = "batches") -> int:
+        """A new source of `total_batches` batches (None: unknown; `unit` names them in the lines, e.g.
+        "examples" for a downstream task); returns its task id."""
         if not self.enabled:
             return -1
         if self._bar is not None:
@@ -408,7 +417,7 @@ class EvalProgress:
         every = max(1, -(-total_batches // self.lines_per_source)) if total_batches else self.lines_per_source
         now = time.monotonic()
         self._tasks[task] = {"name": name, "total": total_batches, "cells": cells_per_batch, "units": 0,
-                             "every": every, "start": now, "last": now, "printed": 0}
+                             "every": every, "start": now, "last": now, "printed": 0, "unit": unit}
         return task
 
     def advance(self, task: int, advance: int = 1) -> None:
@@ -440,10 +449,10 @@ class EvalProgress:
         total = state["total"]
         if total:
             eta = elapsed / batches * (total - batches) if batches else float("nan")
-            text = (f"{batches}/{total} batches ({100 * batches / total:.0f}%), {_clock(elapsed)} elapsed, "
+            text = (f"{batches}/{total} {state['unit']} ({100 * batches / total:.0f}%), {_clock(elapsed)} elapsed, "
                     f"ETA {_clock(eta) if eta == eta else '?'}")
         else:
-            text = f"{batches} batches, {_clock(elapsed)} elapsed"
+            text = f"{batches} {state['unit']}, {_clock(elapsed)} elapsed"
         print(f"ebt eval: {state['name']}: {text}", file=self.stream, flush=True)
         state["last"], state["printed"] = now, batches
 

@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES: list[str] = [
     "data_pipeline.cli",
     "launch.train",
+    "launch.generate",
     "slurm.cli",
     "eval.cli",
 ]
