@@ -48,11 +48,35 @@ def _report(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from eval.evaluate import EvalSettings, run_eval
 
-    settings = EvalSettings(steps=args.steps, samples=args.samples, selections=args.selection,
+    if args.task is not None:
+        return _eval_task(args)
+    for option, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None:
+            raise ValueError(f"{option}: only used with --task")
+    defaults = EvalSettings()
+    settings = EvalSettings(steps=args.steps or defaults.steps, samples=args.samples,
+                            selections=args.selection or defaults.selections,
                             accept_lower=args.accept_lower, noise=args.noise, seed=args.seed,
                             batch_size=args.batch_size, max_batches=args.max_batches, split=args.split,
                             tokenizer=args.tokenizer, device=args.device)
     run_eval(args.checkpoint, args.data, args.ood, settings, out_path=args.out, progress=not args.no_progress)
+    return 0
+
+
+def _eval_task(args: argparse.Namespace) -> int:
+    """`ebt eval --task NAME [--data FILE.jsonl]`: a downstream task (eval/tasks/)."""
+    from eval.tasks.runner import TaskSettings, run_task_eval
+
+    # Options of the perplexity evaluation that a task has no use for are refused, not silently ignored.
+    unused = [("--ood", bool(args.ood)), ("--split", args.split != "val"), ("--max-batches", args.max_batches != 0),
+              ("--noise", args.noise != 0.0), ("--accept-lower", args.accept_lower != [False, True])]
+    for option, given in unused:
+        if given:
+            raise ValueError(f"{option}: not used with --task (a task reads every example of --data; see --limit)")
+    settings = TaskSettings(steps=args.steps, samples=args.samples or [1], selections=args.selection or ["min"],
+                            seed=args.seed, batch_size=args.batch_size, limit=args.limit or 0,
+                            max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer, device=args.device)
+    run_task_eval(args.checkpoint, args.task, args.data, settings, out_path=args.out, progress=not args.no_progress)
     return 0
 
 
@@ -72,25 +96,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_report)
 
-    e = subparsers.add_parser("eval", help="held-out perplexity; for EBTs a System-2 thinking grid; OOD gains",
+    from eval.tasks import TASKS
+
+    e = subparsers.add_parser("eval", help="held-out perplexity; for EBTs a System-2 thinking grid; OOD gains; "
+                                           "downstream tasks (--task)",
                               description="Exact per-token perplexity of a checkpoint on held-out data. For EBTs, "
                                           "every combination of thinking steps x samples x selection x "
-                                          "accept-lower, with the mean energy per step.")
+                                          "accept-lower, with the mean energy per step. With --task, a downstream "
+                                          "task's standard metrics instead: "
+                                          + "; ".join(f"{name}: {task.description}" for name, task in TASKS.items()))
     e.add_argument("--checkpoint", required=True, help="checkpoint dir, `ebt export` dir or run dir (newest)")
+    e.add_argument("--task", default=None, metavar="|".join(TASKS),
+                   help="a downstream task instead of perplexity; --data is then a jsonl file in the dataset's "
+                        "public format (default: the dataset from the Hugging Face hub)")
+    e.add_argument("--limit", type=int, default=None, help="--task: the first N examples only")
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="--task gsm8k/squad: generation budget (default 256 / 32, within the model's context)")
     e.add_argument("--data", default=None,
                    help="held-out data: a shards dir, or a source (embedded, paths/globs, hf:NAME); default: the "
-                        "checkpoint's training data")
+                        "checkpoint's training data. With --task: FILE.jsonl")
     e.add_argument("--ood", action="append", default=[], metavar="SOURCE",
                    help="another source to evaluate on (repeatable), e.g. prose for a code-trained model")
     e.add_argument("--split", default="val", choices=["val", "train", "all"],
                    help="split of --data; all: every document (OOD sources always use every document)")
     e.add_argument("--tokenizer", default=None,
                    help="tokenizer dir (needed only when the checkpoint has no data config, e.g. an export dir)")
-    e.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="thinking steps, e.g. 1,2,4,8")
+    e.add_argument("--steps", type=_int_list, default=None,
+                   help="thinking steps, e.g. 1,2,4,8 (default 1,2,4,8; with --task: the trained steps)")
     e.add_argument("--samples", type=_int_list, default=None,
                    help="chains per token, e.g. 1,2,4 (default 1,2,4; just 1 when every chain would be the same: "
-                        "init_logit_std 0 and no --noise)")
-    e.add_argument("--selection", type=_str_list, default=["min", "max_gap"], help="sample selection rules")
+                        "init_logit_std 0 and no --noise; with --task: 1)")
+    e.add_argument("--selection", type=_str_list, default=None,
+                   help="sample selection rules (default min,max_gap; with --task: min)")
     e.add_argument("--accept-lower", type=_bool_list, default=[False, True], help="e.g. false,true")
     e.add_argument("--noise", type=float, default=0.0, help="Langevin noise scale during thinking")
     e.add_argument("--batch-size", type=int, default=8)
@@ -98,7 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="batches per source (0: the whole split); the first --max-batches x --batch-size windows")
     e.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (starts drawn on the CPU)")
     e.add_argument("--seed", type=int, default=0, help="seed of the initial candidates (results are deterministic)")
-    e.add_argument("--out", default=None, help="JSON output path (default: <checkpoint>/eval.json)")
+    e.add_argument("--out", default=None,
+                   help="JSON output path (default: <checkpoint>/eval.json; with --task: <checkpoint>/eval-TASK.json)")
     e.add_argument("--no-progress", action="store_true",
                    help="no progress on stderr (a bar with ETA on a terminal, else a line every ~10%% of a source)")
     e.set_defaults(func=_eval)

@@ -177,7 +177,8 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: s
         "loglog_slopes": {a: {k: f.to_dict() for k, f in by_kind.items()} for a, by_kind in slopes.items()},
         "loglog_comparisons": {a: c.to_dict() for a, c in slope_comparisons.items()},
         "isoflop": [r.to_dict() for r in iso],
-        "system2": [_system2_summary(e) for e in evals],
+        "system2": [_system2_summary(e) for e in evals if e["sources"]],
+        "downstream": [{k: v for k, v in d.items() if k != "examples"} for d in _downstream(evals)],
         "runs_used": [r.run for r in kept],
         "excluded": [{"run": e.run, "reason": e.reason} for e in excluded],
         "warnings": warnings,
@@ -214,6 +215,21 @@ def _system2_summary(e: dict[str, Any]) -> dict[str, Any]:
     return {"run": e.get("run"), "kind": e.get("kind"), "checkpoint": e.get("checkpoint"),
             "sources": [{k: s.get(k) for k in ("name", "ood", "tokens", "base", "best", "gain_pct", "plain")}
                         for s in e["sources"]]}
+
+
+def _downstream(evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per task cell of every eval JSON that holds downstream results."""
+    return [{"run": e.get("run"), "kind": e.get("kind"), "task": t["task"], "data": t.get("data"), **cell}
+            for e in evals for t in e.get("tasks") or [] for cell in t.get("cells", [])]
+
+
+def _downstream_rows(evals: list[dict[str, Any]]) -> list[list[str]]:
+    from eval.tasks.runner import format_metric
+
+    return [[str(d["run"]), str(d["kind"]), d["task"], "-" if d.get("steps") is None else str(d["steps"]),
+             str(d.get("samples", 1)), str(d.get("selection", "none")), str(d.get("n")),
+             ", ".join(f"{name} {format_metric(name, value)}" for name, value in d.get("metrics", {}).items())]
+            for d in _downstream(evals)]
 
 
 def _cell_label(cell: dict[str, Any] | None) -> str:
@@ -296,6 +312,17 @@ def _blocks(records, kept, excluded, warnings, fits, comparisons, iso: list[IsoF
     else:
         b.append(Block("p", "No `ebt eval` results (eval*.json) found in the inputs; run `ebt eval --checkpoint "
                             "RUN_DIR --ood SOURCE --out RUN_DIR/eval.json` to add System-2 and OOD curves."))
+
+    b.append(Block("h2", "Downstream tasks"))
+    task_rows = _downstream_rows(evals)
+    if task_rows:
+        b.append(Block("p", "From `ebt eval --task` (eval-TASK.json): each task's standard metrics for every "
+                            "thinking setting evaluated (steps and samples are an EBT's; '-' for Transformer++)."))
+        b.append(Block("table", (["run", "kind", "task", "steps", "samples", "select", "examples", "metrics"],
+                                 task_rows)))
+    else:
+        b.append(Block("p", "No downstream results; run `ebt eval --checkpoint RUN_DIR --task lambada --data "
+                            "FILE.jsonl` (or arc_easy, arc_challenge, gsm8k, squad) to add them."))
 
     b.append(Block("h2", "Figures"))
     for name in figures:
