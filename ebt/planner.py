@@ -14,6 +14,11 @@ sizes (same code path for any batch, context, vocab or width), only each tensor'
 
 `choose` (cfg.checkpointing="auto") takes the fastest policy and recompute chunk whose prediction fits the
 budget; `plan` also picks the largest micro-batch that fits.
+
+Sharded training (distributed.strategy=fsdp, `shard_world`=W ranks): each rank keeps 1/W of the parameters and
+of AdamW's moments, and inside the step the gathered full parameters (launch/fsdp.py keeps every block gathered
+for the step). Gradients are traced as in one process: they are whole until FSDP reduce-scatters them at the end
+of the backward, and only the 1/W shard lives on to the optimizer step (`state_bytes`).
 """
 
 from __future__ import annotations
@@ -243,12 +248,21 @@ def _chunks(cfg: ModelConfig, policy: str, batch: int) -> int:
     return -(-batch // cfg.remat_chunk)
 
 
+def state_bytes(cfg: ModelConfig, dtype_bytes: int = 4, shard_world: int | None = None) -> float:
+    """The untraced state alive through a step: parameters and AdamW's two moments; with `shard_world` (fsdp
+    over that many ranks) this rank's 1/world of them plus the gathered full parameters of the step."""
+    params = parameter_count(cfg) * dtype_bytes
+    if shard_world is None:
+        return STATE_COPIES * params
+    return STATE_COPIES * params / shard_world + params
+
+
 def traced_tensor_peak_bytes(cfg: ModelConfig, batch: int) -> float:
     """The tensor peak of `cfg` itself (no replica, no rescaling): what `tensor_peak_bytes` predicts."""
     dims = {"B": batch, "S": cfg.context_length}
     trace = _trace(cfg, dims)
     return _replay_peak(trace, {i: float(_numel(shape)) * trace.element_size[i] for i, shape in trace.shapes.items()},
-                        ) + STATE_COPIES * parameter_count(cfg) * next(iter(trace.element_size.values()), 4)
+                        ) + state_bytes(cfg, next(iter(trace.element_size.values()), 4))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -317,9 +331,10 @@ def _target_dims(cfg: ModelConfig, batch: int) -> dict[str, int]:
 
 
 def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: int = 4,
-                      heap_threshold: float | None = None) -> float:
-    """Peak bytes of live tensors during one (non-first) training step at the target size (with
-    `heap_threshold`: heap-resident allocations at their high-water mark, see _replay_peak)."""
+                      heap_threshold: float | None = None, shard_world: int | None = None) -> float:
+    """Peak bytes of live tensors during one (non-first) training step at the target size, per rank (with
+    `heap_threshold`: heap-resident allocations at their high-water mark, see _replay_peak; with `shard_world`:
+    parameters and optimizer state sharded by fsdp, see state_bytes)."""
     chunks = _chunks(cfg, policy, batch)
     trace = trace_step(cfg, policy, chunks=chunks)
     target = _target_dims(cfg, batch)
@@ -332,7 +347,7 @@ def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: in
         for d in shape:
             numel *= table.get(d, d)
         sizes[ident] = numel * (dtype_bytes if trace.element_size[ident] >= 4 else trace.element_size[ident])
-    return _replay_peak(trace, sizes, heap_threshold) + STATE_COPIES * parameter_count(cfg) * dtype_bytes
+    return _replay_peak(trace, sizes, heap_threshold) + state_bytes(cfg, dtype_bytes, shard_world)
 
 
 # ---------------------------------------------------------------------------------------------- prediction
@@ -364,10 +379,13 @@ def calibration_for(device: torch.device) -> Calibration:
 
 
 def predict_peak_bytes(cfg: ModelConfig, policy: str, batch: int, device: torch.device | str = "cpu",
-                       calibration: Calibration | None = None, dtype_bytes: int = 4) -> float:
+                       calibration: Calibration | None = None, dtype_bytes: int = 4,
+                       shard_world: int | None = None) -> float:
+    """Peak memory of one rank's training step (see tensor_peak_bytes for `shard_world`)."""
     device = torch.device(device)
     cal = calibration or calibration_for(device)
-    return cal.base_bytes + cal.factor * tensor_peak_bytes(cfg, policy, batch, dtype_bytes)
+    return cal.base_bytes + cal.factor * tensor_peak_bytes(cfg, policy, batch, dtype_bytes,
+                                                           shard_world=shard_world)
 
 
 def device_capacity_bytes(device: torch.device) -> float:
@@ -401,20 +419,22 @@ def _options_fastest_first(cfg: ModelConfig, batch: int) -> list[tuple[str, int]
     return [(policy, chunk) for _, policy, chunk in options]
 
 
-def _predict(cfg: ModelConfig, policy: str, chunk: int, batch: int, device: torch.device) -> float:
-    return predict_peak_bytes(dataclasses.replace(cfg, remat_chunk=chunk), policy, batch, device)
+def _predict(cfg: ModelConfig, policy: str, chunk: int, batch: int, device: torch.device,
+             shard_world: int | None = None) -> float:
+    return predict_peak_bytes(dataclasses.replace(cfg, remat_chunk=chunk), policy, batch, device,
+                              shard_world=shard_world)
 
 
 def choose(cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
-           budget_gb: float | None = None) -> tuple[str, int]:
+           budget_gb: float | None = None, shard_world: int | None = None) -> tuple[str, int]:
     """The fastest (policy, remat_chunk) whose predicted peak fits the budget; the leanest when none does."""
     device = torch.device(device)
     budget = budget_gb * 1e9 if budget_gb is not None else default_budget_bytes(device)
     options = _options_fastest_first(cfg, batch)
     for policy, chunk in options:
-        if _predict(cfg, policy, chunk, batch, device) <= budget:
+        if _predict(cfg, policy, chunk, batch, device, shard_world) <= budget:
             return policy, chunk
-    return min(options, key=lambda o: _predict(cfg, o[0], o[1], batch, device))
+    return min(options, key=lambda o: _predict(cfg, o[0], o[1], batch, device, shard_world))
 
 
 def choose_policy(cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
@@ -432,16 +452,17 @@ class Plan:
 
 
 def plan(cfg: ModelConfig, max_micro_batch: int, device: torch.device | str = "cpu",
-         budget_gb: float | None = None, divides: int | None = None) -> Plan:
+         budget_gb: float | None = None, divides: int | None = None, shard_world: int | None = None) -> Plan:
     """Largest micro-batch (<= max_micro_batch; with `divides`, only divisors of it, so that accumulating
-    micro-batches keeps a fixed per-rank batch) that fits with some policy, with the fastest such policy."""
+    micro-batches keeps a fixed per-rank batch) that fits with some policy, with the fastest such policy.
+    `shard_world`: fsdp over that many ranks (see state_bytes)."""
     device = torch.device(device)
     budget = budget_gb * 1e9 if budget_gb is not None else default_budget_bytes(device)
     for batch in range(max_micro_batch, 0, -1):
         if divides is not None and divides % batch:
             continue
         for policy, chunk in _options_fastest_first(cfg, batch):
-            peak = _predict(cfg, policy, chunk, batch, device)
+            peak = _predict(cfg, policy, chunk, batch, device, shard_world)
             if peak <= budget:
                 return Plan(policy, chunk, batch, peak / 1e9, budget / 1e9)
     raise ValueError(f"memory_budget_gb: {budget / 1e9:.2f} GB does not fit even micro-batch 1 under any policy")

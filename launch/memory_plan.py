@@ -6,7 +6,8 @@ global batch and so the optimisation. `auto` only decides how that batch is comp
 micro-batch that divides it and whose predicted peak (ebt.planner) fits the budget under some policy, then the
 fastest such policy; accumulation makes up the rest. The budget is trainer.memory_budget_gb, else
 model.memory_budget_gb, else the device's capacity minus a margin (on CPU: available memory shared by the
-ranks on the node).
+ranks on the node). Under distributed.strategy=fsdp the prediction is per rank with parameters and optimizer
+state sharded over the world size (ebt.planner.state_bytes).
 
 The plan is part of the run. It is written to RUN_DIR/memory_plan.json and reused on resume, so that a
 restart on a node with less free memory continues the same computation bit for bit. An explicitly changed
@@ -59,6 +60,14 @@ def default_budget_gb(device: torch.device) -> float:
     return default_budget_bytes(device) / ranks_here / 1e9
 
 
+def shard_world(cfg: TrainConfig) -> int | None:
+    """The ranks fsdp shards parameters and optimizer state over (None: not sharded). Planned before the process
+    group exists, so from the launcher's WORLD_SIZE."""
+    if cfg.distributed.strategy != "fsdp":
+        return None
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def make_plan(cfg: TrainConfig, device: torch.device) -> MemoryPlan:
     from ebt.planner import plan
 
@@ -67,7 +76,7 @@ def make_plan(cfg: TrainConfig, device: torch.device) -> MemoryPlan:
     explicit = configured_budget_gb(cfg)
     budget = explicit if explicit is not None else default_budget_gb(device)
     try:
-        chosen = plan(cfg.model, per_rank, device, budget, divides=per_rank)
+        chosen = plan(cfg.model, per_rank, device, budget, divides=per_rank, shard_world=shard_world(cfg))
     except ValueError:
         key = "trainer.memory_budget_gb" if explicit is not None else "model.checkpointing"
         raise ValueError(f"config key '{key}': {budget:.2f} GB does not fit micro-batch 1 under any "

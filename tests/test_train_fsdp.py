@@ -183,3 +183,16 @@ def test_load_model_reads_a_sharded_checkpoint_exactly(tmp_path):
     assert set(full) == set(weights)
     for key, value in weights.items():
         assert torch.equal(full[key], value), key
+
+
+def test_checkpointing_auto_plans_per_rank_and_trains_under_fsdp(tmp_path):
+    """model.checkpointing=auto under fsdp: the plan is made (per rank, sharded state), saved and trained with."""
+    raw = fsdp_raw(checkpointing="auto")
+    raw["trainer"].update(max_steps=3, memory_budget_gb=64.0)
+    config = write_config(tmp_path, raw)
+    done = run_train(tmp_path, config, "name=auto", nproc=2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "memory plan: checkpointing" in done.stdout
+    assert (tmp_path / "runs" / "auto" / "memory_plan.json").is_file()
+    rows = training_rows(tmp_path / "runs" / "auto")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(not r["skipped"] for r in rows)

@@ -7,7 +7,8 @@ reduced gradients with an unwrapped copy of the model run on the whole batch in 
 
 fsdp (sharded parameters, launch/fsdp.py) is held to more: the gradients after one step AND the weights after
 three optimizer steps (clipping on, so the norm over every rank's shards counts), in fp64 to 1e-12 and in fp32
-to a stated tolerance, for every EBT variant, the S1/S2 presets and Transformer++; and each rank's live bytes of
+to a stated tolerance, for every EBT variant, with mcmc_step and block checkpointing, the S1/S2 presets and
+Transformer++; and each rank's live bytes of
 parameters + gradients + AdamW state are its 1/world shard. Mutated routes (the manual reshard or the blocks'
 unshard skipped) must fail these checks: tests/test_train_parity.py::test_fsdp_parity_fails_when_*.
 """
@@ -131,6 +132,10 @@ FSDP_CASES = [
     ("ebt_time_embed", "ebt", None, {"variant": "time_embed"}),
     ("ebt_adaln", "ebt", None, {"variant": "adaln"}),
     ("transformer", "transformer", None, {}),
+    # Activation checkpointing recomputes each MCMC step (or each block) inside the outer backward, with the
+    # gathered parameters: both must stay exact under sharding.
+    ("ebt_mcmc_step", "ebt", None, {"checkpointing": "mcmc_step", "remat_chunk": 1}),
+    ("ebt_time_embed_block", "ebt", None, {"variant": "time_embed", "checkpointing": "block"}),
     ("ebt_s1", "ebt", "ebt_s1", {}),
     # The replay buffer is per rank (each rank replays its own sequences), so from step 2 on it cannot match
     # one process's buffer over the whole batch: off for the three-step comparison. Its checkpointing is covered
