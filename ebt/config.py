@@ -144,6 +144,11 @@ class ModelConfig:
         return self.mcmc_steps if self.max_step_embeddings is None else self.max_step_embeddings
 
     @property
+    def eval_steps(self) -> int:
+        """Steps an evaluation forward runs (the System-1 setting): the last landscape runs landscape_repeats + 1."""
+        return self.mcmc_steps + self.landscape_repeats
+
+    @property
     def max_executed_steps(self) -> int:
         """Steps a training forward can run: every landscape repeated up to landscape_repeats + 1 times."""
         if self.landscape_repeats == 0:

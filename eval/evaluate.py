@@ -8,7 +8,8 @@ at --seed 0 the System-1 cell scores each sequence from the start the trainer's 
 same windows its loss is the trainer's val_loss. (--noise is drawn per batch, so it does depend on batching.)
 
 The thinking gain of a cell is its perplexity reduction relative to the System-1 setting the model was
-trained with (mcmc_steps steps, one sample, no accept-lower), in percent of that perplexity.
+trained with (its evaluation steps, repeated landscapes included, one sample, no accept-lower), in percent of
+that perplexity.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress
     """Perplexity (Transformer++) or the thinking grid (EBT) over an iterable of LongTensor[B, S+1]."""
     settings.validate()
     is_ebt = model_cfg.kind == "ebt"
-    cells = grid_cells(settings, model_cfg.mcmc_steps) if is_ebt else []
+    cells = grid_cells(settings, model_cfg.eval_steps) if is_ebt else []
     ignore = model_cfg.ignore_index
     nll = {c.key(): TokenNLL(ignore) for c in cells} if is_ebt else {"plain": TokenNLL(ignore)}
     energies = {c.key(): EnergySums() for c in cells}
@@ -163,7 +164,7 @@ def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress
              "loss": nll[c.key()].loss, "ppl": nll[c.key()].ppl, "mean_energy_per_step": energies[c.key()].means()}
             for c in cells]
     base = next(g for g in grid if (g["steps"], g["samples"], g["selection"], g["accept_lower"])
-                == (model_cfg.mcmc_steps, 1, "none", False))
+                == (model_cfg.eval_steps, 1, "none", False))
     for g in grid:
         g["gain_pct"] = 100.0 * (base["ppl"] - g["ppl"]) / base["ppl"]
     best = min(grid, key=lambda g: g["ppl"])
@@ -303,7 +304,7 @@ def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings:
     loaders = [_open(spec, model_cfg.context_length, settings.batch_size) for spec in specs]
     is_ebt = model_cfg.kind == "ebt"
     settings = _resolve_samples(settings, model_cfg) if is_ebt else settings
-    n_cells = len(grid_cells(settings, model_cfg.mcmc_steps)) if is_ebt else 1
+    n_cells = len(grid_cells(settings, model_cfg.eval_steps)) if is_ebt else 1
     results = []
     with EvalProgress(enabled=progress) as bar:
         for spec, loader in zip(specs, loaders, strict=True):
@@ -320,7 +321,7 @@ def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings:
     report = {
         "schema": EVAL_SCHEMA, "checkpoint": str(path), "run": _run_name(path), "kind": model_cfg.kind,
         "size": model_cfg.size, "n_params": parameter_count(model_cfg),
-        "mcmc_steps": model_cfg.mcmc_steps if is_ebt else None,
+        "mcmc_steps": model_cfg.eval_steps if is_ebt else None,  # the System-1 steps (repeats included)
         "settings": dataclasses.asdict(settings), "sources": results,
     }
     out = Path(out_path) if out_path else path / "eval.json"
