@@ -146,3 +146,41 @@ def test_energy_parameters_learn_only_through_second_order_terms():
     model.zero_grad()
     model.loss(tokens, init_logits=logits.detach())[0].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.energy_model.parameters())
+
+
+def test_s2_semantics_match_finite_differences():
+    """The S2 preset's levers together (no detach, noise at the step input, per-token step sizes, repeated
+    landscapes, the reference's alpha-dependent clamp), with their random draws fixed so the loss is a
+    deterministic function of the parameters. Truncation is left out: like detaching, it drops terms on purpose
+    (earlier steps' inner gradients are constants), which the reference parity tests check instead."""
+    from ebt.draws import Draws
+
+    model = tiny_model(variant="time_embed", mcmc_steps=1, landscape_repeats=2, landscape_repeats_min=2,
+                       truncate=False, detach_steps=False, alpha_random_scale=2.0, langevin_noise_std=0.3,
+                       grad_clamp=0.8, dim=8, n_layers=2, context_length=4)
+    model.train()
+    generator = torch.Generator().manual_seed(5)
+    uniform = torch.rand(2, 3, 1, generator=generator, dtype=torch.float64)
+    noise = torch.randn(3, 2, 3, 11, generator=generator, dtype=torch.float64)
+
+    class Fixed(Draws):
+        def alpha_uniform(self, shape, like):
+            return uniform
+
+        def langevin(self, executed_step, like):
+            return noise[executed_step]
+
+        def repeats(self, landscape, low, high):
+            return 3
+
+    class Deterministic(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def loss(self, tokens, init_logits):
+            return self.inner.loss(tokens, init_logits=init_logits, draws=Fixed())
+
+    tokens = torch.randint(0, 11, (2, 4))
+    init_logits = torch.randn(2, 3, 11, dtype=torch.float64)
+    finite_difference_check(Deterministic(model), tokens, init_logits, per_tensor=5)

@@ -65,8 +65,19 @@ def test_step_conditioned_variants(variant):
         dict(alpha_jitter=0.3, grad_clamp=0.05, langevin_noise_std=0.1),
         dict(random_steps_min=1, mcmc_steps=3, label_smoothing_start=0.2, contrastive_weight=0.5),
         dict(tie_candidate_embedding=False, replay_capacity=4, replay_fraction=0.5),
+        # The paper's presets' semantics (configs/recipes): S1, and S2's levers (no detach, truncation, noise at
+        # the input, randomised step sizes, repeated landscapes) with the reference's clamp and contrastive term.
+        dict(variant="time_embed", update_space="probs", detach_steps=True),
+        dict(variant="time_embed", update_space="probs", detach_steps=False, truncate=True, mcmc_steps=1,
+             landscape_repeats=2, landscape_repeats_min=2, alpha_random_scale=2.0, langevin_noise_std=0.3,
+             replay_capacity=4, replay_fraction=0.5),
+        dict(update_space="probs", grad_clamp=0.5, grad_clamp_mode="max_change", contrastive_weight=0.3,
+             contrastive_form="softmax", normalize="first_step", candidate_clamp=2.0),
+        dict(update_space="logits", detach_steps=False, langevin_placement="after_update", langevin_noise_std=0.1,
+             grad_clamp=0.05, grad_clamp_mode="absolute", contrastive_form="margin", contrastive_weight=0.5),
     ],
-    ids=["truncate", "no-cache", "jitter-clamp-noise", "random-k-smoothing-contrastive", "untied-replay"],
+    ids=["truncate", "no-cache", "jitter-clamp-noise", "random-k-smoothing-contrastive", "untied-replay", "s1",
+         "s2", "reference-clamp-contrastive", "logits-preset"],
 )
 def test_training_options(overrides):
     steps = overrides.pop("mcmc_steps", 2)
