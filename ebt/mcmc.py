@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 EnergyFn = Callable[[torch.Tensor, int], torch.Tensor]
-Bound = "float | torch.Tensor | None"
+Bound = float | torch.Tensor | None  # a clamp on dE/dcandidates: constant, or grad_clamp / alpha with its graph
 
 
 class NonFiniteEnergyGradientError(FloatingPointError):
