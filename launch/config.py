@@ -353,9 +353,6 @@ def validate(cfg: TrainConfig) -> None:
                    f"not {d.strategy!r}")
     if d.fsdp_regather and d.strategy != "fsdp":
         raise _err("distributed.fsdp_regather", f"is only used with distributed.strategy=fsdp, not {d.strategy!r}")
-    if d.fsdp_regather:
-        raise _err("distributed.fsdp_regather", "is not implemented yet: fsdp keeps every block gathered for the "
-                   "whole step (parameters, gradients and optimizer state are sharded between steps); set it false")
     if cfg.model.context_length < 2:
         raise _err("model.context_length", "must be >= 2")
 

@@ -164,8 +164,11 @@ class Trainer:
             # fully_shard shards dim 0, so 0-d parameters (alpha) become [1] for the run, as under DeepSpeed.
             self.reshaped_scalars = _scalar_params_as_1d(model)
             model.to(self.device)
-            bf16 = self.accelerator.mixed_precision == "bf16"
-            self.sharded = fsdp.shard_model(model, device_mesh(self.device), bf16=bf16)
+            mesh = device_mesh(self.device)
+            if cfg.distributed.fsdp_regather:
+                self.sharded = fsdp.regather_model(model, mesh)
+            else:
+                self.sharded = fsdp.shard_model(model, mesh, bf16=self.accelerator.mixed_precision == "bf16")
         # The parameters the optimizer updates: under fsdp the sharded DTensors, which are the module's
         # attributes only between steps (while gathered, FSDP swaps in the unsharded copies).
         self.trained_parameters = dict(model.named_parameters())
@@ -332,19 +335,23 @@ class Trainer:
         model's output, which a substitute loss does not carry, so the ranks' collectives would not match. The
         ranks agree first instead (one all-reduce), and if any micro-batch is non-finite none runs a backward;
         the step is then skipped everywhere, as in the other strategies."""
-        try:
-            with self.accelerator.autocast():
-                loss, metrics = self.module.loss(self.model, tokens, **model_kwargs)
-            finite = bool(torch.isfinite(loss.detach()).item())
-        except NonFiniteEnergyGradientError:
-            loss, metrics, finite = None, {}, False
-        everywhere = all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=self._collective_device))
-        if everywhere.item() == 0:
-            (loss / accum).backward()
-            self.sharded.reshard()
-        else:
-            del loss
-            self.sharded.abort_step()
+        # fsdp_regather gathers each weight where it is read and re-gathers saved ones in the backward, inside
+        # this context; the FSDP2 route needs none.
+        step = self.sharded.step() if hasattr(self.sharded, "step") else contextlib.nullcontext()
+        with step:
+            try:
+                with self.accelerator.autocast():
+                    loss, metrics = self.module.loss(self.model, tokens, **model_kwargs)
+                finite = bool(torch.isfinite(loss.detach()).item())
+            except NonFiniteEnergyGradientError:
+                loss, metrics, finite = None, {}, False
+            everywhere = all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=self._collective_device))
+            if everywhere.item() == 0:
+                (loss / accum).backward()
+                self.sharded.reshard()
+            else:
+                del loss
+                self.sharded.abort_step()
         return metrics, finite
 
     @property

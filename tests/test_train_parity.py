@@ -163,10 +163,12 @@ def expected_shard_bytes(shape: tuple[int, ...], element_size: int, rank: int, w
     return (chunks[rank].numel() if rank < len(chunks) else 0) * element_size
 
 
-def fsdp_worker(dtype_name: str, mutation: str, out: str, only: str) -> None:
+def fsdp_worker(dtype_name: str, mutation: str, out: str, only: str, regather: bool = False) -> None:
     """2 ranks of fsdp against 1 process: gradients after step 1, weights after FSDP_STEPS steps, state bytes.
 
-    `mutation` breaks the route on purpose ("skip_reshard", "skip_unshard"), to show the checks catch it."""
+    `mutation` breaks the route on purpose ("skip_reshard", "skip_unshard"; with `regather`, "storage_only":
+    a saved view of a gathered weight is matched by its storage and size but not its stride and offset), to
+    show the checks catch it."""
     import torch
 
     import launch.fsdp
@@ -187,13 +189,23 @@ def fsdp_worker(dtype_name: str, mutation: str, out: str, only: str) -> None:
             return sharded
 
         launch.fsdp.shard_model = no_block_gather
+    elif mutation == "storage_only":
+        def same_storage_and_size(cls, saved):
+            if not isinstance(saved, cls):
+                return saved
+            with torch.no_grad():  # the gathered weight's storage laid out contiguously at the saved size
+                return saved.param.full_tensor().reshape(saved.size)
+
+        launch.fsdp._Regather.unpack = classmethod(same_storage_and_size)
     BatchDraws = batch_draws_class()
     results = {}
     for name, kind, recipe, overrides in FSDP_CASES:
         if only and name != only:
             continue
         torch.set_default_dtype(dtype)  # the model is built in the default dtype
-        cfg = build_config(fsdp_raw(kind, recipe, overrides))
+        raw = fsdp_raw(kind, recipe, overrides)
+        raw["distributed"]["fsdp_regather"] = regather
+        cfg = build_config(raw)
         trainer = Trainer(cfg)
         trainer.setup_model()
         rank, world = trainer.rank, trainer.world
@@ -243,7 +255,7 @@ def fsdp_worker(dtype_name: str, mutation: str, out: str, only: str) -> None:
             shape = (1,) if param.dim() == 0 else tuple(param.shape)
             expected += 4 * expected_shard_bytes(shape, param.element_size(), rank, world)  # param, grad, 2 moments
         rank_bytes = {"measured": live["params"] + grad_bytes + live["optimizer"], "expected": expected,
-                      "gathered_after_step": launch.fsdp.gathered_bytes(trainer.sharded)}
+                      "gathered_after_step": 0 if regather else launch.fsdp.gathered_bytes(trainer.sharded)}
         all_ranks = [None] * world
         torch.distributed.all_gather_object(all_ranks, rank_bytes)
         if rank == 0:
@@ -342,6 +354,21 @@ def test_fsdp_two_ranks_match_one_process_over_three_steps(tmp_path, dtype):
     assert_fsdp_parity(result, dtype)
 
 
+def test_fsdp_regather_two_ranks_match_one_process_over_three_steps(tmp_path):
+    """distributed.fsdp_regather: weights gathered on read and re-gathered for every saved use, in fp64."""
+    result = run_parity(tmp_path, "fsdp", None, "float64", "none", "", "regather")
+    assert set(result) == {name for name, *_ in FSDP_CASES}
+    assert_fsdp_parity(result, "float64")
+
+
+def test_fsdp_regather_fails_when_saved_views_are_matched_by_storage_only(tmp_path):
+    """A linear layer saves W.t(): handing back W's storage at W.t()'s size, without its strides, trains on
+    silently (no error), with wrong gradients. The parity check must catch it."""
+    result = run_parity(tmp_path, "fsdp", None, "float64", "storage_only", "ebt", "regather")
+    with pytest.raises(AssertionError, match="gradient"):
+        assert_fsdp_parity(result, "float64")
+
+
 def test_fsdp_parity_fails_when_the_manual_reshard_is_skipped(tmp_path):
     """Without the reshard after the backward, the next forward's unshard is a no-op: step 2 computes with
     step 1's weights. The three-step check must catch it (and the gathered copy stays alive)."""
@@ -360,6 +387,6 @@ def test_fsdp_parity_fails_when_the_blocks_are_not_unsharded(tmp_path):
 if __name__ == "__main__":
     strategy_arg, stage_arg, out_arg = sys.argv[1:4]
     if strategy_arg == "fsdp":
-        fsdp_worker(sys.argv[4], sys.argv[5], out_arg, sys.argv[6])
+        fsdp_worker(sys.argv[4], sys.argv[5], out_arg, sys.argv[6], regather=sys.argv[7:8] == ["regather"])
     else:
         worker(strategy_arg, int(stage_arg) or None, out_arg)
