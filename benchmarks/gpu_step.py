@@ -1,7 +1,12 @@
-"""GPU training step: tokens/s, bf16 MFU and peak memory for EBT and Transformer++, plus EBT memory per policy.
+"""GPU training step: tokens/s, bf16 MFU and peak memory for EBT and Transformer++, plus EBT memory per policy
+and the EBT step under distributed.strategy=fsdp (FSDP2 with the bf16 mixed-precision policy, and fsdp_regather).
 
 Run by benchmarks/gpu_step.sh on a lent H200 (its budget is 15 minutes; this stays well under 8). On a machine
 without CUDA it runs on CPU in fp32, which only checks the script (use --tiny).
+
+The fsdp points run launch/fsdp.py's routes on a 1-rank mesh (one process group of one GPU): what sharding's
+hooks, all-gathers and copies cost per step where there is nothing to shard over; on several GPUs the parameter
+and optimizer memory then drops to 1/world (benchmarks/sharding.py measures that on CPU).
 
 MFU counts MODEL FLOPs only (ebt.flops.train_flops_per_token: K second-order MCMC steps, context cached); the
 recompute that a checkpointing policy adds is not counted, so a policy that recomputes shows a lower MFU for
@@ -11,6 +16,7 @@ the same model work, as with activation checkpointing in Transformer MFU convent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,7 +41,23 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int = 0) -> dict:
+def _process_group(device: torch.device) -> None:
+    """A world of one for the fsdp points (fully_shard needs a process group)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
+def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int = 0,
+              sharding: str | None = None) -> dict:
     from ebt import ModelConfig, build_model
     from ebt.flops import train_flops_per_token
     from ebt.planner import predict_peak_bytes
@@ -46,9 +68,23 @@ def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int 
                                 remat_chunk=chunk)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=device.type == "cuda")
-    tokens = torch.randint(0, args.vocab, (args.batch, args.context + 1), device=device)
     bf16 = device.type == "cuda"
+    sharded = None
+    if sharding is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from launch.fsdp import regather_model, shard_model
+
+        _process_group(device)
+        for param in model.parameters():
+            if param.dim() == 0:  # fully_shard shards dim 0 (as launch.trainer._scalar_params_as_1d)
+                param.data = param.data.reshape(1)
+        mesh = init_device_mesh(device.type, (1,))
+        sharded = regather_model(model, mesh) if sharding == "fsdp_regather" else shard_model(model, mesh, bf16=bf16)
+    # fused AdamW takes plain CUDA tensors; the sharded parameters are DTensors (foreach handles them).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01,
+                                  fused=device.type == "cuda" and sharded is None)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.context + 1), device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -58,9 +94,14 @@ def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int 
         for _ in range(warmup + steps):
             _sync(device)
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = model.loss(tokens)
-            loss.backward()
+            context = sharded.step() if sharding == "fsdp_regather" else contextlib.nullcontext()
+            with context:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    # Through forward (model(...), not model.loss): FSDP's hooks and the root's gather hook.
+                    loss, _ = model(tokens) if sharded is not None else model.loss(tokens)
+                loss.backward()
+            if sharded is not None:
+                sharded.reshard()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             _sync(device)
@@ -72,14 +113,15 @@ def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int 
     flops = train_flops_per_token(cfg)
     peak_flops = args.peak_flops
     row = {
-        "kind": kind, "policy": policy, "remat_chunk": chunk, "step_s": step_s, "tokens_per_s": tokens_per_s,
+        "kind": kind, "policy": policy, "remat_chunk": chunk, "sharding": sharding, "step_s": step_s,
+        "tokens_per_s": tokens_per_s,
         "model_flops_per_token": flops,
         "mfu": tokens_per_s * flops / peak_flops if tokens_per_s and peak_flops else None,
         "peak_memory_mb": _peak_mb(device), "error": error,
         "predicted_peak_mb": predict_peak_bytes(cfg, policy if kind == "ebt" else "none", args.batch, device,
                                                 dtype_bytes=4) / 2**20 if kind == "ebt" else None,
     }
-    del model, optimizer
+    del model, optimizer, sharded
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -113,6 +155,9 @@ def main() -> None:
                           ("block+mcmc_step", max(1, args.batch // 4))):
         rows.append(run_point(args, "ebt", policy, max(2, args.steps // 3), 1, chunk))
         print(json.dumps(rows[-1]), flush=True)
+    for sharding in ("fsdp", "fsdp_regather"):
+        rows.append(run_point(args, "ebt", "none", max(2, args.steps // 3), 1, sharding=sharding))
+        print(json.dumps(rows[-1]), flush=True)
     payload = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
                "torch": torch.__version__, "config": {k: v for k, v in vars(args).items()}, "results": rows}
     out = Path(args.out)
@@ -124,7 +169,8 @@ def main() -> None:
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
-        print(f"{r['kind']:11s} {r['policy']:16s} chunk={r['remat_chunk']} tokens/s={tps} MFU={mfu} "
+        print(f"{r['kind']:11s} {r['policy']:16s} chunk={r['remat_chunk']} {r['sharding'] or '':13s} "
+              f"tokens/s={tps} MFU={mfu} "
               f"peak={r['peak_memory_mb']:.0f}MB {r['error'] or ''}")
     print(f"wrote {path}")
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent H200 (budget 15 min; this takes well under 8): tokens/s, bf16 MFU and peak
-# memory at the `small` size for EBT and Transformer++, and EBT peak memory per checkpointing policy.
+# memory at the `small` size for EBT and Transformer++, EBT peak memory per checkpointing policy, and the EBT
+# step under distributed.strategy=fsdp (FSDP2 with bf16 mixed precision, and fsdp_regather) on a 1-rank mesh.
 # Writes gpu_step.json to $OUT (or benchmarks/results/ when OUT is unset). Run from the repository root:
 #   bash benchmarks/gpu_step.sh            # on the GPU machine
 #   bash benchmarks/gpu_step.sh --tiny     # seconds-long CPU check of the script itself

@@ -28,7 +28,8 @@ def test_gpu_step_script_runs_end_to_end_in_tiny_mode(tmp_path):
                           capture_output=True, text=True, timeout=script_time_limit_s() + 120)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((tmp_path / "gpu_step.json").read_text())
-    rows = {(r["kind"], r["policy"], r["remat_chunk"]): r for r in result["results"]}
-    assert ("transformer", "none", 0) in rows and ("ebt", "none", 0) in rows
-    assert {policy for kind, policy, _ in rows if kind == "ebt"} >= {"none", "block", "mcmc_step", "block+mcmc_step"}
+    rows = {(r["kind"], r["policy"], r["remat_chunk"], r["sharding"]): r for r in result["results"]}
+    assert ("transformer", "none", 0, None) in rows and ("ebt", "none", 0, None) in rows
+    assert {policy for kind, policy, _, _ in rows if kind == "ebt"} >= {"none", "block", "mcmc_step", "block+mcmc_step"}
+    assert ("ebt", "none", 0, "fsdp") in rows and ("ebt", "none", 0, "fsdp_regather") in rows
     assert all(r["error"] is None and r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
