@@ -8,6 +8,7 @@ import math
 import random
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,102 @@ def test_regather_resumes_bit_exact_and_its_checkpoint_loads(tmp_path):
     # The trained step size (a row logs the alpha its step ran with, before that step's update).
     alpha = float(model.alpha_raw.detach())
     assert model.alpha_raw.dim() == 0 and alpha != expected[0]["alpha"] and abs(alpha - expected[-1]["alpha"]) < 5
+
+
+def nonfinite_worker(out: str) -> None:
+    """Run under torchrun (2 ranks): rank 1 alone gets a non-finite loss, a non-finite gradient, or an inner
+    gradient error raised mid-forward; every time both ranks skip the step with matching collectives (no hang:
+    distributed.timeout_s is short), nothing moves, and the next good step trains."""
+    import json
+    import os
+
+    from ebt import NonFiniteEnergyGradientError
+    from launch.config import build_config
+    from launch.trainer import Trainer
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * math.inf
+
+    raw = fsdp_raw()
+    raw["distributed"]["timeout_s"] = 60.0
+    raw["runs_dir"] = os.environ["EBT_TEST_RUNS"]
+    trainer = Trainer(build_config(raw), log=lambda m: None)
+    trainer.setup()
+    rank = trainer.rank
+    real = trainer.module.loss
+
+    def nan_loss(wrapped, tokens, **kw):
+        loss, metrics = real(wrapped, tokens, **kw)
+        return (loss * math.nan if rank == 1 else loss), metrics
+
+    def inf_grad(wrapped, tokens, **kw):
+        loss, metrics = real(wrapped, tokens, **kw)
+        return (InfGrad.apply(loss) if rank == 1 else loss), metrics
+
+    def inner_error(wrapped, tokens, **kw):
+        if rank != 1:
+            return real(wrapped, tokens, **kw)
+
+        def raising(*args, **kwargs):
+            raise NonFiniteEnergyGradientError("inner gradient is not finite")
+
+        # Raised inside the root's forward, after FSDP's pre-forward gathered every block: its per-step state
+        # must be reset (ShardedModel.abort_step).
+        wrapped.loss = raising
+        try:
+            return real(wrapped, tokens, **kw)
+        finally:
+            del wrapped.loss
+
+    from launch.fsdp import gathered_bytes
+
+    report = {"rank": rank, "cases": {}}
+    assert not trainer.train_step()["skipped"]
+    for bad in (nan_loss, inf_grad, inner_error):
+        before = trainer.full_parameters()
+        trainer.module.loss = bad
+        row = trainer.train_step()
+        moved = max(float((before[k] - v).abs().max()) for k, v in trainer.full_parameters().items())
+        grads_left = sum(p.grad is not None for p in trainer.trained_parameters.values())
+        gathered = gathered_bytes(trainer.sharded)
+        trainer.module.loss = real
+        good = trainer.train_step()
+        report["cases"][bad.__name__] = {"skipped": row["skipped"], "moved": moved, "grads_left": grads_left,
+                                         "gathered": gathered, "next_skipped": good["skipped"]}
+    report["nonfinite_total"] = trainer.nonfinite_total
+    Path(out.replace("%d", str(rank))).write_text(json.dumps(report))
+    trainer.close(finished=True)
+
+
+def test_a_nonfinite_micro_batch_on_one_rank_skips_the_step_on_both(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from test_train_support import env
+
+    out = tmp_path / "nonfinite_%d.json"
+    environment = {**env(), "EBT_TEST_RUNS": str(tmp_path / "runs")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           __file__, "nonfinite", str(out)], cwd=tmp_path, env=environment, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in range(2):
+        report = json.loads(Path(str(out).replace("%d", str(rank))).read_text())
+        assert report["nonfinite_total"] == 3, report
+        for name, case in report["cases"].items():
+            assert case["skipped"] and case["moved"] == 0.0, (rank, name, case)
+            assert not case["next_skipped"] and case["grads_left"] == 0 and case["gathered"] == 0, (rank, name, case)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1] == "nonfinite":
+        nonfinite_worker(sys.argv[2])
