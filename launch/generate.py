@@ -31,6 +31,9 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = find_tokenizer(path, args.tokenizer, model_vocab=cfg.vocab_size)
     torch.set_flush_denormal(True)
     thinking = Thinking(steps=args.steps, samples=args.samples or 1, seed=args.seed)
+    if cfg.kind == "ebt" and cfg.init_logit_std == 0 and thinking.samples > 1:
+        print("ebt generate: note: the checkpoint's model.init_logit_std is 0, so all --samples chains start from "
+              "the same logits and agree; one sample gives the same text", file=sys.stderr)
     scorer = Scorer(model, cfg, tokenizer, thinking)
     prompt = scorer.encode(args.prompt)
     # The prompt follows the end-of-document token (Scorer.generate), as every document in training does.

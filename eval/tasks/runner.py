@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,10 @@ def run_task_eval(checkpoint: str | Path, task_name: str, data: str | None, sett
     model, model_cfg = load_model(path, device=settings.device)
     tokenizer = find_tokenizer(path, settings.tokenizer, model_vocab=model_cfg.vocab_size)
     examples = load_examples(task_name, data, settings.limit)
+    if model_cfg.kind == "ebt" and model_cfg.init_logit_std == 0 and max(settings.samples) > 1:
+        print("ebt eval: warning: the checkpoint's model.init_logit_std is 0, so every chain of a token starts from "
+              "the same logits and follows the same descent: cells with several samples repeat the 1-sample result",
+              file=sys.stderr)
     cells = []
     with EvalProgress(enabled=progress) as bar:
         for steps, samples, selection in thinking_cells(settings, model_cfg):
