@@ -146,3 +146,35 @@ def test_thinking_steps_are_a_model_argument(task_dir):
 def test_bad_model_args_name_the_argument(args, message):
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
         EBTHarnessLM.create_from_arg_string(args.format(run=trained_runs()["ebt"]))
+
+
+# The tiny EBT's thinking makes its log-likelihoods so extreme that the per-word perplexity overflows the harness's
+# math.exp; 0 steps still scores through the EBT path (prefix-keyed starts), with moderate values.
+@pytest.mark.parametrize(("kind", "steps"), [("ebt", 0), ("transformer", None)])
+def test_the_shipped_sample_tasks_give_what_ebt_eval_task_gives(monkeypatch, tmp_path, kind, steps):
+    """eval/tasks/samples/lm_eval holds the harness's own arc_easy and lambada_openai definitions over the sample
+    files; through the harness they must reproduce `ebt eval --task` on the same files (the task code is ours
+    there, the harness's here)."""
+    from pathlib import Path
+
+    from eval.tasks.runner import TaskSettings, run_task_eval
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the YAML files name their data relative to the repository root
+    run = trained_runs()[kind]
+    model_args = f"checkpoint={run}" + (f",steps={steps}" if steps is not None else "")
+    results = lm_eval.simple_evaluate(model="ebt", model_args=model_args,
+                                      tasks=["ebt_sample_arc", "ebt_sample_lambada"], bootstrap_iters=0,
+                                      task_manager=TaskManager(include_path=str(repo / "eval/tasks/samples/lm_eval")),
+                                      device="cpu")["results"]
+    ours = {}
+    settings = TaskSettings(steps=None if steps is None else [steps])
+    for task, data in (("arc_easy", "arc"), ("lambada", "lambada")):
+        report = run_task_eval(run, task, f"eval/tasks/samples/{data}.jsonl", settings,
+                               out_path=tmp_path / f"{task}.json", progress=False, print_table=False)
+        ours[task] = report["tasks"][0]["cells"][0]["metrics"]
+    assert results["ebt_sample_arc"]["acc,none"] == pytest.approx(ours["arc_easy"]["acc"])
+    assert results["ebt_sample_arc"]["acc_norm,none"] == pytest.approx(ours["arc_easy"]["acc_norm"])
+    assert results["ebt_sample_lambada"]["acc,none"] == pytest.approx(ours["lambada"]["acc"])
+    assert math.log(results["ebt_sample_lambada"]["perplexity,none"]) == pytest.approx(
+        math.log(ours["lambada"]["ppl"]), rel=1e-6)
