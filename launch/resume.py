@@ -111,7 +111,9 @@ def finished(cfg: TrainConfig) -> dict[str, Any] | None:
     """The final validation row when the run dir holds a run finished at (or past) trainer.max_steps.
 
     The trainer writes that row last, after its final checkpoint, and cuts metrics.jsonl back to the resumed
-    step on every restart, so the row ends the file exactly when the last attempt ran to the end."""
+    step on every restart, so the row ends the file exactly when the last attempt ran to the end. With
+    checkpoint.save_final the final checkpoint must also still be valid: if it was lost or damaged, running
+    again resumes from the one before and restores it."""
     from launch.fsutil import read_metrics_rows
 
     if not cfg.checkpoint.resume or not (cfg.run_dir / "metrics.jsonl").is_file():
@@ -119,6 +121,10 @@ def finished(cfg: TrainConfig) -> dict[str, Any] | None:
     rows = read_metrics_rows(cfg.run_dir)
     if not rows or not rows[-1].get("final") or int(rows[-1].get("step", -1)) < cfg.trainer.max_steps:
         return None
+    if cfg.checkpoint.save_final:
+        saved = newest_checkpoint(cfg)
+        if saved is None or saved.step != int(rows[-1]["step"]):
+            return None
     return rows[-1]
 
 

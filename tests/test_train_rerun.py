@@ -153,3 +153,13 @@ def test_training_logs_progress_lines_to_a_non_terminal_stderr(tmp_path, capfd):
     err = capfd.readouterr().err
     assert [line.split()[2] for line in err.splitlines() if line.startswith("train: step")] == \
         [f"{s}/10" for s in range(1, 11)]
+
+
+def test_a_finished_run_whose_final_checkpoint_is_damaged_is_trained_again_from_the_one_before(finished_run, capsys):
+    config, run_dir, final = finished_run
+    model = run_dir / "checkpoints" / f"step_{STEPS}" / "model.pt"
+    model.write_bytes(model.read_bytes()[:100])
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {run_dir}/checkpoints/step_{STEPS - 2}" in out and final in out
+    assert "already finished" not in out
