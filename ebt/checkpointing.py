@@ -282,7 +282,7 @@ def hardware_flops_per_token(cfg, policy: str | None = None) -> float:
     """Model FLOPs (ebt.flops) plus what `policy` recomputes: "mcmc_step" reruns each second-order step's
     forward and inner gradient (2 of its 6 units); "block" reruns each candidate block's forward in the inner
     and in the outer backward (2 units)."""
-    from ebt.flops import forward_flops_per_token, train_flops_per_token
+    from ebt.flops import expected_training_steps, forward_flops_per_token, train_flops_per_token
 
     model = train_flops_per_token(cfg)
     name = cfg.checkpointing if policy is None else policy
@@ -291,6 +291,6 @@ def hardware_flops_per_token(cfg, policy: str | None = None) -> float:
     parsed = parse_policy(name)
     causal_keys = (cfg.context_length + 1) / 2
     candidate = forward_flops_per_token(cfg, causal_keys + 1) + 2 * cfg.vocab_size * cfg.dim + 2 * cfg.dim
-    second_order_steps = 1 if cfg.truncate else cfg.mcmc_steps
+    second_order_steps = 1 if cfg.truncate else expected_training_steps(cfg)
     extra = 2 * parsed.step + 2 * parsed.block
     return model + extra * second_order_steps * candidate

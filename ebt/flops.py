@@ -43,19 +43,31 @@ def forward_flops_per_token(cfg: ModelConfig, visible_keys: float) -> float:
     return linear + attention
 
 
-def train_flops_per_token(cfg: ModelConfig, mcmc_steps: int | None = None) -> float:
-    """FLOPs of one training step divided by the tokens it predicts."""
+def expected_training_steps(cfg: ModelConfig) -> float:
+    """Steps a training forward runs on average: repeated landscapes run U{max(min, 1)..R + 1} times each (the
+    last only, with landscape_repeats_final_only), random_steps_min draws K ~ U{min..mcmc_steps}."""
+    if cfg.landscape_repeats:
+        repeats = (max(cfg.landscape_repeats_min, 1) + cfg.landscape_repeats + 1) / 2
+        repeated = 1 if cfg.landscape_repeats_final_only else cfg.mcmc_steps
+        return cfg.mcmc_steps - repeated + repeated * repeats
+    if cfg.random_steps_min is not None:
+        return (cfg.random_steps_min + cfg.mcmc_steps) / 2
+    return float(cfg.mcmc_steps)
+
+
+def train_flops_per_token(cfg: ModelConfig, mcmc_steps: float | None = None) -> float:
+    """FLOPs of one training step divided by the tokens it predicts (the average step, for random counts)."""
     seq = cfg.context_length
     causal_keys = (seq + 1) / 2
     vocab_matmul = 2 * cfg.vocab_size * cfg.dim
     if cfg.kind == "transformer":
         return 3 * (forward_flops_per_token(cfg, causal_keys) + vocab_matmul)
-    steps = cfg.mcmc_steps if mcmc_steps is None else mcmc_steps
+    steps = expected_training_steps(cfg) if mcmc_steps is None else mcmc_steps
     real = forward_flops_per_token(cfg, causal_keys)
     candidate = forward_flops_per_token(cfg, causal_keys + 1) + vocab_matmul + 2 * cfg.dim
     real_passes = 1 if cfg.caches_context else steps
     if cfg.truncate:
-        # Detached steps run forward + inner gradient only (2 units); the last step is second-order.
+        # Earlier steps run forward + inner gradient only (2 units); the last step is second-order.
         return 3 * real_passes * real + 2 * (steps - 1) * candidate + 6 * candidate
     return 3 * real_passes * real + 6 * steps * candidate
 

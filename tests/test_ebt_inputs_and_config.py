@@ -125,3 +125,15 @@ def test_replay_appends_to_the_fresh_batch_and_pushes_only_fresh_sequences():
     # The buffer holds the four fresh sequences once each, oldest first.
     kept = model.replay_buffer.tokens[[model.replay_buffer.slot(i) for i in range(len(model.replay_buffer))]]
     assert len(model.replay_buffer) == 4 and torch.equal(kept, torch.cat((first, second)))
+
+
+def test_flops_count_the_steps_random_schemes_run_on_average():
+    """Repeated landscapes (2-3 steps of one landscape) cost the mean of a 2-step and a 3-step forward; the
+    truncated ones run every step but the last first-order."""
+    base = dict(vocab_size=2048, context_length=64, mcmc_steps=1, landscape_repeats=2, landscape_repeats_min=2)
+    for truncate in (False, True):
+        cfg = ModelConfig.from_size("4xs", truncate=truncate, **base)
+        mean = (train_flops_per_token(cfg, mcmc_steps=2) + train_flops_per_token(cfg, mcmc_steps=3)) / 2
+        assert train_flops_per_token(cfg) == pytest.approx(mean)
+    random_k = ModelConfig.from_size("4xs", vocab_size=2048, context_length=64, mcmc_steps=3, random_steps_min=1)
+    assert train_flops_per_token(random_k) == pytest.approx(train_flops_per_token(random_k, mcmc_steps=2))
