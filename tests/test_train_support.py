@@ -120,4 +120,19 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal the process group; a SIGKILL also goes to every descendant, as a node failure would kill them:
+    torchrun starts each worker in its own session, so its group alone leaves the ranks running, and they
+    finish the run before the test restarts it."""
+    if sig == signal.SIGKILL:
+        import psutil
+
+        try:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        for process in descendants:
+            try:
+                process.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
     os.killpg(proc.pid, sig)
