@@ -26,6 +26,21 @@ import torch
 REPLACEMENT = "\ufffd"  # what SentencePiece decodes an incomplete UTF-8 byte sequence to
 
 
+def check_device(option: str, name: str) -> str:
+    """A --device value torch can use here, else a ValueError naming it (torch would raise a multi-line error
+    from deep inside the model's .to())."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{option} {name!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {name}: no CUDA device is available here (use cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
 def system1_steps(model_cfg) -> int:
     """The thinking steps an EBT was trained to predict with: its landscapes, the last one repeated
     landscape_repeats more times, as the trainer's validation runs them."""

@@ -17,11 +17,12 @@ DEFAULT_MAX_NEW_TOKENS = 64
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from eval.scoring import Scorer, Thinking
+    from eval.scoring import Scorer, Thinking, check_device
     from launch.checkpoint import load_model, resolve_checkpoint
     from launch.run_tokenizer import find_tokenizer
 
     _check_args(args)
+    check_device("--device", args.device)
     path = resolve_checkpoint(args.checkpoint)
     model, cfg = load_model(path, device=args.device)
     if cfg.kind != "ebt":

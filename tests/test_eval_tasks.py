@@ -261,6 +261,7 @@ def files_under(root: Path) -> set[str]:
         ("lambada", '{"text": "a b"}\n', ["--ood", "x"], ["--ood: not used with --task"]),
         ("lambada", '{"text": "a b"}\n', ["--limit", "-1"], ["--limit: must be >= 0"]),
         ("bogus", '{"text": "a b"}\n', [], ["--task: unknown task 'bogus'"]),
+        ("lambada", '{"text": "a b"}\n', ["--device", "gpu0"], ["--device 'gpu0': not a torch device"]),
     ],
 )
 def test_bad_task_inputs_are_one_line_and_leave_nothing(task, content, extra, fragments, tmp_path, capsys):

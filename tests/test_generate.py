@@ -123,6 +123,7 @@ def one_line(capsys, code: int, *fragments: str) -> None:
         ("ebt", ["--temperature", "-1"], ["--temperature"]),
         ("transformer", ["--steps", "4"], ["--steps: a Transformer++ does not think"]),
         ("ebt", ["--tokenizer", "/nonexistent/tok"], ["--tokenizer /nonexistent/tok"]),
+        ("ebt", ["--device", "gpu0"], ["--device 'gpu0': not a torch device"]),
     ],
 )
 def test_bad_generate_inputs_are_one_line(kind, extra, fragments, capsys):

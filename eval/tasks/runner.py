@@ -80,13 +80,14 @@ def run_task_eval(checkpoint: str | Path, task_name: str, data: str | None, sett
 
     from ebt.flops import parameter_count
     from eval.evaluate import EvalProgress, _run_name
-    from eval.scoring import Scorer, Thinking, system1_steps
+    from eval.scoring import Scorer, Thinking, check_device, system1_steps
     from eval.sweep_data import EVAL_SCHEMA
     from launch.checkpoint import load_model, resolve_checkpoint
     from launch.run_tokenizer import find_tokenizer
 
     task = get_task(task_name)
     settings.validate()
+    check_device("--device", settings.device)
     torch.set_flush_denormal(True)
     path = resolve_checkpoint(checkpoint)
     model, model_cfg = load_model(path, device=settings.device)
