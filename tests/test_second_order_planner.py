@@ -90,3 +90,40 @@ def test_trainer_mfu_counts_model_flops_whatever_the_policy():
     assert hardware_flops_per_token(base, "none") == flops["none"]
     step, both = hardware_flops_per_token(base, "mcmc_step"), hardware_flops_per_token(base, "block+mcmc_step")
     assert flops["none"] < step < both
+
+
+@pytest.mark.parametrize(("policy", "kind"), [("none", "ebt"), ("mcmc_step", "ebt"), ("block+mcmc_step", "ebt"),
+                                              ("none", "transformer")])
+def test_cuda_mode_matches_a_direct_bf16_autocast_trace(policy, kind):
+    """The CUDA plan's tensors (bf16 autocast activations, fp32 gradients and weight casts, fp32 weights + AdamW)
+    rescaled from the tiny replica equal a direct trace of the target under CPU bf16 autocast (same op lists)."""
+    from ebt.planner import cuda_peak, traced_autocast_peak_bytes
+
+    cfg = ModelConfig(kind=kind, vocab_size=160, context_length=32, dim=32, n_layers=2, n_heads=2, mcmc_steps=2,
+                      checkpointing=policy)
+    predicted = cuda_peak(cfg, policy, 8).tensors
+    direct = traced_autocast_peak_bytes(cfg, 8)
+    assert abs(predicted / direct - 1) < 0.05, (predicted, direct)
+    # bf16 activations: well below the fp32 prediction of the same step.
+    assert predicted < tensor_peak_bytes(cfg, policy, 8)
+
+
+def test_cuda_plan_shards_state_under_fsdp_and_refuses_what_cannot_fit():
+    from ebt.flops import parameter_count
+    from ebt.planner import cuda_peak, plan_cuda
+
+    cfg = ModelConfig.from_size("4xs", vocab_size=2048, context_length=64, mcmc_steps=2, checkpointing="auto")
+    params = parameter_count(cfg)
+    one, ddp8, fsdp8 = cuda_peak(cfg, "none", 4), cuda_peak(cfg, "none", 4, "ddp", 8), cuda_peak(cfg, "none", 4,
+                                                                                                   "fsdp", 8)
+    assert one.state == ddp8.state == 12 * params and fsdp8.state == 12 * params / 8
+    assert ddp8.extras == 4 * params and fsdp8.extras == 4 * params / 8 and one.traced == fsdp8.traced
+    roomy = plan_cuda(cfg, 16, 80e9, "H100")
+    assert (roomy.micro_batch_size, roomy.grad_accum_steps, roomy.policy) == (16, 1, "none")
+    # A budget between micro-batch 16 and 8 under every option: 8 x 2 accumulation.
+    need16 = min(cuda_peak(dataclasses.replace(cfg, remat_chunk=c), p, 16).total
+                 for p, c in _options_fastest_first(cfg, 16))
+    tight = plan_cuda(cfg, 16, (need16 - 1e3) / 0.9, "G")
+    assert tight.micro_batch_size * tight.grad_accum_steps == 16 and tight.micro_batch_size < 16
+    with pytest.raises(ValueError, match=r"^tiny: needs .* GB per GPU even at micro-batch 1"):
+        plan_cuda(cfg, 16, 1e9, "tiny")  # under the 1.5 GiB reserve alone
