@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import hashlib
 import itertools
 import json
@@ -26,8 +25,10 @@ from typing import Any
 
 import yaml
 
-SPEC_KEYS = ("name", "base", "runs_dir", "sweep_dir", "grid", "runs", "overrides", "global_batch_size",
-             "resources", "slurm")
+SPEC_KEYS = ("name", "extends", "base", "runs_dir", "sweep_dir", "grid", "runs", "overrides", "size_overrides",
+             "size_dims", "global_batch_size", "resources", "slurm")
+MERGED_ON_EXTEND = ("overrides", "slurm")  # merged key by key over the parent spec; every other key replaces it
+SIZE_DIM_KEYS = ("n_layers", "n_heads", "dim")
 AXES = ("size", "kind", "lr", "tokens", "flops", "steps", "seed")
 BUDGET_AXES = ("tokens", "flops", "steps")
 SLURM_KEYS = ("array_parallelism", "max_requeues", "signal_delay_s", "setup", "sbatch", "python")
@@ -49,6 +50,7 @@ class Resources:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    gpu_mem_gb: float | None = None  # the planning target (not an sbatch option): GB per GPU, default 80 (H100)
 
     @property
     def world_size(self) -> int:
@@ -57,8 +59,9 @@ class Resources:
 
 RESOURCE_TYPES: dict[str, type | tuple[type, ...]] = {
     "nodes": int, "tasks_per_node": int, "gpus_per_node": int, "cpus_per_task": int, "mem_gb": (int, float),
-    "time_min": int, "partition": str, "account": str, "qos": str, "constraint": str,
+    "time_min": int, "partition": str, "account": str, "qos": str, "constraint": str, "gpu_mem_gb": (int, float),
 }
+DEFAULT_GPU_MEM_GB = 80.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ class RunPlan:
     # resolved config is deliberately not used: a trainer release that adds a config field with a default
     # would otherwise make every finished run look changed.
     inputs: dict[str, Any] = field(default_factory=dict)
+    # GPU runs: the memory plan per GPU model (ebt.planner.GpuPlan, or the error line when it does not fit) and
+    # the GPU model the run's config was planned for.
+    gpu_plans: dict[str, Any] = field(default_factory=dict)
+    planned_for: str | None = None
 
     @property
     def config_hash(self) -> str:
@@ -108,7 +115,7 @@ class RunPlan:
 class SweepSpec:
     name: str
     path: Path
-    base: Path
+    bases: dict[str | None, Path]  # kind -> trainer config (one entry keyed None: every kind)
     runs_dir: Path
     sweep_dir: Path
     points: list[dict[str, Any]]
@@ -117,6 +124,20 @@ class SweepSpec:
     default_resources: dict[str, Any]
     size_resources: dict[str, dict[str, Any]]
     slurm: SlurmSettings
+    size_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    size_dims: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def base(self) -> Path:
+        return next(iter(self.bases.values()))
+
+    def base_for(self, kind: str | None) -> Path:
+        if None in self.bases:
+            return self.bases[None]
+        if kind not in self.bases:
+            raise ValueError(f"sweep '{self.name}': base has no config for kind {kind!r} (bases: "
+                             f"{', '.join(str(k) for k in self.bases)})")
+        return self.bases[kind]
 
     def plan(self) -> list[RunPlan]:
         """Resolve every point into a RunPlan (validates all of them before returning any)."""
@@ -130,18 +151,21 @@ class SweepSpec:
         return plans
 
     # ------------------------------------------------------------------------------------------ internals
-    @functools.cached_property
-    def _base_config(self) -> Any:
+    def _base_config(self, base: Path) -> Any:
         from launch.config import load_config
 
-        return load_config([self.base], [])
+        cache = self.__dict__.setdefault("_base_configs", {})
+        if base not in cache:
+            cache[base] = load_config([base], [])
+        return cache[base]
 
     def _resources_for(self, size: str | None) -> Resources:
         merged = dict(self.default_resources)
         if size is not None:
             merged.update(self.size_resources.get(size, {}))
-        if "mem_gb" in merged:
-            merged["mem_gb"] = float(merged["mem_gb"])
+        for key in ("mem_gb", "gpu_mem_gb"):
+            if merged.get(key) is not None:
+                merged[key] = float(merged[key])
         return Resources(**merged)
 
     def _plan_point(self, point: dict[str, Any]) -> RunPlan:
@@ -149,8 +173,12 @@ class SweepSpec:
         from launch.config import load_config
 
         name = run_name(self.name, point)
+        if None not in self.bases and point.get("kind") is None:
+            raise ValueError(f"run '{name}': base is given per kind ({', '.join(map(str, self.bases))}); the point "
+                             f"must set kind")
+        base = self.base_for(point.get("kind"))
         pre: dict[str, Any] = {}
-        base_cfg = self._base_config
+        base_cfg = self._base_config(base)
         size = point.get("size", base_cfg.model.size)
         if point.get("lr") is None and size in SIZES:
             pre["optim.lr"] = SIZES[size].peak_lr  # the size table's reference peak LR
@@ -160,8 +188,9 @@ class SweepSpec:
                 # The size's dims too: a base config that includes configs/model/<other>.yaml sets dims
                 # explicitly, and explicit dims would otherwise win over model.size.
                 spec = SIZES[value]
-                post.update({"model.size": value, "model.n_layers": spec.n_layers, "model.n_heads": spec.n_heads,
-                             "model.dim": spec.dim})
+                dims = {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "dim": spec.dim,
+                        **self.size_dims.get(value, {})}  # size_dims: a stand-in's widths for the size
+                post.update({"model.size": value, **{f"model.{k}": v for k, v in dims.items()}})
             elif key == "kind":
                 post["model.kind"] = value
             elif key == "lr":
@@ -175,10 +204,11 @@ class SweepSpec:
                 post[key] = value
         resources = self._resources_for(size)
         fixed = {"name": name, "runs_dir": str(self.runs_dir)}
-        merged = {**pre, **self.overrides, **post, **fixed}
+        per_size = self.size_overrides.get(size, {}) if size is not None else {}
+        merged = {**pre, **self.overrides, **per_size, **post, **fixed}
         overrides = [f"{k}={_override_value(v)}" for k, v in merged.items()]
         try:
-            cfg = load_config([self.base], overrides)
+            cfg = load_config([base], overrides)
         except (ValueError, FileNotFoundError) as error:
             raise ValueError(f"run '{name}': {error}") from None
         # Batch arithmetic depends on the world size, which only the sweep knows.
@@ -190,6 +220,17 @@ class SweepSpec:
                 raise ValueError(f"run '{name}': global_batch_size {self.global_batch_size} is not divisible by "
                                  f"{world} ranks x {t.grad_accum_steps} accumulation steps")
             merged["trainer.micro_batch_size"] = self.global_batch_size // per_step
+        gpu_plans: dict[str, Any] = {}
+        planned_for = None
+        if resources.gpus_per_node:
+            gpu_plans, planned_for = self._gpu_plans(name, size, cfg, resources,
+                                                     merged.get("trainer.micro_batch_size", t.micro_batch_size)
+                                                     * t.grad_accum_steps)
+            chosen = gpu_plans[planned_for]
+            # The run computes exactly what the dry-run printed: the plan becomes explicit config.
+            merged.update({"trainer.micro_batch_size": chosen.micro_batch_size,
+                           "trainer.grad_accum_steps": chosen.grad_accum_steps,
+                           "model.checkpointing": chosen.policy, "model.remat_chunk": chosen.remat_chunk})
         budget = [k for k in BUDGET_AXES if point.get(k) is not None]
         if budget:
             key = budget[0]
@@ -198,7 +239,8 @@ class SweepSpec:
                 steps = int(value)
             else:
                 micro = merged.get("trainer.micro_batch_size", t.micro_batch_size)
-                tokens_per_step = micro * t.grad_accum_steps * world * cfg.model.context_length
+                accum = merged.get("trainer.grad_accum_steps", t.grad_accum_steps)
+                tokens_per_step = micro * accum * world * cfg.model.context_length
                 tokens = float(value)
                 if key == "flops":
                     from ebt.flops import train_flops_per_token
@@ -206,15 +248,41 @@ class SweepSpec:
                     tokens = float(value) / train_flops_per_token(cfg.model)
                 steps = max(1, math.ceil(tokens / tokens_per_step))
             merged["trainer.max_steps"] = steps
-        if len(merged) != len(overrides):
-            overrides = [f"{k}={_override_value(v)}" for k, v in merged.items()]
+        new_overrides = [f"{k}={_override_value(v)}" for k, v in merged.items()]
+        if new_overrides != overrides:
+            overrides = new_overrides
             try:
-                cfg = load_config([self.base], overrides)
+                cfg = load_config([base], overrides)
             except (ValueError, FileNotFoundError) as error:
                 raise ValueError(f"run '{name}': {error}") from None
-        inputs = {"base": base_digests(self.base), "overrides": {k: merged[k] for k in sorted(merged)}}
+        inputs = {"base": base_digests(base), "overrides": {k: merged[k] for k in sorted(merged)}}
         return RunPlan(name=name, point=dict(point), overrides=overrides, config=cfg, resources=resources,
-                       inputs=inputs)
+                       inputs=inputs, gpu_plans=gpu_plans, planned_for=planned_for)
+
+    def _gpu_plans(self, name: str, size: str | None, cfg: Any, resources: Resources,
+                   per_rank: int) -> tuple[dict[str, Any], str]:
+        """The memory plan on an H100 80GB and an H200 141GB (ebt.planner.plan_cuda), plus the spec's own target
+        (resources.gpu_mem_gb, default 80); a run that fits no micro-batch on its target is refused."""
+        from ebt.planner import GPU_CAPACITY_BYTES, plan_cuda
+
+        targets = dict(GPU_CAPACITY_BYTES)
+        target_gb = resources.gpu_mem_gb if resources.gpu_mem_gb is not None else DEFAULT_GPU_MEM_GB
+        target = next((g for g in targets if g.endswith(f"-{target_gb:g}GB")), None)
+        if target is None:
+            target = f"GPU-{target_gb:g}GB"
+            targets[target] = target_gb * 1e9
+        strategy, world = cfg.distributed.strategy, resources.world_size
+        plans: dict[str, Any] = {}
+        for gpu, capacity in targets.items():
+            try:
+                plans[gpu] = plan_cuda(cfg.model, per_rank, capacity, gpu, strategy, world)
+            except ValueError as error:
+                plans[gpu] = str(error)
+        if isinstance(plans[target], str):
+            label = size or f"width {cfg.model.dim}"
+            raise ValueError(f"run '{name}': size {label} does not fit {target_gb:g} GB per GPU: {plans[target]}; "
+                             f"use distributed.strategy=fsdp, more GPUs or a larger gpu_mem_gb")
+        return plans, target
 
 
 def base_digests(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, str]:
@@ -261,14 +329,22 @@ _NAME_PREFIX = {"lr": "lr", "tokens": "t", "flops": "f", "steps": "n", "seed": "
 
 
 def run_name(sweep: str, point: dict[str, Any]) -> str:
-    """`<sweep>-<size>-<kind>-lr<lr>-t<tokens>-s<seed>[-<key><value>...]` from the point's own values only."""
+    """`<sweep>-<size>-<kind>-lr<lr>-t<tokens>-s<seed>[-<key><value>...]` from the point's own values only. A point
+    that clears `model.size` (explicit widths below the size table) is named by its width: `w<model.dim>` in the
+    size's place."""
     parts = [sweep]
+    skip: set[str] = set()
+    if "model.size" in point and point["model.size"] is None:
+        skip.add("model.size")
+        if point.get("model.dim") is not None:
+            parts.append(f"w{_fmt_number(point['model.dim'])}")
+            skip.add("model.dim")
     for axis in AXES:
         if axis not in point or point[axis] is None:
             continue
         value = point[axis]
         parts.append(f"{_NAME_PREFIX.get(axis, '')}{_fmt_number(value)}")
-    for key in sorted(k for k in point if k not in AXES):
+    for key in sorted(k for k in point if k not in AXES and k not in skip):
         short = key.rsplit(".", 1)[-1]
         parts.append(f"{short}{_fmt_number(point[key])}")
     name = re.sub(r"[^A-Za-z0-9_.+=-]", "_", "-".join(parts))
@@ -398,7 +474,7 @@ def _resources(raw: Any, path: Path) -> tuple[dict[str, Any], dict[str, dict[str
                                  f"got {value!r}")
             if name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min") and value < 1:
                 raise ValueError(f"{where}.{name}: must be >= 1, got {value}")
-            if name in ("gpus_per_node", "mem_gb") and value < 0:
+            if name in ("gpus_per_node", "mem_gb", "gpu_mem_gb") and value < 0:
                 raise ValueError(f"{where}.{name}: must be >= 0, got {value}")
             clean[name] = value
         (default if key == "default" else per_size.setdefault(str(key), {})).update(clean)
@@ -436,9 +512,9 @@ def _slurm_settings(raw: Any, path: Path) -> SlurmSettings:
     return SlurmSettings(**kwargs)
 
 
-def load_spec(path: str | Path, *, sweep_dir: str | Path | None = None) -> SweepSpec:
-    """Parse and validate a sweep YAML (structure and axis values; trainer keys are checked by `plan()`)."""
-    path = Path(path)
+def _read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The spec's mapping with `extends` resolved: the parent's keys, `overrides` and `slurm` merged key by key,
+    every other key replaced by this file's. `base` paths are made absolute relative to the file naming them."""
     if not path.is_file():
         raise FileNotFoundError(f"sweep spec not found: {path}")
     try:
@@ -450,14 +526,97 @@ def load_spec(path: str | Path, *, sweep_dir: str | Path | None = None) -> Sweep
     for key in raw:
         if key not in SPEC_KEYS:
             raise _unknown_key(str(path), key, SPEC_KEYS)
+    base = raw.get("base")
+    if isinstance(base, str):
+        raw["base"] = str((path.parent / base).resolve())
+    elif isinstance(base, dict):
+        raw["base"] = {k: str((path.parent / str(v)).resolve()) if isinstance(v, str) else v for k, v in base.items()}
+    parent_name = raw.pop("extends", None)
+    if parent_name is None:
+        return raw
+    if not isinstance(parent_name, str):
+        raise ValueError(f"{path}: extends must be the path of another sweep spec, got {parent_name!r}")
+    parent_path = (path.parent / parent_name).resolve()
+    if parent_path in seen or parent_path == path.resolve():
+        raise ValueError(f"{path}: extends {parent_name} forms a cycle")
+    if not parent_path.is_file():
+        raise FileNotFoundError(f"{path}: extends: sweep spec not found: {parent_path}")
+    parent = _read_spec(parent_path, seen + (path.resolve(),))
+    merged = dict(parent)
+    for key, value in raw.items():
+        if key in MERGED_ON_EXTEND and isinstance(value, dict) and isinstance(parent.get(key), dict):
+            merged[key] = {**parent[key], **value}
+        else:
+            merged[key] = value
+    if "name" not in raw:
+        merged["name"] = path.stem
+    return merged
+
+
+def _size_table(raw: Any, path: Path, key: str, check: Any) -> dict[str, dict[str, Any]]:
+    """`size_overrides` / `size_dims`: size -> mapping, each entry checked by `check(where, name, value)`."""
+    from ebt.sizes import SIZES
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: {key} must be a mapping of size -> settings")
+    out: dict[str, dict[str, Any]] = {}
+    for size, settings in raw.items():
+        where = f"{path}: {key}.{size}"
+        if size not in SIZES:
+            close = difflib.get_close_matches(str(size), list(SIZES), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(SIZES)}"
+            raise ValueError(f"{where}: unknown size {size!r}{hint}")
+        if not isinstance(settings, dict):
+            raise ValueError(f"{where}: expected a mapping")
+        for name, value in settings.items():
+            check(where, str(name), value)
+        out[str(size)] = {str(k): v for k, v in settings.items()}
+    return out
+
+
+def _check_size_override(where: str, name: str, value: Any) -> None:
+    if "." not in name:
+        raise ValueError(f"{where}: '{name}' is not a trainer key (<section>.<key>)")
+
+
+def _check_size_dim(where: str, name: str, value: Any) -> None:
+    if name not in SIZE_DIM_KEYS:
+        raise _unknown_key(where, name, SIZE_DIM_KEYS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}.{name}: expected a positive integer, got {value!r}")
+
+
+def load_spec(path: str | Path, *, sweep_dir: str | Path | None = None) -> SweepSpec:
+    """Parse and validate a sweep YAML (structure and axis values; trainer keys are checked by `plan()`)."""
+    path = Path(path)
+    raw = _read_spec(path)
     name = raw.get("name") or path.stem
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ValueError(f"{path}: name must be letters, digits, '.', '_' or '-', got {name!r}")
     if not raw.get("base"):
         raise ValueError(f"{path}: 'base' (the trainer config every run starts from) is required")
-    base = (path.parent / str(raw["base"])).resolve()
-    if not base.is_file():
-        raise FileNotFoundError(f"{path}: base config not found: {base}")
+    from ebt.config import KINDS
+
+    raw_base = raw["base"]
+    if isinstance(raw_base, dict):
+        bases: dict[str | None, Path] = {}
+        for kind, file in raw_base.items():
+            if kind not in KINDS:
+                raise ValueError(f"{path}: base.{kind}: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+            if not isinstance(file, str):
+                raise ValueError(f"{path}: base.{kind}: expected a trainer config path, got {file!r}")
+            bases[str(kind)] = Path(file)
+    elif isinstance(raw_base, str):
+        bases = {None: Path(raw_base)}
+    else:
+        raise ValueError(f"{path}: base must be a trainer config path or a mapping kind -> path, got {raw_base!r}")
+    for kind, base in bases.items():
+        if not base.is_file():
+            where = "base" if kind is None else f"base.{kind}"
+            raise FileNotFoundError(f"{path}: {where}: base config not found: {base}")
+    base = next(iter(bases.values()))
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ValueError(f"{path}: overrides must be a mapping of trainer key -> value")
@@ -468,11 +627,14 @@ def load_spec(path: str | Path, *, sweep_dir: str | Path | None = None) -> Sweep
     default_res, size_res = _resources(raw.get("resources"), path)
     runs_dir = Path(raw.get("runs_dir") or _base_runs_dir(base)).absolute()
     chosen_sweep_dir = sweep_dir or raw.get("sweep_dir") or Path("sweeps") / name
-    return SweepSpec(name=name, path=path.resolve(), base=base, runs_dir=runs_dir,
+    return SweepSpec(name=name, path=path.resolve(), bases=bases, runs_dir=runs_dir,
                      sweep_dir=Path(chosen_sweep_dir).absolute(), points=points,
                      overrides={str(k): v for k, v in overrides.items()}, global_batch_size=gbs,
                      default_resources=default_res, size_resources=size_res,
-                     slurm=_slurm_settings(raw.get("slurm"), path))
+                     slurm=_slurm_settings(raw.get("slurm"), path),
+                     size_overrides=_size_table(raw.get("size_overrides"), path, "size_overrides",
+                                                _check_size_override),
+                     size_dims=_size_table(raw.get("size_dims"), path, "size_dims", _check_size_dim))
 
 
 def _base_runs_dir(base: Path) -> str:
@@ -481,11 +643,16 @@ def _base_runs_dir(base: Path) -> str:
     return load_config([base], []).runs_dir
 
 
+def _resources_record(res: Resources) -> dict[str, Any]:
+    # gpu_mem_gb came later: unset, it is left out so that sweeps recorded before it still match.
+    return {k: v for k, v in dataclasses.asdict(res).items() if not (k == "gpu_mem_gb" and v is None)}
+
+
 def plan_fingerprint(spec: SweepSpec, plans: list[RunPlan]) -> dict[str, Any]:
     """What must match for a resubmit to count as 'the same sweep'."""
     return {
         "name": spec.name,
-        "runs": {p.name: {**p.inputs, "resources": dataclasses.asdict(p.resources)} for p in plans},
+        "runs": {p.name: {**p.inputs, "resources": _resources_record(p.resources)} for p in plans},
         "slurm": {k: v for k, v in dataclasses.asdict(spec.slurm).items() if k != "python"},
     }
 

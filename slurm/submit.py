@@ -39,8 +39,26 @@ class Group:
     plans: list[RunPlan]
 
 
-def sbatch_parameters(spec: SweepSpec, res: Any) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters (sbatch names) for one resource request."""
+def task_comments(spec: SweepSpec, state: SweepState, plans: list[RunPlan]) -> list[str]:
+    """Shell comments naming, per array task, the exact command its job runs on every rank and its config."""
+    python = spec.slurm.python or sys.executable
+    lines = ["# Each task runs on every rank (submitit's wrapper, slurm/job.py TrainJob), from "
+             f"{shlex.quote(os.getcwd())}:"]
+    for index, plan in enumerate(plans):
+        task = f"array task {index}" if len(plans) > 1 else "the job"
+        config = state.config_path(plan.name)
+        lines.append(f"#   {task}: run {plan.name}")
+        lines.append(f"#     ebt train {shlex.quote(str(config))}   (= {shlex.quote(python)} -m launch.cli train "
+                     f"{shlex.quote(str(config))})")
+        if plan.planned_for:
+            chosen = plan.gpu_plans[plan.planned_for]
+            lines.append(f"#     memory plan ({chosen.describe()})")
+    return lines
+
+
+def sbatch_parameters(spec: SweepSpec, res: Any, comments: list[str] | None = None) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters (sbatch names) for one resource request; `comments` go into the script
+    (as the first setup lines) so that the submitted script says what each task runs."""
     params: dict[str, Any] = {
         "job_name": f"ebt-{spec.name}",
         "time": int(res.time_min),
@@ -57,8 +75,9 @@ def sbatch_parameters(spec: SweepSpec, res: Any) -> dict[str, Any]:
         value = getattr(res, key)
         if value:
             params[key] = value
-    if spec.slurm.setup:
-        params["setup"] = list(spec.slurm.setup)
+    setup = list(comments or []) + list(spec.slurm.setup)
+    if setup:
+        params["setup"] = setup
     if spec.slurm.sbatch:
         params["additional_parameters"] = dict(spec.slurm.sbatch)
     return params
@@ -73,7 +92,7 @@ def sbatch_script(spec: SweepSpec, state: SweepState, group: Group) -> str:
     command = " ".join([python_command(spec), "-u -m submitit.core._submit", shlex.quote(str(state.submitit_dir))])
     n = len(group.plans)
     return _make_sbatch_string(command=command, folder=state.submitit_dir, map_count=n if n > 1 else None,
-                               **sbatch_parameters(spec, group.resources))
+                               **sbatch_parameters(spec, group.resources, task_comments(spec, state, group.plans)))
 
 
 def group_runs(plans: list[RunPlan]) -> list[Group]:
@@ -105,7 +124,8 @@ def preflight(spec: SweepSpec, state: SweepState, groups: list[Group]) -> None:
             raise SubmitError(f"run '{group.plans[0].name}': {_sbatch_error(proc.stderr + proc.stdout)}")
 
 
-def _make_executor(spec: SweepSpec, state: SweepState, res: Any, local: bool) -> submitit.AutoExecutor:
+def _make_executor(spec: SweepSpec, state: SweepState, res: Any, local: bool,
+                   plans: list[RunPlan] | None = None) -> submitit.AutoExecutor:
     if local:
         ex = submitit.AutoExecutor(folder=state.submitit_dir, cluster="local",
                                    local_max_num_timeout=spec.slurm.max_requeues)
@@ -116,7 +136,8 @@ def _make_executor(spec: SweepSpec, state: SweepState, res: Any, local: bool) ->
     ex = submitit.AutoExecutor(folder=state.submitit_dir, cluster="slurm",
                                slurm_max_num_timeout=spec.slurm.max_requeues,
                                slurm_python=spec.slurm.python)
-    ex.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(spec, res).items()})
+    comments = task_comments(spec, state, plans or [])
+    ex.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(spec, res, comments).items()})
     return ex
 
 
@@ -134,7 +155,7 @@ def _job_for(state: SweepState, plan: RunPlan, python: str | None) -> TrainJob:
 
 
 def _submit_group(spec: SweepSpec, state: SweepState, group: Group, local: bool) -> list[Any]:
-    ex = _make_executor(spec, state, group.resources, local)
+    ex = _make_executor(spec, state, group.resources, local, group.plans)
     jobs = []
     with ex.batch():
         for plan in group.plans:
@@ -172,6 +193,38 @@ def print_table(header: list[str], rows: list[list[str]], out: Callable[[str], N
     out(console.export_text().rstrip())
 
 
+MEMORY_HEADER = ["size", "kind", "strategy", "ranks", "per-rank batch", "GPU", "micro-batch", "accum",
+                 "checkpointing", "predicted peak / GPU"]
+
+
+def print_memory_plans(plans: list[RunPlan], out: Callable[[str], None]) -> None:
+    """One row per (size, kind, GPU model) of the GPU runs: what ebt.planner.plan_cuda chose; `*` marks the GPU
+    the runs' configs were planned for (resources.gpu_mem_gb)."""
+    rows, seen = [], set()
+    for p in plans:
+        if not p.gpu_plans:
+            continue
+        m, t = p.config.model, p.config.trainer
+        key = (m.size, m.dim, m.kind, p.resources)
+        if key in seen:
+            continue
+        seen.add(key)
+        for gpu, chosen in p.gpu_plans.items():
+            mark = "*" if gpu == p.planned_for else ""
+            common = [m.size or f"w{m.dim}", m.kind, p.config.distributed.strategy, str(p.resources.world_size),
+                      str(t.micro_batch_size * t.grad_accum_steps), gpu + mark]
+            if isinstance(chosen, str):
+                rows.append(common + ["-", "-", "-", "does not fit: " + chosen.split(": ", 1)[-1]])
+            else:
+                chunk = f" (chunk {chosen.remat_chunk})" if chosen.remat_chunk else ""
+                rows.append(common + [str(chosen.micro_batch_size), str(chosen.grad_accum_steps),
+                                      chosen.policy + chunk,
+                                      f"{chosen.predicted_peak_gb:.1f} GB of {chosen.capacity_gb:.1f} GB"])
+    if rows:
+        print_table(MEMORY_HEADER, rows, out, title="memory plans per GPU (ebt.planner, bf16 autocast, fp32 "
+                    "weights + AdamW; * = planned for)")
+
+
 @dataclasses.dataclass
 class SubmitReport:
     submitted: dict[str, str]  # run -> job id
@@ -191,6 +244,7 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
         states = run_states(state, plans) if existing is not None else None
         print_table(GRID_HEADER + (["state"] if states else []), format_grid(plans, states), out,
                     title=f"sweep {spec.name}: {len(plans)} runs in {len(groups)} job group(s)")
+        print_memory_plans(plans, out)
         for group in groups:
             out(f"\n# ---- sbatch script for {len(group.plans)} run(s): {', '.join(p.name for p in group.plans)}")
             out(sbatch_script(spec, state, group))
