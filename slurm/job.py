@@ -11,6 +11,12 @@ our process, so `checkpoint()` forwards it too, repeatedly, until the trainer ex
 USR1/USR2 ignored (inherited SIG_IGN) until the trainer installs its handler, so a signal during start-up
 (Slurm may send the time-limit signal up to one scheduler tick early) cannot kill a rank half-way through
 joining the process group; the repeated forward reaches it once the handler is in place.
+
+Cancellation wins over requeue: a SIGTERM that reaches the wrapper (scancel, or the time limit's kill) at any
+time, also while `checkpoint()` is waiting for the trainer after a USR2, means the job ends without a requeue.
+Multi-node: every rank records its trainer's exit (`state/<run>.ranks/<job>-<restart>/<rank>`); rank 0
+requeues only once every rank's trainer has exited (or RANK_WAIT_S passed), and the other ranks then wait for
+the requeue's SIGTERM and exit 0, so no trainer is killed mid-save and no step ends FAILED.
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ import submitit
 
 # launch.signals.PREEMPTED_EXIT_CODE, read without importing torch into the wrapper process.
 PREEMPTED_EXIT_CODE = 75
+RANK_WAIT_S = 90.0  # how long rank 0 waits for the other ranks' trainers to exit before requeueing anyway
+
+
+def attempt_key(job_id: str | None) -> str:
+    """One attempt of a job: its id and Slurm's restart count (the same job id is kept across requeues)."""
+    return f"{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
@@ -86,11 +98,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._exited = threading.Event()
         self._rc: int | None = None
         self._signalled = False
+        self._terminated = False  # a SIGTERM reached this wrapper: cancelled, never requeue
 
     # The live child and its watcher are not picklable and mean nothing after a requeue.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_proc=None, _exited=None, _rc=None, _signalled=False)
+        state.update(_proc=None, _exited=None, _rc=None, _signalled=False, _terminated=False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -104,6 +117,60 @@ class TrainJob(submitit.helpers.Checkpointable):
     @property
     def result_path(self) -> Path:
         return Path(self.state_dir) / f"{self.run_name}.result.json"
+
+    @property
+    def ranks_dir(self) -> Path:
+        return Path(self.state_dir) / f"{self.run_name}.ranks"
+
+    # ------------------------------------------------------------------------------------------ ranks
+    def record_rank_exit(self, job_id: str | None, rank: int, rc: int) -> None:
+        path = self.ranks_dir / attempt_key(job_id) / str(rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{rank}.tmp")
+        tmp.write_text(str(rc))
+        os.replace(tmp, path)
+
+    def wait_for_ranks(self, job_id: str | None, world_size: int, known: dict[int, int | None] | None = None,
+                       timeout_s: float = RANK_WAIT_S, poll_s: float = 0.2) -> dict[int, int | None]:
+        """Each rank's trainer exit code for this attempt, waiting up to `timeout_s` for all of them (None: a
+        rank that had not exited by then). `known`: ranks whose exit this process saw itself (rank 0's own)."""
+        folder = self.ranks_dir / attempt_key(job_id)
+        deadline = time.time() + timeout_s
+        while True:
+            found = dict(known or {})
+            for rank in range(world_size):
+                if rank in found:
+                    continue
+                try:
+                    found[rank] = int((folder / str(rank)).read_text())
+                except (OSError, ValueError):
+                    found[rank] = None
+            if all(v is not None for v in found.values()) or time.time() >= deadline or self._terminated:
+                return found
+            time.sleep(poll_s)
+
+    def _clear_old_attempts(self, job_id: str | None) -> None:
+        import shutil
+
+        keep = attempt_key(job_id)
+        if self.ranks_dir.is_dir():
+            for old in self.ranks_dir.iterdir():
+                if old.name != keep:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def _trap_termination(self) -> None:
+        """Remember a SIGTERM (scancel, time limit) and keep submitit's own handling of it."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum: int, frame: Any) -> None:
+            self._terminated = True
+            if callable(previous):
+                previous(signum, frame)
+
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread (tests calling the job body directly)
+            pass
 
     # ------------------------------------------------------------------------------------------ environment
     def _child_env(self, job_env: Any) -> dict[str, str]:
@@ -162,16 +229,28 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         job_env = submitit.JobEnvironment()
         rank = job_env.global_rank
+        self._trap_termination()
         if rank == 0:
+            self._clear_old_attempts(job_env.job_id)
             append_event(self.events_path, {"event": "start", "job_id": job_env.job_id, "host": socket.gethostname(),
                                             "world_size": job_env.num_tasks, "config_hash": self.config_hash})
         self._start_child(self._child_env(job_env))
         rc = self._wait_child()
+        if job_env.num_tasks > 1:
+            self.record_rank_exit(job_env.job_id, rank, rc)
         if rc == 0:
             return self._record_result(job_env.job_id) if rank == 0 else {"rank": rank}
         if rc == PREEMPTED_EXIT_CODE and (rank != 0 or self._signalled):
-            # Rank 0 requeues from its signal handler; the other ranks end without a result file (SystemExit is
-            # not caught by submitit, so no "success" pickle claims the run is done).
+            # Rank 0 requeues from its signal handler once every rank has exited; the other ranks end without a
+            # result file (SystemExit is not caught by submitit, so no "success" pickle claims the run is done).
+            if rank != 0 and "SLURM_JOB_ID" in os.environ:
+                # Under Slurm, wait for the requeue (or a cancel) to end the job: exiting now with an error code
+                # would mark the step FAILED before rank 0 has requeued.
+                deadline = time.time() + RANK_WAIT_S + 60
+                while not self._terminated and time.time() < deadline:
+                    time.sleep(0.2)
+                if self._terminated:
+                    sys.exit(0)
             sys.exit(PREEMPTED_EXIT_CODE)
         if rank == 0:
             append_event(self.events_path, {"event": "failed", "job_id": job_env.job_id, "rc": rc})
@@ -182,8 +261,9 @@ class TrainJob(submitit.helpers.Checkpointable):
                                f"{rc}; resubmit to resume")
         raise RuntimeError(f"run '{self.run_name}': trainer exited with code {rc} (log: the job's stderr)")
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on rank 0 when the requeue signal arrives: let the trainer checkpoint, then requeue."""
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        """Called by submitit on rank 0 when the requeue signal arrives: let the trainer checkpoint, wait for every
+        rank's trainer to exit, then requeue. None (no requeue) when the job was cancelled meanwhile."""
         self._signalled = True
         proc = self._proc
         if proc is not None:
@@ -195,9 +275,18 @@ class TrainJob(submitit.helpers.Checkpointable):
                     break
             self._exited.wait()
         try:
-            job_id = submitit.JobEnvironment().job_id
+            job_env = submitit.JobEnvironment()
+            job_id, world_size = job_env.job_id, job_env.num_tasks
         except Exception:  # noqa: BLE001 - only for the record
-            job_id = None
+            job_id, world_size = None, 1
+        ranks: dict[int, int | None] = {0: self._rc}
+        if world_size > 1:
+            ranks = self.wait_for_ranks(job_id, world_size, known={0: self._rc})
+        if self._terminated or (self._rc is not None and self._rc < 0 and not self._exited_after_signal_ok()):
+            # scancel (SIGTERM) came during the preemption, e.g. while the trainer was still starting: a cancelled
+            # job stays cancelled. Returning None makes submitit end the job instead of requeueing it.
+            append_event(self.events_path, {"event": "cancelled", "job_id": job_id, "rc": self._rc})
+            return None
         if self._rc == 0:
             # The trainer finished just as the signal came: record it and end the job instead of requeueing
             # a finished run (SystemExit(0) leaves the task, and so the job, COMPLETED).
@@ -205,5 +294,12 @@ class TrainJob(submitit.helpers.Checkpointable):
                 self._record_result(job_id)
             sys.exit(0)
         # Also when the signal came before the trainer started: the attempt still ends in a requeue.
-        append_event(self.events_path, {"event": "preempted", "job_id": job_id, "rc": self._rc})
+        append_event(self.events_path, {"event": "preempted", "job_id": job_id, "rc": self._rc,
+                                        "ranks": {str(k): v for k, v in ranks.items()}})
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def _exited_after_signal_ok(self) -> bool:
+        """A trainer killed by a signal (rc < 0) was not stopped by our USR2 forwarding (the child ignores USR2
+        until its handler is in place, and then exits 75): something terminated it; only a SIGUSR2 death (the
+        signal raced the handler) still counts as a preemption."""
+        return self._rc == -int(signal.SIGUSR2)

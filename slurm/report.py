@@ -42,13 +42,30 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
+def count_requeues(events: list[dict[str, Any]], sched_state: str) -> int:
+    """Preemptions that were requeued: each "preempted" followed by a later "start". A trailing one counts only
+    while the job is still queued or running again (its restart has not logged yet); a final preemption that
+    was never requeued (requeue limit reached, cancelled, job ended) does not, matching sacct's REQUEUED."""
+    kinds = [e.get("event") for e in events]
+    count = 0
+    for i, kind in enumerate(kinds):
+        if kind != "preempted":
+            continue
+        if "start" in kinds[i + 1:]:
+            count += 1
+        elif i == len(kinds) - 1 and sched_state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                                                     "CONFIGURING", "RUNNING"):
+            count += 1
+    return count
+
+
 def run_status(state: SweepState, plan: RunPlan, sched_state: str) -> dict[str, Any]:
     rows = read_metrics_rows(plan.run_dir)
     train_rows = [r for r in rows if not r.get("final") and "loss" in r]
     last = train_rows[-1] if train_rows else {}
     events = state.events(plan.name)
     starts = [e for e in events if e.get("event") == "start"]
-    requeues = sum(1 for e in events if e.get("event") == "preempted")
+    requeues = count_requeues(events, sched_state)
     final = next((r for r in reversed(rows) if r.get("final")), None)
     step = (final or last).get("step", 0)
     tokens = (final or last).get("tokens", 0)
@@ -105,7 +122,7 @@ def collect_rows(spec: SweepSpec) -> list[dict[str, Any]]:
             "flops_per_token": fpt, "max_steps": plan.max_steps, "tokens_per_step": plan.tokens_per_step,
             "budget_tokens": plan.point.get("tokens"), "budget_flops": plan.point.get("flops"),
             "state": states[plan.name], "finished": result is not None,
-            "requeues": sum(1 for e in events if e.get("event") == "preempted"), "run_dir": str(plan.run_dir),
+            "requeues": count_requeues(events, states[plan.name]), "run_dir": str(plan.run_dir),
         }
         if result is not None:
             tokens = result.get("tokens")
