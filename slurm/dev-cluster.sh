@@ -63,6 +63,35 @@ wait_for() {  # wait_for SECONDS DESCRIPTION CMD...: poll CMD every 0.2 s
 node_names() { local i; for i in $(seq "$1"); do printf 'n%d ' "$i"; done; }
 
 # ---------------------------------------------------------------- packages
+# apt/dpkg hold fcntl locks on these while they run (another install, unattended-upgrades): wait, do not fail.
+APT_LOCKS="${EBT_DEV_CLUSTER_APT_LOCKS:-/var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock /var/cache/apt/archives/lock}"
+APT_WAIT_S="${EBT_DEV_CLUSTER_APT_WAIT_S:-900}"
+
+apt_locks_free() {  # 0 when no process holds any of APT_LOCKS (probed the way apt takes them: fcntl, no wait)
+    python3 - "$@" <<'PY'
+import fcntl, os, sys
+for path in sys.argv[1:]:
+    if not os.path.exists(path):
+        continue
+    with open(path, "a") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            sys.exit(1)
+        fcntl.lockf(handle, fcntl.LOCK_UN)
+PY
+}
+
+wait_apt_locks() {
+    local waited=0
+    # shellcheck disable=SC2086
+    until apt_locks_free $APT_LOCKS; do
+        ((waited == 0)) && log "another apt/dpkg holds its lock; waiting up to ${APT_WAIT_S}s"
+        ((waited >= APT_WAIT_S)) && die "apt/dpkg lock still held after ${APT_WAIT_S}s ($APT_LOCKS)"
+        sleep 2; waited=$((waited + 2))
+    done
+}
+
 ensure_packages() {
     local missing=0 b
     for b in slurmctld slurmd slurmdbd sbatch sacct munged mariadbd mariadb-install-db; do
@@ -72,10 +101,13 @@ ensure_packages() {
     [[ $EUID -eq 0 ]] || die "Slurm packages are missing and installing them needs root: apt-get install ${PACKAGES[*]}"
     log "installing ${PACKAGES[*]} (apt, --no-install-recommends)"
     # policy-rc.d keeps the packages' own services from starting: this script runs private instances.
-    local policy=/usr/sbin/policy-rc.d created_policy=0
+    local policy=${EBT_DEV_CLUSTER_POLICY_RC:-/usr/sbin/policy-rc.d} created_policy=0
     if [[ ! -e $policy ]]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; created_policy=1; fi
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >"$DIR/log/apt.log" 2>&1 &&
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" \
+    # Wait for a running apt/dpkg first; DPkg::Lock::Timeout covers one that starts between the two.
+    wait_apt_locks
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$APT_WAIT_S" update -qq >"$DIR/log/apt.log" 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$APT_WAIT_S" install -y -qq \
+            --no-install-recommends "${PACKAGES[@]}" \
             >>"$DIR/log/apt.log" 2>&1 || { ((created_policy)) && rm -f "$policy"; die "apt-get failed; see $DIR/log/apt.log"; }
     ((created_policy)) && rm -f "$policy"
     return 0
