@@ -159,7 +159,7 @@ def sweep_status(spec: Path) -> list[dict]:
 def sacct_states(job_id: str) -> list[str]:
     out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True,
                          text=True).stdout
-    return [s.split()[0] for s in out.split()]
+    return [line.split()[0] for line in out.splitlines() if line.strip()]  # "CANCELLED by 0" is one state
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -243,6 +243,13 @@ def test_two_node_ddp_matches_one_rank_across_a_preemption(sweep_env, data_overr
     wait_until(lambda: done(root / "ddp", [run]), 300, f"the 2-node run\n{job_log(root / 'ddp')}")
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     assert events(root / "ddp", run) == ["start", "preempted", "start", "finished"]
+    # Every rank ended cleanly: rank 0 requeued only after both trainers had exited 75, and no step FAILED.
+    preempted = json.loads((root / "ddp" / "state" / f"{run}.attempts.jsonl").read_text().splitlines()[1])
+    assert preempted["ranks"] == {"0": 75, "1": 75}, preempted
+    assert "trainer exited with code" not in job_log(root / "ddp")
+    steps_states = subprocess.run(["sacct", "-D", "-n", "-P", "-o", "JobID,State", "-j", job_id],
+                                  capture_output=True, text=True).stdout.split()
+    assert not [s for s in steps_states if "FAILED" in s], steps_states
     nodes = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "NNodes,NodeList", "-j", job_id],
                            capture_output=True, text=True).stdout.split()
     assert nodes and nodes[0].startswith("2|"), nodes  # two Slurm nodes, one task each
@@ -422,3 +429,50 @@ def _second_cluster_round_trip(env: dict, second: Path, first_conf: str) -> None
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert f"# ebt-dev-cluster {second}" not in Path("/etc/hosts").read_text()
+
+
+def test_scancel_right_after_a_usr2_during_start_up_stays_cancelled(sweep_env, data_overrides):
+    """USR2 (time limit / preemption) while the trainer is still starting, then `scancel JOB` seconds later: the
+    job must end CANCELLED and never start again (it used to be requeued, twice)."""
+    root = sweep_env
+    spec = write_spec(root, "cancel", {"size": ["4xs"], "kind": ["ebt"], "steps": [400]}, data_overrides)
+    run = "cancel-4xs-ebt-n400"
+    assert main(["sweep", "submit", str(spec)]) == 0
+    job_id = jobs_of(root / "cancel")[run][0]["job_id"]
+    wait_until(lambda: "start" in events(root / "cancel", run), 300, "the job to start")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # the trainer is still importing torch
+    time.sleep(2)
+    subprocess.run(["scancel", job_id], check=True)
+    wait_until(lambda: sacct_states(job_id) and sacct_states(job_id)[-1] not in ("RUNNING", "PENDING", "REQUEUED"),
+               120, "the job to end")
+    time.sleep(30)  # a requeued job would be pending or running again by now (cred_expire 10 s + a pass)
+    states = sacct_states(job_id)
+    assert "REQUEUED" not in states and states[-1] == "CANCELLED", states
+    assert events(root / "cancel", run).count("start") == 1, events(root / "cancel", run)
+    (row,) = sweep_status(spec)
+    assert row["requeues"] == 0
+
+
+def test_paper_ladder_cpu_stand_in_runs_end_to_end(sweep_env, data_overrides, tmp_path):
+    """configs/sweeps/paper-ladder-cpu.yaml (the paper ladder at tiny widths, 1 CPU per run) through submit,
+    status and collect on the dev cluster; its data comes from the session's small corpus."""
+    root = sweep_env
+    data = {k: v for k, v in data_overrides.items() if k.startswith("data.")}
+    spec = root / "ladder.yaml"
+    spec.write_text(yaml.safe_dump({"extends": str(REPO / "configs" / "sweeps" / "paper-ladder-cpu.yaml"),
+                                    "name": "ladder", "runs_dir": str(root / "runs"),
+                                    "sweep_dir": str(root / "ladder"), "overrides": data}))
+    from slurm.spec import load_spec
+
+    runs = [p.name for p in load_spec(spec).plan()]
+    assert len(runs) == 24
+    assert main(["sweep", "submit", str(spec)]) == 0
+    wait_until(lambda: done(root / "ladder", runs), 1500, f"24 runs\n{job_log(root / 'ladder')}", poll=5)
+    table = sweep_status(spec)
+    assert all(r["state"] == "DONE" and r["step"] == r["max_steps"] for r in table)
+    assert main(["sweep", "collect", str(spec)]) == 0
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(root / "ladder" / "results.parquet").to_pylist()
+    assert len(rows) == 24 and all(r["finished"] and math.isfinite(r["val_loss"]) for r in rows)
+    assert {r["size"] for r in rows} == {"small", "medium", "large", "xl"}

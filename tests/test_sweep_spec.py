@@ -167,3 +167,70 @@ def test_changed_base_config_is_refused_naming_the_file(tmp_path, capsys):
     assert err == (f"ebt sweep: error: sweep 't' in {tmp_path / 'sweep'} was submitted with a different spec "
                    f"(base config {tmp_path / 'model' / '4xs.yaml'} changed, run t-ebt-n5); use a new name, "
                    "or --force to replace it")
+
+
+# ---------------------------------------------------------------------------------------------- issue 14
+def test_points_that_clear_model_size_are_named_by_width():
+    point = {"model.size": None, "model.dim": 32, "model.n_layers": 1, "model.n_heads": 2, "kind": "ebt",
+             "tokens": 6.0e5, "seed": 0}
+    name = run_name("cpu-micro", point)
+    assert name == "cpu-micro-w32-ebt-t600k-s0-n_heads2-n_layers1"
+    assert "None" not in run_name("m", {"model.size": None, "kind": "ebt"})
+
+
+def test_status_counts_only_requeued_preemptions():
+    from slurm.report import count_requeues
+
+    def ev(*kinds):
+        return [{"event": k} for k in kinds]
+
+    # The final preemption was never requeued (requeue limit, cancel, job over): sacct shows one REQUEUED.
+    assert count_requeues(ev("start", "preempted", "start", "preempted"), "TIMEOUT") == 1
+    assert count_requeues(ev("start", "preempted", "start", "preempted", "cancelled"), "CANCELLED") == 1
+    assert count_requeues(ev("start", "preempted", "start", "finished"), "DONE") == 1
+    # Requeued and waiting to start again: it counts.
+    assert count_requeues(ev("start", "preempted"), "PENDING") == 1
+    assert count_requeues(ev("start", "preempted", "start", "preempted", "start"), "RUNNING") == 2
+
+
+def _job(tmp_path):
+    from slurm.job import TrainJob
+
+    return TrainJob(run_name="r", config_path="c.yaml", state_dir=str(tmp_path / "state"), run_dir=str(tmp_path),
+                    cwd=str(tmp_path), config_hash="h")
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+def test_a_cancel_during_a_preemption_is_not_requeued(tmp_path, flagged):
+    """scancel (SIGTERM) while checkpoint() waits for a trainer that was still starting: the trainer dies -15 and
+    the job must end instead of requeueing (checkpoint returns None: submitit then raises, no requeue)."""
+    import json
+
+    job = _job(tmp_path)
+    job._terminated = flagged  # the wrapper saw the SIGTERM (or only the trainer's -15 tells)
+    job._rc = -15
+    job._exited.set()
+    assert job.checkpoint() is None
+    events = [json.loads(x) for x in job.events_path.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["cancelled"]
+    # A trainer that checkpointed and exited 75 on the USR2 is requeued as before.
+    job2 = _job(tmp_path / "b")
+    job2._rc = 75
+    job2._exited.set()
+    assert job2.checkpoint() is not None
+
+
+def test_rank_zero_waits_for_every_rank_before_requeueing(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    job = _job(tmp_path)
+    timer = threading.Timer(0.6, job.record_rank_exit, args=("42", 1, 75))
+    start = time.time()
+    timer.start()
+    ranks = job.wait_for_ranks("42", 2, known={0: 75}, timeout_s=20)
+    assert ranks == {0: 75, 1: 75} and time.time() - start >= 0.5
+    assert (job.ranks_dir / "42-2" / "1").read_text() == "75"
+    # A rank that never exits: rank 0 gives up after the bound and reports it as None.
+    assert job.wait_for_ranks("43", 2, known={0: 75}, timeout_s=0.3) == {0: 75, 1: None}
