@@ -60,7 +60,7 @@ def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int 
               sharding: str | None = None) -> dict:
     from ebt import ModelConfig, build_model
     from ebt.flops import train_flops_per_token
-    from ebt.planner import predict_peak_bytes
+    from ebt.planner import DEFAULT_CUDA, cuda_peak, predict_peak_bytes
 
     device = torch.device(args.device)
     cfg = ModelConfig.from_size(args.size, kind=kind, vocab_size=args.vocab, context_length=args.context,
@@ -121,6 +121,13 @@ def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int 
         "predicted_peak_mb": predict_peak_bytes(cfg, policy if kind == "ebt" else "none", args.batch, device,
                                                 dtype_bytes=4) / 2**20 if kind == "ebt" else None,
     }
+    # The sweep's analytic CUDA plan (bf16 autocast, fp32 weights + AdamW, one process): its tensor part is what
+    # torch.cuda.max_memory_allocated measures (the CUDA context is outside it), next to the measured peak.
+    predicted = cuda_peak(cfg, policy if kind == "ebt" else "none", args.batch)
+    row["predicted_cuda_tensors_mb"] = DEFAULT_CUDA.factor * predicted.tensors / 2**20
+    row["predicted_cuda_peak_mb"] = predicted.total / 2**20
+    if device.type == "cuda" and error is None:
+        row["measured_over_predicted"] = row["peak_memory_mb"] / row["predicted_cuda_tensors_mb"]
     del model, optimizer, sharded
     if device.type == "cuda":
         torch.cuda.empty_cache()
