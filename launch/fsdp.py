@@ -34,6 +34,13 @@ What is sharded: parameters, gradients and AdamW's moments live as 1/world shard
 (`state_bytes` measures them on the live tensors). Inside a step the gathered parameters are whole on every
 rank, so a step's peak is activations + the full parameters + full gradients until the reduce-scatter + the
 shards (ebt.planner counts it so).
+
+`distributed.fsdp_regather` (RegatheredModel, below) is the functional alternative that keeps parameters
+sharded inside the step too: no FSDP modules, every parameter a Shard(0) DTensor gathered where it is read,
+saved gathered weights dropped and re-gathered by saved-tensor hooks. Also exact (same tests). Measured at 2
+CPU ranks on an EBT of 193M parameters (benchmarks/README.md, sharding): peak RSS of the steps 0.67x DDP's
+against 0.79x for the route above, but steps 3.2x DDP's against 1.18x (many more collectives), so it is off by
+default; it pays where the gathered parameters, not the activations, decide what fits.
 """
 
 from __future__ import annotations
