@@ -131,6 +131,74 @@ def summarise_ebt(report_one: dict, report_many: dict, trained: int) -> dict:
     return out
 
 
+def trajectory_diagnostic(run: Path, steps: int = 8, windows: int = 16) -> list[dict]:
+    """Why energy and perplexity can part: along one noise-free chain on validation windows, per step, the
+    energy, the CE of the state, |dE/dy|, the step's move |dy| and cos(dE/dy, dCE/dy). A step changes E by about
+    -alpha |dE/dy|^2 but the CE by about -alpha |dE/dy| |dCE/dy| cos, so near a stationary point of E the
+    energy stalls while the CE still moves, in the direction the cosine's sign says."""
+    import torch
+
+    from eval.evaluate import EvalSettings, _open, resolve_sources
+    from launch.checkpoint import load_model, resolve_checkpoint
+
+    torch.set_flush_denormal(True)
+    path = resolve_checkpoint(run)
+    model, cfg = load_model(path)
+    model.eval()
+    spec = resolve_sources(path, None, [], EvalSettings(), model_vocab=cfg.vocab_size)[0]
+    batch = next(iter(_open(spec, cfg.context_length, windows)))
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    energy_fn = model.energy_fn(inputs)
+    generator = torch.Generator().manual_seed(0)
+    state = torch.randn(*inputs.shape, cfg.vocab_size, generator=generator) * cfg.init_logit_std
+    alpha, bound = model.alpha.detach(), model.grad_bound()
+    from ebt.mcmc import candidate, inner_gradient
+
+    out = []
+    for n in range(steps):
+        rule, landscape = model.thinking_loop.rule(n), min(n, cfg.mcmc_steps - 1)
+        y = state.detach().requires_grad_(True)
+        energy = energy_fn(candidate(y, rule), landscape)
+        ce = torch.nn.functional.cross_entropy(y.flatten(0, 1), targets.flatten())
+        (d_energy,) = torch.autograd.grad(energy.sum(), y, retain_graph=True)
+        (d_ce,) = torch.autograd.grad(ce, y)
+        base, grad, _ = inner_gradient(energy_fn, y.detach(), landscape, rule,
+                                       bound.detach() if torch.is_tensor(bound) else bound, create_graph=False)
+        new = (base.detach() - alpha * grad).detach()
+        cos = torch.nn.functional.cosine_similarity(d_energy.reshape(-1, cfg.vocab_size),
+                                                    d_ce.reshape(-1, cfg.vocab_size), dim=1).mean()
+        out.append({"step": n, "energy": float(energy.mean()), "ce_of_state": float(ce),
+                    "grad_norm": float(d_energy.norm(dim=-1).mean()), "move": float((new - y).norm(dim=-1).mean()),
+                    "cos_energy_ce": float(cos)})
+        state = new
+    return out
+
+
+def diagnose(args: argparse.Namespace) -> None:
+    """Add trajectory diagnostics of the runs in --work to results/thinking.json and re-render the table."""
+    from benchmarks.common import RESULTS_DIR
+    from ebt.flops import train_flops_per_token
+    from launch.checkpoint import load_model, resolve_checkpoint
+
+    path = RESULTS_DIR / "thinking.json"
+    payload = json.loads(path.read_text())
+    transformer = payload["configs"].get("transformer")
+    for name, c in payload["configs"].items():
+        # FLOPs from the current FLOP model (random step schemes are charged the steps they run on average).
+        c["flops_per_token"] = train_flops_per_token(load_model(resolve_checkpoint(Path(args.work) / name))[1])
+        if c["kind"] == "ebt":
+            c["trajectory"] = trajectory_diagnostic(Path(args.work) / name)
+            if transformer is not None and "equal_flops_run" in transformer:
+                c["flops_ratio"] = c["flops_per_token"] / transformer["flops_per_token"]
+                longest = transformer["equal_flops_run"]["flops_ratio_trained_for"]
+                c["vs_transformer_equal_flops_note"] = (
+                    f"Transformer++ trained for {longest:.2f}x the tokens; this EBT's own FLOPs are "
+                    f"{c['flops_ratio']:.2f}x Transformer++'s per token, so the equal-FLOPs ratio is conservative "
+                    "for it" if c["flops_ratio"] <= longest else "Transformer++ trained for fewer FLOPs than it")
+    write_results("thinking", payload, render(payload))
+    print(render(payload))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
@@ -144,7 +212,12 @@ def main() -> None:
     parser.add_argument("--no-ood", dest="ood", action="store_false")
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=CONFIG.yaml",
                         help="another EBT configuration to train and evaluate (repeatable)")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="only add trajectory diagnostics of the runs in --work to results/thinking.json")
     args = parser.parse_args()
+    if args.diagnose:
+        diagnose(args)
+        return
     for extra in args.extra:
         name, _, path = extra.partition("=")
         if not name or not Path(path).is_file():
@@ -269,7 +342,7 @@ def render(payload: dict) -> str:
         "val = the embedded corpus's validation split (in distribution); prose = python3-doc reST (out of "
         "distribution). Best configuration: **" + str(payload["best"]) + "**.",
         "",
-        "| config | source | ppl @1 | @2 | @4 | @8 | trained steps | ppl @trained | @2x trained | S2 gain % "
+        "| config | source | ppl @1 | @2 | @4 | @8 | trained steps | ppl @trained | @2x trained | System-2 gain % "
         "(trained -> 2x) | 4 samples gain % | vs T++ equal tokens | vs T++ equal FLOPs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -297,6 +370,15 @@ def render(payload: dict) -> str:
         lines.append(f"| {name} | {t.get('falls_1_2_4_val')} | {t.get('falls_1_2_4_python3_doc_prose')} | "
                      f"{t.get('ood_gain_at_least_id_gain')} | {margin['always_below']} ({margin['rows_below']}/"
                      f"{margin['rows']} rows, {c['ce_last_key']}) | {energy} |")
+    diagnosed = [(n, c) for n, c in configs.items() if c.get("trajectory")]
+    if diagnosed:
+        lines += ["", "Along one noise-free chain (16 validation windows): |dE/dy| and the move |dy| per step, and "
+                  "cos(dE/dy, dCE/dy) (positive: descending the energy lowers the CE):", "",
+                  "| config | step | E | CE of the state | abs dE/dy | move | cos |", "|---|---|---|---|---|---|---|"]
+        for name, c in diagnosed:
+            for d in c["trajectory"]:
+                lines.append(f"| {name} | {d['step']} | {d['energy']:.4f} | {d['ce_of_state']:.3f} | "
+                             f"{d['grad_norm']:.2e} | {d['move']:.3g} | {d['cos_energy_ce']:+.3f} |")
     return "\n".join(lines)
 
 
