@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch
 
 from eval.perplexity import EnergySums, TokenNLL
 from eval.sweep_data import EVAL_SCHEMA
+from launch.fsutil import atomic_write_text
 
 SELECTIONS = ("min", "max_gap", "max")
 DEFAULT_SAMPLES = (1, 2, 4)
@@ -326,9 +326,7 @@ def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings:
     }
     out = Path(out_path) if out_path else path / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=True))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=1, allow_nan=True))
     if print_table:
         _print_tables(report)
         print(f"wrote {out}")

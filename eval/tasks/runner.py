@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from eval.tasks import get_task
 from eval.tasks.data import load_hub, read_jsonl
+from launch.fsutil import atomic_write_text
 
 
 @dataclass
@@ -121,9 +121,7 @@ def run_task_eval(checkpoint: str | Path, task_name: str, data: str | None, sett
     }
     out = Path(out_path) if out_path else path / f"eval-{task_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=True))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=1, allow_nan=True))
     if print_table:
         _print_table(report)
         print(f"wrote {out}")
