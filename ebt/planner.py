@@ -333,13 +333,10 @@ def _target_dims(cfg: ModelConfig, batch: int) -> dict[str, int]:
             "hd": cfg.head_dim}
 
 
-def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: int = 4,
-                      heap_threshold: float | None = None, shard_world: int | None = None) -> float:
-    """Peak bytes of live tensors during one (non-first) training step at the target size, per rank (with
-    `heap_threshold`: heap-resident allocations at their high-water mark, see _replay_peak; with `shard_world`:
-    parameters and optimizer state sharded by fsdp, see state_bytes)."""
-    chunks = _chunks(cfg, policy, batch)
-    trace = trace_step(cfg, policy, chunks=chunks)
+def _rescaled_bytes(trace: Trace, cfg: ModelConfig, batch: int, chunks: int,
+                    element_bytes) -> dict[int, float]:
+    """Bytes of every traced tensor at the target size: each dimension rescaled, `element_bytes(traced size)`
+    per element."""
     target = _target_dims(cfg, batch)
     if chunks > 1:
         target["C"] = cfg.remat_chunk
@@ -349,7 +346,19 @@ def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: in
         numel = 1.0
         for d in shape:
             numel *= table.get(d, d)
-        sizes[ident] = numel * (dtype_bytes if trace.element_size[ident] >= 4 else trace.element_size[ident])
+        sizes[ident] = numel * element_bytes(trace.element_size[ident])
+    return sizes
+
+
+def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: int = 4,
+                      heap_threshold: float | None = None, shard_world: int | None = None) -> float:
+    """Peak bytes of live tensors during one (non-first) training step at the target size, per rank (with
+    `heap_threshold`: heap-resident allocations at their high-water mark, see _replay_peak; with `shard_world`:
+    parameters and optimizer state sharded by fsdp, see state_bytes)."""
+    chunks = _chunks(cfg, policy, batch)
+    trace = trace_step(cfg, policy, chunks=chunks)
+    sizes = _rescaled_bytes(trace, cfg, batch, chunks,
+                            lambda size: dtype_bytes if size >= 4 else size)
     return _replay_peak(trace, sizes, heap_threshold) + state_bytes(cfg, dtype_bytes, shard_world)
 
 
@@ -525,16 +534,7 @@ def cuda_peak(cfg: ModelConfig, policy: str, batch: int, strategy: str = "ddp", 
     params = float(parameter_count(cfg))
     chunks = _chunks(cfg, policy, batch)
     trace = trace_step(cfg, policy, chunks=chunks, autocast_bf16=True)
-    target = _target_dims(cfg, batch)
-    if chunks > 1:
-        target["C"] = cfg.remat_chunk
-    table = _scale_table(trace.dims, target, cfg.n_heads)
-    sizes: dict[int, float] = {}
-    for ident, shape in trace.shapes.items():
-        numel = 1.0
-        for d in shape:
-            numel *= table.get(d, d)
-        sizes[ident] = numel * trace.element_size[ident]
+    sizes = _rescaled_bytes(trace, cfg, batch, chunks, lambda size: size)
     traced = _replay_peak(trace, sizes)
     if strategy == "fsdp":
         extras, state = params * 4 / world, STATE_COPIES * 4 * params / world
