@@ -8,7 +8,10 @@ Public API (kept stable; outside checks use it):
 
 EBT `loss` also accepts `init_logits` [B, S, V] (the thinking loop's start); by default it draws N(0,
 init_logit_std) noise from the global torch RNG. Pass explicit starts when comparing runs that split a batch
-differently (2-rank parity). Under DDP call the wrapped module (forward == loss) once per backward.
+differently (2-rank parity), and `draws` (ebt.draws.Draws) for every other random number (Langevin noise,
+per-token step sizes, repeated landscapes, replay picks). Under DDP call the wrapped module (forward == loss)
+once per backward. The options of the thinking loop reproduce the authors' code flag by flag (ebt.config;
+docs/reference-differences.md; ebt.convert loads their weights).
 """
 
 from __future__ import annotations
