@@ -311,12 +311,7 @@ class Trainer:
         if not self.is_deepspeed and not last_micro and self.world > 1:
             sync = self.accelerator.no_sync(self.model)
         with sync:
-            try:
-                with self.accelerator.autocast():
-                    loss, metrics = self.module.loss(self.model, tokens, **model_kwargs)
-                finite = bool(torch.isfinite(loss.detach()).item())
-            except NonFiniteEnergyGradientError:
-                loss, metrics, finite = None, {}, False
+            loss, metrics, finite = self._forward_loss(tokens, **model_kwargs)
             if not finite:
                 loss = sum(p.sum() for p in self.raw_model.parameters()) * 0.0
             if self.is_deepspeed:
@@ -326,6 +321,16 @@ class Trainer:
             else:
                 (loss / accum).backward()
         return metrics, finite
+
+    def _forward_loss(self, tokens: torch.Tensor, **model_kwargs: Any) -> tuple[torch.Tensor | None, dict, bool]:
+        """One call of the wrapped module under autocast: (loss, metrics, finite); a non-finite inner gradient
+        is (None, {}, False)."""
+        try:
+            with self.accelerator.autocast():
+                loss, metrics = self.module.loss(self.model, tokens, **model_kwargs)
+            return loss, metrics, bool(torch.isfinite(loss.detach()).item())
+        except NonFiniteEnergyGradientError:
+            return None, {}, False
 
     def _fsdp_forward_backward(self, tokens: torch.Tensor, accum: int, **model_kwargs: Any) -> tuple[dict, bool]:
         """One micro-batch under fsdp: forward (the root hook gathers every block), backward (FSDP
@@ -339,12 +344,7 @@ class Trainer:
         # this context; the FSDP2 route needs none.
         step = self.sharded.step() if hasattr(self.sharded, "step") else contextlib.nullcontext()
         with step:
-            try:
-                with self.accelerator.autocast():
-                    loss, metrics = self.module.loss(self.model, tokens, **model_kwargs)
-                finite = bool(torch.isfinite(loss.detach()).item())
-            except NonFiniteEnergyGradientError:
-                loss, metrics, finite = None, {}, False
+            loss, metrics, finite = self._forward_loss(tokens, **model_kwargs)
             everywhere = all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=self._collective_device))
             if everywhere.item() == 0:
                 (loss / accum).backward()
