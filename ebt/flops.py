@@ -5,7 +5,8 @@ unit (2 x its weights), its backward two units. For an EBT training step with K 
 - real stream: computed once when the variant caches it (forward 1 + backward 2 = 3 units), else once per step;
 - each MCMC step over the candidate stream: forward 1, inner gradient dE/dlogits 1, outer backward through
   both 4 (the double backward differentiates the forward and the inner gradient): 6 units.
-So default K=2 costs 3 + 2 x 6 = 15 units, about 5x Transformer++'s 3 (FACTS.md). The candidate projection
+So default K=2 costs 3 + 2 x 6 = 15 units, about 5x Transformer++'s 3 (benchmarks/results/step.json
+measures 5.4x for S1's uncached stream). The candidate projection
 (probs @ W, V x D per token) and the Transformer++ head are counted like linear layers.
 """
 

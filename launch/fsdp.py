@@ -4,7 +4,8 @@ Parallelism is applied from outside the model, as torchtitan's parallelize.py do
 
 Why FSDP2 is driven here and not through Accelerate: Accelerate 1.15's FSDP2 plugin silently gives DDP when
 `Accelerator(cpu=True)` (so nothing is sharded on CPU, and a CPU test would not test sharding), and it has no
-switch for reshard-after-backward (FACTS.md). The Accelerator still sets up the process group, the device and
+switch for reshard-after-backward (pytorch/pytorch#172543 is the
+mid-step reshard it would need to avoid). The Accelerator still sets up the process group, the device and
 autocast; it never wraps the model.
 
 The route, measured exact against one process (tests/test_train_parity.py, fp64 to 1e-12):
@@ -166,7 +167,7 @@ class _Gather(torch.autograd.Function):
 class _Regather:
     """What a saved-tensor hook keeps instead of a gathered weight (or a view of it, such as the W.t() that a
     linear layer saves): the parameter and the view's size, stride and offset in the gathered storage. Matching
-    by storage alone would hand back W for a saved W.t() (FACTS.md measured gradients 1.83 relative off)."""
+    by storage alone would hand back W for a saved W.t() (measured here: gradients 1.83 relative off)."""
 
     param: torch.Tensor
     size: tuple[int, ...]

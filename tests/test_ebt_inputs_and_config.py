@@ -62,7 +62,7 @@ def test_size_table_and_flop_model():
     ebt = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256)
     tpp = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256, kind="transformer")
     ratio = train_flops_per_token(ebt) / train_flops_per_token(tpp)
-    assert 4.5 < ratio < 6.0  # 3 + 2 * 6 units against 3 (FACTS.md)
+    assert 4.5 < ratio < 6.0  # 3 + 2 * 6 units against 3 (ebt/flops.py's unit count)
     uncached = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256, variant="time_embed")
     assert train_flops_per_token(uncached) > train_flops_per_token(ebt)
     more_steps = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256, mcmc_steps=4)

@@ -1,7 +1,9 @@
 """2-rank data parallelism must give the 1-process gradient on the same global batch.
 
 For an EBT the parameters learn only through second-order terms (the MCMC inner gradient is taken with
-create_graph=True), and FACTS.md lists DDP setups that silently get them wrong, so this parity test is the guard.
+create_graph=True), and two common DDP setups silently get them wrong (measured here with 2 gloo ranks: a parameter
+that never gets a gradient under default settings, and a DDP-wrapped energy called several times per backward with
+static_graph=True), so this parity test is the guard.
 The trainer's own code path runs under torchrun (this file is also the worker script); rank 0 compares the
 reduced gradients with an unwrapped copy of the model run on the whole batch in one process.
 
@@ -316,7 +318,7 @@ def test_deepspeed_zero_two_ranks_match_one_process(tmp_path, stage):
 # each sum of ~1e3 fp32 terms off by up to ~1e3 x 6e-8). Weights after three AdamW steps: 2% of the total update a
 # parameter's group can make (3 x lr): AdamW divides by sqrt(v), which turns a reduction-order difference in a
 # near-zero gradient component into an O(1) relative difference of that component's update, so the bound is on
-# the update, not on the gradient (FACTS.md measured 1.5e-6 absolute here, i.e. 0.05% of 3 x lr).
+# the update, not on the gradient (measured here: 1.5e-6 absolute, i.e. 0.05% of 3 x lr).
 FP64_TOL = 1e-12
 FP32_GRAD_TOL = 1e-5
 FP32_UPDATE_SHARE = 0.02
