@@ -35,12 +35,18 @@ def child_allocator(choice: str = "auto") -> tuple[str, dict[str, str]]:
     return name, (preload_env(path, env) if path else env)
 
 
-def run_isolated(module_args: list[str], allocator: str = "auto") -> dict:
+def run_isolated(module_args: list[str], allocator: str = "auto", tree: Path | None = None) -> dict:
     """Run `python -m <module_args>` in a fresh process (so peak RSS is its own) on the training allocator and
-    parse its last JSON line."""
+    parse its last JSON line.
+
+    tree: another checkout of this repository to run the module from (a before/after comparison); `python -m`
+    puts the working directory first on sys.path, so its packages shadow the installed ones."""
+    env = child_allocator(allocator)[1]
+    if tree is not None:
+        env = {**env, "PYTHONPATH": str(tree)}
     completed = subprocess.run(
-        [sys.executable, "-m", *module_args], capture_output=True, text=True, cwd=BENCH_DIR.parent, check=False,
-        env=child_allocator(allocator)[1],
+        [sys.executable, "-m", *module_args], capture_output=True, text=True, cwd=tree or BENCH_DIR.parent,
+        check=False, env=env,
     )
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(module_args)} failed:\n{completed.stderr[-3000:]}")

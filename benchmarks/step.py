@@ -8,6 +8,7 @@ the timed steps come after the candidates have sharpened (where unflushed denorm
 several-fold). Each model runs in its own process so that peak RSS is its own.
 
     python -m benchmarks.step            # both, writes benchmarks/results/step.json and the README table
+    python -m benchmarks.step --baseline-tree /tmp/before   # this tree against another checkout, interleaved
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,8 +29,6 @@ RECIPES = {"s1": ("ebt_s1.yaml", None), "logits": ("ebt_logits.yaml", "default")
 
 
 def recipe_config(args: argparse.Namespace):
-    from pathlib import Path
-
     from launch.config import load_config
 
     name, variant = RECIPES[args.recipe]
@@ -87,13 +87,20 @@ def main() -> None:
     parser.add_argument("--keep-denormals", action="store_true")
     parser.add_argument("--kind", choices=["ebt", "transformer"], help="measure one kind in this process")
     parser.add_argument("--recipe", choices=list(RECIPES), default="s1", help="the EBT's recipe (with --kind ebt)")
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="a checkout of an earlier commit (git worktree add DIR REV): measure both, interleaved, "
+                             "and write results/step_before_after.json")
+    parser.add_argument("--rounds", type=int, default=2, help="with --baseline-tree: before/after pairs per model")
     args = parser.parse_args()
     if args.kind:
         print(json.dumps(measure_one(args)))
         return
-    skip = ("kind", "keep_denormals", "recipe")
+    skip = ("kind", "keep_denormals", "recipe", "baseline_tree", "rounds")
     shared = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip]
     shared += ["--keep-denormals"] if args.keep_denormals else []
+    if args.baseline_tree is not None:
+        before_after(args, shared)
+        return
     tpp = run_isolated(["benchmarks.step", *shared, "--kind=transformer"])
     ebt = run_isolated(["benchmarks.step", *shared, "--kind=ebt", "--recipe=logits"])
     s1 = run_isolated(["benchmarks.step", *shared, "--kind=ebt", "--recipe=s1"])
@@ -133,6 +140,61 @@ def main() -> None:
         "step token in the real stream, so S1 recomputes the real stream at every step.",
     ])
     path = write_results("step", payload, table)
+    print(table)
+    print(f"wrote {path}")
+
+
+def before_after(args: argparse.Namespace, shared: list[str]) -> None:
+    """The same three step measurements from this tree and from `--baseline-tree`, in one run.
+
+    Rounds alternate the order (before-after, then after-before, ...) so that a drift in the machine's load
+    falls on both sides; each side's step time is the median over its rounds' medians."""
+    import subprocess
+
+    def commit(tree: Path) -> str:
+        out = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+changes" if dirty else "")
+
+    models = {"transformer": ["--kind=transformer"], "ebt_logits": ["--kind=ebt", "--recipe=logits"],
+              "ebt_s1": ["--kind=ebt", "--recipe=s1"]}
+    here = Path(__file__).resolve().parents[1]
+    sides = {"before": args.baseline_tree.resolve(), "after": here}
+    runs: dict[str, dict[str, list[dict]]] = {name: {"before": [], "after": []} for name in models}
+    for name, flags in models.items():
+        for round_ in range(args.rounds):
+            order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
+            for side in order:
+                tree = sides[side] if side == "before" else None
+                runs[name][side].append(run_isolated(["benchmarks.step", *shared, *flags], tree=tree))
+    load = os.getloadavg()
+    summary = {}
+    for name, sides_runs in runs.items():
+        step = {side: statistics.median(r["step_s"] for r in rs) for side, rs in sides_runs.items()}
+        rss = {side: statistics.median(r["peak_rss_mb"] for r in rs) for side, rs in sides_runs.items()}
+        summary[name] = {"before_step_s": step["before"], "after_step_s": step["after"],
+                         "after_over_before_step": step["after"] / step["before"],
+                         "before_peak_rss_mb": rss["before"], "after_peak_rss_mb": rss["after"]}
+    payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                          if k not in ("kind", "recipe")},
+               "before": commit(sides["before"]), "after": commit(here), "torch": torch.__version__,
+               "load_average": load, "summary": summary, "runs": runs, "allocator": child_allocator()[0]}
+    rows = [f"| {name} | {s['before_step_s']:.3f} | {s['after_step_s']:.3f} | **{s['after_over_before_step']:.3f}** | "
+            f"{s['before_peak_rss_mb']:.0f} / {s['after_peak_rss_mb']:.0f} |" for name, s in summary.items()]
+    table = "\n".join([
+        f"## Step time before and after a change (`python -m benchmarks.step --baseline-tree DIR`): "
+        f"{payload['before']} -> {payload['after']}",
+        "",
+        f"{args.size}, context {args.context}, batch {args.batch}, vocab {args.vocab}, fp32, {args.threads} threads, "
+        f"K={args.mcmc_steps}, {args.rounds} interleaved rounds per side, median of {args.steps} steps each. "
+        f"Load average after the run: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min, 2 cores).",
+        "",
+        "| model | before: median step (s) | after: median step (s) | after / before | peak RSS before / after (MB) |",
+        "|---|---|---|---|---|",
+        *rows,
+    ])
+    path = write_results("step_before_after", payload, table)
     print(table)
     print(f"wrote {path}")
 
