@@ -4,6 +4,18 @@ and device that launch/fsdp.py shards over) and small collectives.
 Works under `torchrun`, `accelerate launch --multi_gpu` and srun-exported torch env vars; a plain `python` run is
 one process. Collective timeouts come from `distributed.timeout_s`: when a rank dies, the survivors' next
 collective fails within that bound (gloo also notices a closed socket sooner) instead of hanging.
+
+Accelerate creates the process group and wraps the model; ranks, collectives, seeding and RNG state are taken from
+torch.distributed and torch directly, for reasons measured with Accelerate 1.15.0, DeepSpeed 0.19.8 and torch 2.13
+on CPU (2 ranks under torchrun, gloo, OMP_NUM_THREADS=1) and written next to each helper. The root of most of
+them: Accelerate's utilities consult its PartialState singleton, not the process group, and that singleton is
+wrong on one path and can outlive the group:
+- distributed.strategy=deepspeed on CPU: Accelerator.process_index is 0 on BOTH ranks and num_processes is 1
+  (distributed_type DEEPSPEED) while torch.distributed has the real 2-rank gloo group (ddp and fsdp report 0/1 of 2,
+  MULTI_CPU).
+- after Trainer.close destroys the group, a later Accelerator in the same process (tests build several) keeps the
+  old state: a 1-rank fsdp run, destroy_process_group, then a ddp Accelerator: PartialState still says MULTI_CPU
+  with no group, and wait_for_everyone() and reduce() raise "Default process group has not been initialized".
 """
 
 from __future__ import annotations
@@ -46,10 +58,15 @@ def resolve_precision(precision: str, use_cuda: bool) -> str:
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The JSON file with the batch arithmetic and clipping filled in by us.
+    """The JSON file with the batch arithmetic and clipping filled in by us, not left "auto" for Accelerate.
 
-    Accelerate's plugin assumes one process when it derives train_batch_size, and DeepSpeed 0.19.8 silently
-    defaults gradient_clipping to 1.0 (FACTS.md), so both come from our config explicitly.
+    Measured (2 CPU ranks, micro-batch 2, 3 accumulation steps): with train_batch_size "auto" Accelerate fills
+    2 x 3 x num_processes with its num_processes of 1, and DeepSpeed refuses: "train_batch_size is not equal to
+    micro_batch_per_gpu * gradient_acc_step * world_size 6 != 2 * 3 * 2" (one process: 6, right). With
+    gradient_clipping "auto" and no plugin value Accelerate writes 1.0, DeepSpeed's own default
+    (GRADIENT_CLIPPING_DEFAULT), whatever optim.clip_grad_norm says. The plugin's gradient_accumulation_steps and
+    gradient_clipping arguments would fill two of the four keys correctly, but not train_batch_size, so all four
+    come from our config here, in one place. `world_size` is the process group's (the torch variables).
     """
     path = Path(cfg.distributed.deepspeed_config or "")
     ds = json.loads(path.read_text())
@@ -118,19 +135,50 @@ def _single_process_rendezvous() -> None:
         os.environ.setdefault(key, value)
 
 
+def _group_is_up() -> bool:
+    """Asked on every call, so a collective runs exactly when a process group exists (see the module docstring
+    for why Accelerate's cached state is not asked instead)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks, from the process group (0 of 1 without one).
+
+    Not Accelerator.process_index / num_processes: on the CPU DeepSpeed path they are 0 and 1 on every rank
+    (measured, module docstring): every rank would take itself for the only one (rank 0 of 1, is_main)."""
+    if _group_is_up():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """Sum over ranks, in place (also returned).
+
+    Not accelerate.utils.reduce(values, "sum"): that one did sum right on all three CPU paths (ranks holding 1 and
+    2 got 3), but it decides from PartialState, which fails after a destroyed group (module docstring); and its
+    "mean" divides by PartialState's count, so on the CPU DeepSpeed path it returned 3.0 for a mean of 1.5.
+    (accelerate.utils.gather, which nothing here needs, fails there outright: "ProcessGroupGloo::allgather:
+    invalid output tensor list at index 0 (expected length 2, got 1)".)"""
+    if _group_is_up():
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
     return values
 
 
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """Every rank waits for the others.
+
+    Not Accelerator.wait_for_everyone(): a real barrier on all three CPU paths (rank 0 waited the 2 s rank 1 slept),
+    but it raises once PartialState outlives the group (module docstring); this one is a no-op without a group."""
+    if _group_is_up():
         torch.distributed.barrier()
 
 
 def broadcast_object(obj):
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """Rank 0's `obj` on every rank (pickled).
+
+    Not accelerate.utils.broadcast_object_list: right on all three CPU paths, but dispatched on PartialState like
+    the others; this keeps every collective here on one rule (run exactly when a process group is up)."""
+    if _group_is_up():
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
