@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
+
+from fsutil import atomic_dir, exclusive_lock
 
 from .sources import Source, document_is_val
 from .tokenizer import TokenizerMeta, load_meta, load_processor, model_path
@@ -105,58 +105,14 @@ def mismatch_message(out_dir: str, manifest: dict[str, Any], differences: list[s
             "data.shards_dir), or use the tokenizer and settings they were made with")
 
 
-def _make_parents(path: str) -> list[str]:
-    """os.makedirs(path), returning the directories it created (outermost first)."""
-    missing: list[str] = []
-    probe = path
-    while not os.path.isdir(probe):
-        missing.append(probe)
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    os.makedirs(path, exist_ok=True)
-    return missing[::-1]
-
-
-@contextlib.contextmanager
-def dir_lock(path: str) -> Iterator[None]:
+def dir_lock(path: str) -> contextlib.AbstractContextManager[None]:
     """Exclusive lock next to `path`, so ranks (or users) racing to prepare the same output wait, not clash.
 
-    Nothing is left behind: the holder deletes `<path>.lock` before unlocking it (a waiter that then wins the
-    deleted file sees that it is no longer the one at that name and locks the new one), and directories made
-    only to hold the lock are removed again when they are still empty, e.g. after a bad input.
+    Nothing is left behind (fsutil.exclusive_lock's leave_nothing): the holder deletes `<path>.lock` before
+    unlocking it, and directories made only to hold the lock are removed again when they are still empty, e.g.
+    after a bad input.
     """
-    lock_path = os.path.abspath(path).rstrip("/") + ".lock"
-    parent = os.path.dirname(lock_path)
-    created = _make_parents(parent)
-    while True:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except FileNotFoundError:  # another process removed the empty parents it had made: make them again
-            created += [d for d in _make_parents(parent) if d not in created]
-            continue
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            current = os.stat(lock_path)
-        except FileNotFoundError:
-            current = None
-        mine = os.fstat(fd)
-        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
-            break
-        os.close(fd)  # the previous holder deleted the file we waited on: lock the one now at that name
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-        for directory in reversed(created):
-            try:
-                os.rmdir(directory)
-            except OSError:  # not empty (it holds the output now, or another process's lock): keep it
-                break
+    return exclusive_lock(os.path.abspath(path).rstrip("/") + ".lock", leave_nothing=True)
 
 
 def _init_worker(tokenizer_dir: str, eos_id: int, dtype: str, val_fraction: float) -> None:
@@ -230,20 +186,13 @@ def prepare_shards(source: Source, tokenizer_dir: str, out_dir: str, *, val_frac
                 raise ValueError(mismatch_message(out_dir, existing, shard_differences(
                     existing, source, vocab_size=meta.vocab_size, tokenizer_sha256=meta.model_sha256,
                     val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, dtype=np_dtype)))
-        partial = os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
-        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run: restart cleanly
-        os.makedirs(partial)
-        try:
-            manifest = _write(source, tokenizer_dir, meta, partial, key=key, val_fraction=val_fraction,
+        # The manifest becomes visible together with complete shards: all of it is written into a temp dir that
+        # replaces out_dir at the end. Its fixed name (the lock excludes other writers) lets the next run clear
+        # what an interrupted one left.
+        with atomic_dir(out_dir, staging=f".{os.path.basename(out_dir)}.partial") as partial:
+            manifest = _write(source, tokenizer_dir, meta, str(partial), key=key, val_fraction=val_fraction,
                               seed=seed, num_proc=num_proc, shard_tokens=shard_tokens, dtype=np_dtype,
                               progress=progress)
-            if os.path.exists(out_dir):
-                trash = out_dir + f".old-{os.getpid()}"
-                os.rename(out_dir, trash)
-                shutil.rmtree(trash)
-            os.rename(partial, out_dir)  # the manifest becomes visible together with complete shards
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
     return manifest
 
 

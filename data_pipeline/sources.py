@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fsutil import iter_jsonl_lines
+
 from .config import DataConfig
 
 # Folders of the stdlib that are tests or third-party code, not the library itself.
@@ -231,25 +233,21 @@ def _read_txt(path: str) -> Iterator[str]:
 
 
 def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 ({error.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(f"{path}:{lineno}: no {text_field!r} field")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
-            if text.strip():
-                yield text
+    """The text field of every record, strictly: the first unreadable line is an error naming FILE:LINE."""
+    for line in iter_jsonl_lines(path):
+        where = f"{path}:{line.number}"
+        if isinstance(line.error, UnicodeDecodeError):
+            raise ValueError(f"{where}: not UTF-8 ({line.error.reason})")
+        if line.error is not None:
+            raise ValueError(f"{where}: invalid JSON ({line.error.msg})")
+        record = line.value
+        if not isinstance(record, dict) or text_field not in record:
+            raise ValueError(f"{where}: no {text_field!r} field")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: field {text_field!r} is not a string")
+        if text.strip():
+            yield text
 
 
 def _read_parquet(path: str, text_field: str) -> Iterator[str]:

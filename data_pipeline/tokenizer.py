@@ -13,12 +13,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import sentencepiece as spm
+
+from fsutil import atomic_write_bytes, sha256_file
 
 from .config import MIN_VOCAB
 from .sources import Source
@@ -45,14 +46,6 @@ class TokenizerMeta:
     @property
     def short_hash(self) -> str:
         return self.model_sha256[:12]
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sentences(source: Source, counter: list[int]) -> Iterator[str]:
@@ -99,8 +92,8 @@ def train_tokenizer(source: Source, out_dir: str, *, vocab_size: int = 4096, max
         sources=source.summary(), max_sentences=max_sentences, sentences_used=min(counter[0], max_sentences),
     )
     # Metadata is written last and names the model's hash, so a reader never pairs it with another model.
-    _atomic_write(os.path.join(out_dir, MODEL_FILE), model_bytes)
-    _atomic_write(os.path.join(out_dir, META_FILE), json.dumps(asdict(meta), indent=2).encode())
+    atomic_write_bytes(os.path.join(out_dir, MODEL_FILE), model_bytes)
+    atomic_write_bytes(os.path.join(out_dir, META_FILE), json.dumps(asdict(meta), indent=2).encode())
     return meta
 
 
@@ -125,18 +118,6 @@ def _chain_first(first: str, rest: Iterator[str]) -> Iterator[str]:
     yield from rest
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def model_path(tokenizer_dir: str) -> str:
     return tokenizer_dir if tokenizer_dir.endswith(".model") else os.path.join(tokenizer_dir, MODEL_FILE)
 
@@ -155,7 +136,7 @@ def load_meta(tokenizer_dir: str) -> TokenizerMeta:
         raise FileNotFoundError(f"tokenizer metadata {meta_path!r} does not exist")
     with open(meta_path) as handle:
         meta = TokenizerMeta(**json.load(handle))
-    actual = file_sha256(path)
+    actual = sha256_file(path)
     if actual != meta.model_sha256:
         raise ValueError(f"tokenizer {path!r} has hash {actual[:12]} but {meta_path!r} says {meta.short_hash}")
     return meta
