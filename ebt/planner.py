@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ebt.config import ModelConfig
 from ebt.flops import parameter_count
+from fsutil import atomic_write_json
 
 # Fastest first. Relative cost per MCMC step in linear-layer units (ebt.flops): a plain second-order step costs
 # 6; "block" recomputes each block's forward in the inner and again in the outer backward (+2); "mcmc_step"
@@ -490,9 +491,7 @@ def calibrate(measured_peak_bytes: float, base_bytes: float, cfg: ModelConfig, p
         CALIBRATION_FILE.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(CALIBRATION_FILE.read_text()) if CALIBRATION_FILE.is_file() else {}
         data[calibration_key(device)] = dataclasses.asdict(cal)
-        tmp = CALIBRATION_FILE.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(CALIBRATION_FILE)
+        atomic_write_json(CALIBRATION_FILE, data, indent=2)
     return cal
 
 
