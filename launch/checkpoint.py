@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from launch.fsutil import atomic_write_text, chmod_like_open, fsync_dir, fsync_file, sha256_file
+from fsutil import atomic_dir, atomic_write_text, chmod_like_open, fsync_file, fsync_tree, replace_dir, sha256_file
 
 MANIFEST = "manifest.json"
 DCP_DIR = "dcp"  # as launch.fsdp.DCP_DIR (not imported: this module must not need torch.distributed)
@@ -79,20 +79,14 @@ class CheckpointManager:
             fsync_file(tmp / "config.yaml")
         self.barrier()
         if self.rank == 0:
-            files = {}
-            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                fsync_file(path)
-                rel = str(path.relative_to(tmp))
-                files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-            for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}):
-                fsync_dir(sub)
+            fsync_tree(tmp)  # every rank's files are on disk before the manifest vouches for them
+            files = {str(path.relative_to(tmp)): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+                     for path in sorted(p for p in tmp.rglob("*") if p.is_file())}
             manifest = {"step": step, "world_size": self.world_size, "reshardable": sharded_save is not None,
                         "files": files}
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            if final.exists():  # a re-save of the same step (e.g. final == periodic): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
+            # A re-save of the same step (e.g. final == periodic) replaces it.
+            replace_dir(tmp, final, sync=False)
             self._prune()
         self.barrier()
         return final
@@ -289,28 +283,19 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
     model, cfg = load_model(checkpoint)
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    # save_model (not save_file) de-duplicates tied weights, which safetensors cannot store twice.
-    save_model(model, str(tmp / "model.safetensors"))
-    chmod_like_open(tmp / "model.safetensors")  # safetensors creates it 0600; an export is shared like any output
-    import dataclasses
+    with atomic_dir(out) as tmp:
+        # save_model (not save_file) de-duplicates tied weights, which safetensors cannot store twice.
+        save_model(model, str(tmp / "model.safetensors"))
+        chmod_like_open(tmp / "model.safetensors")  # safetensors creates it 0600; an export is shared like any output
+        import dataclasses
 
-    (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": dataclasses.asdict(cfg)})))
-    # The tokenizer travels with the weights (tokenizer/), so generate and eval need nothing else. A checkpoint
-    # whose tokenizer cannot be found is still exported; `ebt export` says so (launch/run_tokenizer.py).
-    from launch.run_tokenizer import copy_tokenizer, find_tokenizer
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": dataclasses.asdict(cfg)})))
+        # The tokenizer travels with the weights (tokenizer/), so generate and eval need nothing else. A checkpoint
+        # whose tokenizer cannot be found is still exported; `ebt export` says so (launch/run_tokenizer.py).
+        from launch.run_tokenizer import copy_tokenizer, find_tokenizer
 
-    try:
-        copy_tokenizer(find_tokenizer(resolve_checkpoint(checkpoint), model_vocab=cfg.vocab_size), tmp)
-    except (ValueError, FileNotFoundError):
-        pass
-    for file in (f for f in tmp.rglob("*") if f.is_file()):
-        fsync_file(file)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
+        try:
+            copy_tokenizer(find_tokenizer(resolve_checkpoint(checkpoint), model_vocab=cfg.vocab_size), tmp)
+        except (ValueError, FileNotFoundError):
+            pass
     return out

@@ -281,7 +281,7 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    from launch.fsutil import atomic_write_text
+    from fsutil import atomic_write_text
 
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg))))
 
@@ -341,9 +341,11 @@ def validate(cfg: TrainConfig) -> None:
             raise _err("distributed.deepspeed_config", "strategy=deepspeed needs a configs/deepspeed/*.json file")
         stage = deepspeed_stage(d.deepspeed_config)
         if stage == 3 and cfg.model.kind == "ebt":
-            # Measured (FACTS.md): the outer backward fails with "size of tensor a (64) must match ... b (0)"
-            # under the defaults, stage3_param_persistence_threshold/max_live_parameters 1e12,
-            # GatheredParameters and set_z3_leaf_modules alike.
+            # Measured with DeepSpeed 0.19.8 (2 gloo ranks, a width-64 2-layer EBT, K=2): the outer backward fails
+            # with "size of tensor a (64) must match ... b (0)" under the defaults,
+            # stage3_param_persistence_threshold/max_live_parameters 1e12, GatheredParameters and
+            # set_z3_leaf_modules alike. Stage 3 releases parameters the graph still needs
+            # (deepspeedai/DeepSpeed#3539, #7352; open PRs #8045 and #8135 address release during multi-backward).
             raise _err("distributed.deepspeed_config",
                        "ZeRO-3 cannot train an EBT: it releases gathered parameters that the second-order "
                        "(double) backward still needs (measured: a size-0 parameter in the outer backward under "

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from fsutil import atomic_write_text
 from launch.config import TrainConfig
-from launch.fsutil import atomic_write_text
 
 PLAN_FILE = "memory_plan.json"
 

@@ -114,7 +114,7 @@ def finished(cfg: TrainConfig) -> dict[str, Any] | None:
     step on every restart, so the row ends the file exactly when the last attempt ran to the end. With
     checkpoint.save_final the final checkpoint must also still be valid: if it was lost or damaged, running
     again resumes from the one before and restores it."""
-    from launch.fsutil import read_metrics_rows
+    from fsutil import read_metrics_rows
 
     if not cfg.checkpoint.resume or not (cfg.run_dir / "metrics.jsonl").is_file():
         return None

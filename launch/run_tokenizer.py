@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from data_pipeline.tokenizer import META_FILE, MODEL_FILE, load_meta, tokenizer_exists
+from fsutil import atomic_dir
 
 KEPT_DIR = "tokenizer"  # <run dir>/tokenizer and <export dir>/tokenizer
 
@@ -89,18 +90,9 @@ def _kept_or_derived(checkpoint: Path) -> str:
 def copy_tokenizer(source: str, out_dir: Path) -> Path:
     """Copy a tokenizer's two files into out_dir/tokenizer (atomically: a temp dir renamed into place)."""
     dest = out_dir / KEPT_DIR
-    tmp = out_dir / f".{KEPT_DIR}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(dest) as tmp:
         for name in (MODEL_FILE, META_FILE):
             shutil.copyfile(Path(source) / name, tmp / name)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
