@@ -26,7 +26,7 @@ import torch
 
 from eval.perplexity import EnergySums, TokenNLL
 from eval.sweep_data import EVAL_SCHEMA
-from launch.fsutil import atomic_write_text
+from fsutil import atomic_write_text
 
 SELECTIONS = ("min", "max_gap", "max")
 DEFAULT_SAMPLES = (1, 2, 4)

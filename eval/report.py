@@ -11,9 +11,7 @@ import base64
 import html
 import json
 import math
-import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from eval.scaling import (
     fit_power_law,
 )
 from eval.sweep_data import EVAL_SCHEMA, KINDS, Exclusion, RunRecord, gather, read_metrics, screen
+from fsutil import atomic_write_files
 
 AXES = {"N": "n_params", "D": "tokens", "C": "flops"}
 AXIS_NAMES = {"N": "parameters", "D": "tokens", "C": "FLOPs"}
@@ -187,28 +186,11 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: s
     contents["report.md"] = _markdown(blocks).encode()
     contents["report.html"] = _html(blocks, figures).encode()
     contents["fits.json"] = json.dumps(_jsonable(fits_json), indent=1, allow_nan=False).encode()
-    files = _write_all(Path(out_dir), contents)
+    # Every file is written in full before the first replaces its old version: an interrupted write keeps the
+    # previous report.
+    files = atomic_write_files(Path(out_dir), contents)
     return ReportResult(Path(out_dir), files, fits, comparisons, excluded, warnings, sorted(figures), slopes,
                         slope_comparisons)
-
-
-def _write_all(out: Path, contents: dict[str, bytes]) -> list[Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        for name, data in contents.items():
-            (tmp / name).write_bytes(data)
-        out.mkdir(exist_ok=True)
-        written = []
-        for name in contents:
-            os.replace(tmp / name, out / name)
-            written.append(out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return written
 
 
 def _system2_summary(e: dict[str, Any]) -> dict[str, Any]:

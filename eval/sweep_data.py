@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.fsutil import read_metrics_rows
+from fsutil import read_metrics_rows
 
 # Columns of slurm.report.COLLECT_COLUMNS that the report needs. Others are read when present.
 REQUIRED_COLUMNS = ("run", "kind", "size", "params", "tokens", "train_flops", "train_loss", "val_loss", "finished")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fsutil import iter_jsonl_lines
 
 
 @dataclass(frozen=True)
@@ -24,21 +25,19 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         what = "is a directory, not a jsonl file" if path.is_dir() else "no such file"
         raise FileNotFoundError(f"--data {path}: {what}")
+    lines = list(iter_jsonl_lines(path))
+    # A file that is not UTF-8 at all is named as such, before any line's JSON is judged.
+    for line in lines:
+        if isinstance(line.error, UnicodeDecodeError):
+            at = line.offset + line.error.start
+            raise ValueError(f"--data {path}: not UTF-8 text ({line.error.reason} at byte {at})")
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise ValueError(f"--data {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-        rows.append((f"{path}:{number}", row))
+    for line in lines:
+        if line.error is not None:
+            raise ValueError(f"{path}:{line.number}: not valid JSON ({line.error.msg})")
+        if not isinstance(line.value, dict):
+            raise ValueError(f"{path}:{line.number}: expected a JSON object per line, got {type(line.value).__name__}")
+        rows.append((f"{path}:{line.number}", line.value))
     if not rows:
         raise ValueError(f"--data {path}: holds no examples")
     return rows

@@ -16,7 +16,7 @@ from typing import Any
 
 from eval.tasks import get_task
 from eval.tasks.data import load_hub, read_jsonl
-from launch.fsutil import atomic_write_text
+from fsutil import atomic_write_text
 
 
 @dataclass
