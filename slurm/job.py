@@ -34,6 +34,8 @@ from typing import Any
 
 import submitit
 
+from fsutil import atomic_write_json, atomic_write_text, read_metrics_rows
+
 # launch.signals.PREEMPTED_EXIT_CODE, read without importing torch into the wrapper process.
 PREEMPTED_EXIT_CODE = 75
 RANK_WAIT_S = 90.0  # how long rank 0 waits for the other ranks' trainers to exit before requeueing anyway
@@ -42,13 +44,6 @@ RANK_WAIT_S = 90.0  # how long rank 0 waits for the other ranks' trainers to exi
 def attempt_key(job_id: str | None) -> str:
     """One attempt of a job: its id and Slurm's restart count (the same job id is kept across requeues)."""
     return f"{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
-
-
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def append_event(path: Path, event: dict[str, Any]) -> None:
@@ -60,16 +55,9 @@ def append_event(path: Path, event: dict[str, Any]) -> None:
 
 def final_metrics(run_dir: Path) -> dict[str, Any] | None:
     """The trainer's final row (`"final": true`) of metrics.jsonl plus the last training loss, or None."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
     final: dict[str, Any] | None = None
     last_train: dict[str, Any] | None = None
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for row in read_metrics_rows(run_dir):
         if row.get("final"):
             final = row
         elif "loss" in row:
@@ -125,10 +113,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     # ------------------------------------------------------------------------------------------ ranks
     def record_rank_exit(self, job_id: str | None, rank: int, rc: int) -> None:
         path = self.ranks_dir / attempt_key(job_id) / str(rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{rank}.tmp")
-        tmp.write_text(str(rc))
-        os.replace(tmp, path)
+        atomic_write_text(path, str(rc))
 
     def wait_for_ranks(self, job_id: str | None, world_size: int, known: dict[int, int | None] | None = None,
                        timeout_s: float = RANK_WAIT_S, poll_s: float = 0.2) -> dict[int, int | None]:
@@ -221,7 +206,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             raise RuntimeError(f"run '{self.run_name}': trainer exited 0 but wrote no final metrics row in "
                                f"{self.run_dir}/metrics.jsonl")
         result.update(run=self.run_name, job_id=job_id, config_hash=self.config_hash)
-        _atomic_write_json(self.result_path, result)
+        atomic_write_json(self.result_path, result, indent=1, default=str)
         append_event(self.events_path, {"event": "finished", "job_id": job_id, "step": result.get("step")})
         return result
 

@@ -7,13 +7,13 @@ writes, and the scheduler state from squeue/sacct via the recorded job ids.
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from launch.fsutil import read_metrics_rows
+from fsutil import atomic_write_bytes, atomic_write_text, read_metrics_rows
 from slurm.spec import RunPlan, SweepSpec
 from slurm.state import SweepState, run_states
 
@@ -142,22 +142,22 @@ def collect(spec: SweepSpec, out_path: str | Path | None = None, out: Callable[[
         stem = stem.with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
+    # Both tables are small: render each in memory, then write it with fsutil's durable atomic write.
     csv_path = stem.with_suffix(".csv")
-    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLLECT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
+    text = io.StringIO(newline="")  # csv writes its own \r\n line ends, untranslated
+    writer = csv.DictWriter(text, fieldnames=COLLECT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(csv_path, text.getvalue())
     written.append(csv_path)
     if parquet:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         pq_path = stem.with_suffix(".parquet")
-        tmp = pq_path.with_name(f".{pq_path.name}.{os.getpid()}.tmp")
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, pq_path)
+        table = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), table)
+        atomic_write_bytes(pq_path, table.getvalue())
         written.append(pq_path)
     done = sum(1 for r in rows if r["finished"])
     out(f"{done}/{len(rows)} runs finished; wrote {', '.join(str(p) for p in written)}")

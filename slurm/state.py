@@ -13,18 +13,16 @@ Every JSON file is replaced atomically; submissions hold an exclusive lock on th
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from submitit.slurm.slurm import SlurmInfoWatcher
 
-from launch.fsutil import read_jsonl
+from fsutil import atomic_write_json, exclusive_lock, read_jsonl
 
 # Slurm states in which a job still owns the run: do not submit it again.
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
@@ -32,10 +30,7 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", 
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1, sort_keys=True, default=str)
 
 
 def _read_json(path: Path, default: Any) -> Any:
@@ -78,15 +73,9 @@ class SweepState:
         return self.state_dir / f"{run}.attempts.jsonl"
 
     # ------------------------------------------------------------------------------------------ records
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Exclusive, blocking: one submission at a time per sweep dir (its `.lock` file stays)."""
+        return exclusive_lock(self.dir / ".lock")
 
     def read_plan(self) -> dict[str, Any] | None:
         return _read_json(self.plan_path, None)
