@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import add_workload_args
+from fsutil import atomic_write_text
 
 
 def _sync(device: torch.device) -> None:
@@ -167,12 +168,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     payload = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
                "torch": torch.__version__, "config": {k: v for k, v in vars(args).items()}, "results": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "gpu_step.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    path = Path(args.out) / "gpu_step.json"
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
