@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -25,7 +26,10 @@ from omegaconf.errors import OmegaConfBaseException
 from data_pipeline import DataConfig
 from ebt import ModelConfig
 from ebt.sizes import SIZES
+from fsutil import atomic_write_text
 from launch.allocator import CHOICES as ALLOCATOR_CHOICES
+
+T = TypeVar("T")
 
 PRECISIONS = ("auto", "fp32", "bf16")
 STRATEGIES = ("ddp", "deepspeed", "fsdp")
@@ -173,6 +177,17 @@ def _all_keys(schema: type, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def load_yaml(path: Path) -> Any:
+    """A YAML file as plain containers, read by OmegaConf's loader (so `6.0e5` is a number, as YAML 1.2 has it)
+    with interpolations left as written; a parse error is one line. Training configs and sweep specs both read
+    their files with it."""
+    try:
+        node = OmegaConf.load(path)
+    except Exception as error:  # yaml's parser errors are multi-line; keep the first line
+        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    return OmegaConf.to_container(node, resolve=False)
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """One YAML file with its `include:` files merged in underneath it."""
     path = path.resolve()
@@ -184,11 +199,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise FileNotFoundError(f"config file not found: {path}")
     if path in seen:
         raise ValueError(f"{path}: include cycle")
-    try:
-        node = OmegaConf.load(path)
-    except Exception as error:  # yaml's parser errors are multi-line; keep the first line
-        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    data = OmegaConf.to_container(node, resolve=False) or {}
+    data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     includes = data.pop("include", []) or []
@@ -221,8 +232,26 @@ def parse_overrides(overrides: list[str]) -> dict:
         raise ValueError(f"bad override: {str(error).splitlines()[0]}") from None
 
 
-def _structured(schema: type, raw: dict, prefix: str) -> Any:
-    """Merge `raw` onto the dataclass schema; a type error names the full key."""
+def _literal(value: Any) -> Any:
+    """`value` with every string escaped for OmegaConf, so that `${...}` in it stays text (see structured)."""
+    if isinstance(value, str):
+        # k backslashes before "${" are 2k escaped backslashes and an escaped "${" (OmegaConf's grammar).
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {key: _literal(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_literal(item) for item in value]
+    return value
+
+
+def structured(schema: type[T], raw: dict, prefix: str = "", *, interpolate: bool = True) -> T:
+    """Merge `raw` onto the dataclass `schema` with OmegaConf: values are checked and converted to the field
+    types, and a wrong one is one `ValueError` line naming the full key (`prefix` + its path). Training configs
+    and sweep specs (slurm/spec.py) both go through here.
+
+    `interpolate=False` takes every string literally: a sweep spec's shell lines use `${VAR}` for the shell."""
+    if not interpolate:
+        raw = _literal(raw)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(raw))
         return OmegaConf.to_object(merged)
@@ -249,7 +278,7 @@ def _model_from_raw(raw: dict) -> ModelConfig:
             raise ValueError(f"config key 'model.size': unknown size {size!r}{hint}")
         spec = SIZES[size]
         base = {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "dim": spec.dim}
-    model = _structured(ModelConfig, _merge(base, raw), "model.")
+    model = structured(ModelConfig, _merge(base, raw), "model.")
     return model
 
 
@@ -258,7 +287,7 @@ def build_config(raw: dict) -> TrainConfig:
     _check_keys(raw, TrainConfig)
     raw = dict(raw)
     model_raw = raw.pop("model", None) or {}
-    cfg: TrainConfig = _structured(TrainConfig, {k: v for k, v in raw.items()}, "")
+    cfg: TrainConfig = structured(TrainConfig, {k: v for k, v in raw.items()}, "")
     # The model's vocabulary follows the tokenizer's unless set explicitly.
     model_raw = {"vocab_size": cfg.data.vocab_size, **model_raw}
     cfg.model = _model_from_raw(model_raw)
@@ -281,8 +310,6 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    from fsutil import atomic_write_text
-
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg))))
 
 

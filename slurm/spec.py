@@ -5,8 +5,10 @@ with the `grid` product (either may be absent); each point sets named axes (size
 tokens, flops or steps) and/or any dotted trainer key (`optim.warmup_steps`). Priority, lowest first: the base
 config, the size table's peak LR (when the point sets no lr), the spec's `overrides`, the point itself.
 
-Every point is resolved through the trainer's own config loader at plan time, so a bad key or value fails before
-anything is submitted, with the run's name in the message. Run names derive from the point only, so they are
+The file is read like a training config (launch.config: OmegaConf's YAML loader, values merged onto dataclass
+schemas, each error one line naming the file and key), but with strings taken literally. Every point is resolved
+through the trainer's own config loader at plan time, so a bad key or value fails before anything is submitted,
+with the run's name in the message. Run names derive from the point only, so they are
 stable across resubmits and across machines.
 """
 
@@ -21,17 +23,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import yaml
+T = TypeVar("T")
 
-SPEC_KEYS = ("name", "extends", "base", "runs_dir", "sweep_dir", "grid", "runs", "overrides", "size_overrides",
-             "size_dims", "global_batch_size", "resources", "slurm")
 MERGED_ON_EXTEND = ("overrides", "slurm")  # merged key by key over the parent spec; every other key replaces it
-SIZE_DIM_KEYS = ("n_layers", "n_heads", "dim")
 AXES = ("size", "kind", "lr", "tokens", "flops", "steps", "seed")
 BUDGET_AXES = ("tokens", "flops", "steps")
-SLURM_KEYS = ("array_parallelism", "max_requeues", "signal_delay_s", "setup", "sbatch", "python")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_NAME_LEN = 120
 
@@ -57,10 +55,7 @@ class Resources:
         return self.nodes * self.tasks_per_node
 
 
-RESOURCE_TYPES: dict[str, type | tuple[type, ...]] = {
-    "nodes": int, "tasks_per_node": int, "gpus_per_node": int, "cpus_per_task": int, "mem_gb": (int, float),
-    "time_min": int, "partition": str, "account": str, "qos": str, "constraint": str, "gpu_mem_gb": (int, float),
-}
+RESOURCE_KEYS = tuple(f.name for f in dataclasses.fields(Resources))
 DEFAULT_GPU_MEM_GB = 80.0
 
 
@@ -72,6 +67,73 @@ class SlurmSettings:
     setup: tuple[str, ...] = ()  # shell lines run in the sbatch script before srun (module load, venv, ...)
     sbatch: tuple[tuple[str, Any], ...] = ()  # extra `#SBATCH --key=value` lines
     python: str | None = None  # python command on the compute nodes; default: this interpreter
+
+
+# ---------------------------------------------------------------------------------------------- schemas
+# What a spec file may hold, as dataclasses that OmegaConf checks and converts values against (the training
+# configs' path, launch.config.structured). Sections whose shape a type cannot say with a useful message (base: a
+# path or kind -> path; grid: axis -> values; runs: a list of points) are `Any` here and checked by hand below.
+
+
+@dataclass
+class SlurmSchema:
+    """`slurm:` as written (SlurmSettings is its frozen, hashable form)."""
+
+    array_parallelism: int = 16
+    max_requeues: int = 20
+    signal_delay_s: int = 120
+    setup: list[str] | None = None
+    sbatch: dict[str, Any] | None = None
+    python: str | None = None
+
+
+@dataclass
+class SizeDims:
+    """One `size_dims:` entry: widths that stand in for a size's. Each key is optional: only the keys an entry
+    sets are used (the defaults only complete the schema)."""
+
+    n_layers: int = 1
+    n_heads: int = 1
+    dim: int = 1
+
+
+@dataclass
+class SpecSchema:
+    name: str | None = None
+    extends: str | None = None  # resolved by _read_spec before the schema sees the file
+    base: Any = None
+    runs_dir: str | None = None
+    sweep_dir: str | None = None
+    grid: Any = None
+    runs: Any = None
+    overrides: Any = None
+    size_overrides: Any = None
+    size_dims: Any = None
+    global_batch_size: int | None = None
+    resources: Any = None
+    slurm: Any = None
+
+
+SPEC_KEYS = tuple(f.name for f in dataclasses.fields(SpecSchema))
+SLURM_KEYS = tuple(f.name for f in dataclasses.fields(SlurmSchema))
+SIZE_DIM_KEYS = tuple(f.name for f in dataclasses.fields(SizeDims))
+
+
+def _typed(schema: type[T], raw: dict, where: str, path: Path) -> T:
+    """`raw` merged onto `schema` by the training configs' OmegaConf path: values converted to the field types,
+    a wrong one a single line naming the file and the key. Strings are literal (a setup line's `${VAR}` is for
+    the shell), as they were before specs went through OmegaConf."""
+    from launch.config import structured
+
+    try:
+        return structured(schema, raw, where, interpolate=False)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _given(typed: Any, raw: dict) -> dict[str, Any]:
+    """The converted values of the keys `raw` sets (an entry that merges over another must not set the rest)."""
+    return {str(key): getattr(typed, str(key)) for key in raw}
 
 
 @dataclass
@@ -290,11 +352,12 @@ def base_digests(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, str]:
     path = path.resolve()
     if path in seen or not path.is_file():
         return {}
-    text = path.read_bytes()
-    out = {str(path): hashlib.sha256(text).hexdigest()[:16]}
+    from launch.config import load_yaml
+
+    out = {str(path): hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError:
+        data = load_yaml(path) or {}
+    except ValueError:  # the trainer reports it when it reads the file
         return out
     includes = data.get("include", []) if isinstance(data, dict) else []
     for inc in [includes] if isinstance(includes, str) else includes or []:
@@ -362,7 +425,7 @@ def _unknown_key(where: str, key: str, valid: tuple[str, ...] | list[str]) -> Va
 
 
 def _coerce_number(value: Any) -> Any:
-    """PyYAML reads `2.0e6` (no sign in the exponent, YAML 1.1) as a string; numeric axes accept it."""
+    """A number written as a string (`"2.0e6"`, quoted, or from a YAML 1.1 writer) counts on a numeric axis."""
     if isinstance(value, str):
         try:
             number = float(value)
@@ -461,22 +524,15 @@ def _resources(raw: Any, path: Path) -> tuple[dict[str, Any], dict[str, dict[str
             raise ValueError(f"{where}: unknown size {key!r}{hint}")
         if not isinstance(settings, dict):
             raise ValueError(f"{where}: expected a mapping")
-        clean = {}
-        for name, value in settings.items():
-            if name not in RESOURCE_TYPES:
-                raise _unknown_key(where, name, tuple(RESOURCE_TYPES))
-            expected = RESOURCE_TYPES[name]
-            if value is None and expected is str:
-                clean[name] = None
-                continue
-            if isinstance(value, bool) or not isinstance(value, expected):
-                raise ValueError(f"{where}.{name}: expected {getattr(expected, '__name__', 'a number')}, "
-                                 f"got {value!r}")
+        for name in settings:
+            if name not in RESOURCE_KEYS:
+                raise _unknown_key(where, name, RESOURCE_KEYS)
+        clean = _given(_typed(Resources, settings, f"resources.{key}.", path), settings)
+        for name, value in clean.items():
             if name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min") and value < 1:
                 raise ValueError(f"{where}.{name}: must be >= 1, got {value}")
-            if name in ("gpus_per_node", "mem_gb", "gpu_mem_gb") and value < 0:
+            if name in ("gpus_per_node", "mem_gb", "gpu_mem_gb") and value is not None and value < 0:
                 raise ValueError(f"{where}.{name}: must be >= 0, got {value}")
-            clean[name] = value
         (default if key == "default" else per_size.setdefault(str(key), {})).update(clean)
     return default, per_size
 
@@ -489,38 +545,30 @@ def _slurm_settings(raw: Any, path: Path) -> SlurmSettings:
     for key in raw:
         if key not in SLURM_KEYS:
             raise _unknown_key(f"{path}: slurm", key, SLURM_KEYS)
-    kwargs: dict[str, Any] = {}
+    # OmegaConf's words for a container of the wrong kind name no key; these two say what is expected.
+    if raw.get("setup") is not None and not isinstance(raw["setup"], list):
+        raise ValueError(f"{path}: slurm.setup must be a list of shell lines")
+    if raw.get("sbatch") is not None and not isinstance(raw["sbatch"], dict):
+        raise ValueError(f"{path}: slurm.sbatch must be a mapping of sbatch option -> value")
+    slurm = _typed(SlurmSchema, raw, "slurm.", path)
     for key in ("array_parallelism", "max_requeues", "signal_delay_s"):
-        if key in raw:
-            value = raw[key]
-            low = 1 if key == "array_parallelism" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{path}: slurm.{key} must be an integer >= {low}, got {value!r}")
-            kwargs[key] = value
-    if "setup" in raw:
-        setup = raw["setup"] or []
-        if not isinstance(setup, list) or not all(isinstance(s, str) for s in setup):
-            raise ValueError(f"{path}: slurm.setup must be a list of shell lines")
-        kwargs["setup"] = tuple(setup)
-    if "sbatch" in raw:
-        extra = raw["sbatch"] or {}
-        if not isinstance(extra, dict):
-            raise ValueError(f"{path}: slurm.sbatch must be a mapping of sbatch option -> value")
-        kwargs["sbatch"] = tuple(sorted((str(k), v) for k, v in extra.items()))
-    if raw.get("python") is not None:
-        kwargs["python"] = str(raw["python"])
-    return SlurmSettings(**kwargs)
+        value, low = getattr(slurm, key), 1 if key == "array_parallelism" else 0
+        if value < low:
+            raise ValueError(f"{path}: slurm.{key} must be an integer >= {low}, got {value!r}")
+    return SlurmSettings(array_parallelism=slurm.array_parallelism, max_requeues=slurm.max_requeues,
+                         signal_delay_s=slurm.signal_delay_s, setup=tuple(slurm.setup or ()),
+                         sbatch=tuple(sorted((str(k), v) for k, v in (slurm.sbatch or {}).items())),
+                         python=slurm.python)
 
 
 def _read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The spec's mapping with `extends` resolved: the parent's keys, `overrides` and `slurm` merged key by key,
     every other key replaced by this file's. `base` paths are made absolute relative to the file naming them."""
+    from launch.config import load_yaml
+
     if not path.is_file():
         raise FileNotFoundError(f"sweep spec not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     for key in raw:
@@ -554,7 +602,8 @@ def _read_spec(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def _size_table(raw: Any, path: Path, key: str, check: Any) -> dict[str, dict[str, Any]]:
-    """`size_overrides` / `size_dims`: size -> mapping, each entry checked by `check(where, name, value)`."""
+    """`size_overrides` / `size_dims`: size -> mapping, each entry checked (and converted) by
+    `check(where, key prefix, entry, path)`."""
     from ebt.sizes import SIZES
 
     if raw is None:
@@ -570,28 +619,36 @@ def _size_table(raw: Any, path: Path, key: str, check: Any) -> dict[str, dict[st
             raise ValueError(f"{where}: unknown size {size!r}{hint}")
         if not isinstance(settings, dict):
             raise ValueError(f"{where}: expected a mapping")
-        for name, value in settings.items():
-            check(where, str(name), value)
-        out[str(size)] = {str(k): v for k, v in settings.items()}
+        out[str(size)] = check(where, f"{key}.{size}.", settings, path)
     return out
 
 
-def _check_size_override(where: str, name: str, value: Any) -> None:
-    if "." not in name:
-        raise ValueError(f"{where}: '{name}' is not a trainer key (<section>.<key>)")
+def _check_size_overrides(where: str, prefix: str, settings: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Trainer keys, checked by the trainer's own loader at plan time."""
+    for name in settings:
+        if "." not in str(name):
+            raise ValueError(f"{where}: '{name}' is not a trainer key (<section>.<key>)")
+    return {str(k): v for k, v in settings.items()}
 
 
-def _check_size_dim(where: str, name: str, value: Any) -> None:
-    if name not in SIZE_DIM_KEYS:
-        raise _unknown_key(where, name, SIZE_DIM_KEYS)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}.{name}: expected a positive integer, got {value!r}")
+def _check_size_dims(where: str, prefix: str, settings: dict[str, Any], path: Path) -> dict[str, int]:
+    for name in settings:
+        if name not in SIZE_DIM_KEYS:
+            raise _unknown_key(where, name, SIZE_DIM_KEYS)
+    dims = _given(_typed(SizeDims, settings, prefix, path), settings)
+    for name, value in dims.items():
+        if value < 1:
+            raise ValueError(f"{where}.{name}: expected a positive integer, got {value!r}")
+    return dims
 
 
 def load_spec(path: str | Path, *, sweep_dir: str | Path | None = None) -> SweepSpec:
     """Parse and validate a sweep YAML (structure and axis values; trainer keys are checked by `plan()`)."""
     path = Path(path)
     raw = _read_spec(path)
+    # Scalars are converted (a quoted number for global_batch_size is fine); sections keep their raw values here.
+    typed = _typed(SpecSchema, raw, "", path)
+    raw.update({k: getattr(typed, k) for k in ("name", "runs_dir", "sweep_dir", "global_batch_size") if k in raw})
     name = raw.get("name") or path.stem
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ValueError(f"{path}: name must be letters, digits, '.', '_' or '-', got {name!r}")
@@ -621,7 +678,7 @@ def load_spec(path: str | Path, *, sweep_dir: str | Path | None = None) -> Sweep
     if not isinstance(overrides, dict):
         raise ValueError(f"{path}: overrides must be a mapping of trainer key -> value")
     gbs = raw.get("global_batch_size")
-    if gbs is not None and (isinstance(gbs, bool) or not isinstance(gbs, int) or gbs < 1):
+    if gbs is not None and gbs < 1:
         raise ValueError(f"{path}: global_batch_size must be a positive integer, got {gbs!r}")
     points = _expand_points(raw.get("grid"), raw.get("runs"), path)
     default_res, size_res = _resources(raw.get("resources"), path)
@@ -633,8 +690,8 @@ def load_spec(path: str | Path, *, sweep_dir: str | Path | None = None) -> Sweep
                      default_resources=default_res, size_resources=size_res,
                      slurm=_slurm_settings(raw.get("slurm"), path),
                      size_overrides=_size_table(raw.get("size_overrides"), path, "size_overrides",
-                                                _check_size_override),
-                     size_dims=_size_table(raw.get("size_dims"), path, "size_dims", _check_size_dim))
+                                                _check_size_overrides),
+                     size_dims=_size_table(raw.get("size_dims"), path, "size_dims", _check_size_dims))
 
 
 def _base_runs_dir(base: Path) -> str:
