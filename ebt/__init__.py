@@ -9,8 +9,13 @@ Public API (kept stable; outside checks use it):
 EBT `loss` also accepts `init_logits` [B, S, V] (the thinking loop's start); by default it draws N(0,
 init_logit_std) noise from the global torch RNG. Pass explicit starts when comparing runs that split a batch
 differently (2-rank parity), and `draws` (ebt.draws.Draws) for every other random number (Langevin noise,
-per-token step sizes, repeated landscapes, replay picks). Under DDP call the wrapped module (forward == loss)
-once per backward. The options of the thinking loop reproduce the authors' code flag by flag (ebt.config;
+per-token step sizes, repeated landscapes, replay picks). Metrics are 0-d tensors on the model's device (no
+host sync inside a step; `float()` them to report). Under DDP call the wrapped module once per backward:
+forward == loss, except that a non-finite inner gradient is reported as metrics["nonfinite"] (a device flag)
+instead of raising NonFiniteEnergyGradientError, so a training step needs no host read to decide.
+`build_model` applies cfg.checkpointing (ebt.checkpointing.apply_checkpointing); ebt.experimental holds the
+measured alternatives (compiled inner gradient, attention implementations, step runners), not the default.
+The options of the thinking loop reproduce the authors' code flag by flag (ebt.config;
 docs/reference-differences.md; ebt.convert loads their weights).
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ebt.checkpointing import apply_checkpointing
 from ebt.config import ModelConfig
 from ebt.inference import ThinkResult, generate, think
 from ebt.mcmc import NonFiniteEnergyGradientError
@@ -29,7 +35,10 @@ from ebt.transformer import TransformerPlusPlus
 def build_model(cfg: ModelConfig) -> nn.Module:
     cfg.validate()
     if cfg.kind == "ebt":
-        return EnergyBasedTransformer(cfg)
+        model = EnergyBasedTransformer(cfg)
+        # Activation checkpointing is applied once, here, not inside forward ("auto": on first use, see there).
+        apply_checkpointing(model, cfg.checkpointing, cfg.remat_chunk)
+        return model
     return TransformerPlusPlus(cfg)
 
 

@@ -14,14 +14,22 @@ Policies (gradients are identical under all of them; tests/test_second_order_pol
   the step's inputs: the state and the step size (the real stream's keys/values and the parameters are
   shared by every step and alive anyway). Its backward recomputes the step with create_graph=True and runs
   the outer vector-Jacobian product through it, so one step's second-order graph is live at a time.
-  Compared with wrapping the step in torch.utils.checkpoint (`generic_step_runner`, kept for the benchmark),
-  the forward builds no double-backward graph at all and no saved-tensor hooks run.
+  Compared with wrapping the step in torch.utils.checkpoint (ebt.experimental's `generic_step_runner`, kept
+  for the benchmark), the forward builds no double-backward graph at all and no saved-tensor hooks run.
   With cfg.remat_chunk = n > 0 both passes run n sequences at a time (sequences never interact in the
   candidate stream), so only one chunk's second-order graph is ever live: at xxs, context 256, batch 8,
   V 8192, K=2 this is what brings the peak from 2.6x to 1.3-1.5x Transformer++'s (benchmarks/README.md).
 - "block+mcmc_step": both (the recomputed step checkpoints its blocks too).
-- "auto": ebt.planner picks the fastest (policy, remat_chunk) whose predicted peak fits cfg.memory_budget_gb,
-  once per micro-batch size (tracing tiny replicas costs a few seconds per option at the first step).
+- "auto": ebt.planner picks the fastest (policy, remat_chunk) whose predicted peak fits cfg.memory_budget_gb.
+  `ebt train` plans it before the model is built, for the micro-batch it then trains with
+  (launch/memory_plan.py), so its model gets a concrete policy. A model used directly with "auto" resolves it
+  ONCE, on its first training forward, for that forward's batch size (tracing tiny replicas costs a few
+  seconds per option), and keeps it: later batches of another size use the same policy.
+
+The policy is applied once, from outside the model, as torchtitan applies activation checkpointing:
+`apply_checkpointing(model, policy, remat_chunk)`, which `ebt.build_model` calls with the config's values. It
+sets the model's explicit attributes (checkpoint_policy, remat_chunk, step_runner and the energy model's
+checkpoint_blocks); nothing is configured inside `forward`.
 
 MFU: the trainer logs MFU from ebt.flops.train_flops_per_token, i.e. MODEL FLOPs; recompute added by a policy
 is not counted (the usual convention for activation checkpointing), so a recomputing policy shows a lower MFU
@@ -34,9 +42,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from ebt.mcmc import EnergyFn, StepRule, StepRunner, inner_gradient, mcmc_step
+from ebt.mcmc import UNCHECKED, EnergyFn, NonFiniteMonitor, StepRule, StepRunner, inner_gradient
 
 POLICIES = ("none", "block", "mcmc_step", "block+mcmc_step")
 
@@ -63,7 +70,10 @@ class RebindableEnergy:
 
     captured(): the non-parameter tensors it closes over that may carry gradient (the real stream's per-layer
     keys and values); rebind(tensors): the same energy over replacements for them; parameters(): the weights.
+    remat_chunk: sequences per recompute chunk (0: the whole batch at once).
     """
+
+    remat_chunk: int = 0
 
     def __call__(self, probs: torch.Tensor, step: int) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -89,6 +99,7 @@ class _StepSpec:
     n_params: int
     autocast: tuple[str, bool, torch.dtype] | None
     chunk: int  # sequences per recompute chunk (>= the batch: one chunk)
+    monitor: NonFiniteMonitor | None  # where the forward records the inner gradient's finiteness
 
 
 def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype] | None:
@@ -125,7 +136,7 @@ class RematerialisedStep(torch.autograd.Function):
             start = state[rows].detach()
             energy_fn = spec.energy_fn.rebind([t[rows].detach() for t in captured], rows)
             base, grad, energy = inner_gradient(energy_fn, start, spec.landscape, spec.rule, limit,
-                                                create_graph=False)
+                                                create_graph=False, monitor=spec.monitor)
             new = base.detach() - _batch_slice(step_size, rows, batch).detach() * grad
             if spec.rule.candidate_clamp > 0:
                 new = new.clamp(-spec.rule.candidate_clamp, spec.rule.candidate_clamp)
@@ -170,7 +181,7 @@ class RematerialisedStep(torch.autograd.Function):
                 leaves = [t[rows].detach().requires_grad_(t.requires_grad) for t in captured]
                 limit = spec.bound if bound is None else bound.detach().requires_grad_(need_bound)
                 base, grad, _ = inner_gradient(spec.energy_fn.rebind(leaves, rows), start, spec.landscape, rule,
-                                               limit, create_graph=True)
+                                               limit, create_graph=True, monitor=UNCHECKED)
                 size = _batch_slice(step_size, rows, batch).detach()
                 incoming = grad_new[rows]
                 if rule.candidate_clamp > 0:  # clamp passes gradient only inside [-c, c]
@@ -225,57 +236,55 @@ def _split_bound(bound) -> tuple[float | None, torch.Tensor | None]:
 
 
 def rematerialised_step_runner(
-    energy_fn: EnergyFn, state: torch.Tensor, step_size: torch.Tensor, landscape: int, rule: StepRule, bound
+    energy_fn: EnergyFn, state: torch.Tensor, step_size: torch.Tensor, landscape: int, rule: StepRule, bound,
+    monitor: NonFiniteMonitor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """StepRunner for "mcmc_step": the custom-Function implementation (the default)."""
     if not isinstance(energy_fn, RebindableEnergy):
         raise TypeError("checkpointing=mcmc_step needs an energy function with captured()/rebind()/parameters()")
     captured = energy_fn.captured()
     params = energy_fn.parameters()
-    chunk = getattr(energy_fn, "remat_chunk", 0) or state.shape[0]
+    chunk = energy_fn.remat_chunk or state.shape[0]
     constant, tensor = _split_bound(bound)
     spec = _StepSpec(energy_fn, landscape, rule, constant, len(captured), len(params),
-                     _autocast_state(state.device), chunk)
+                     _autocast_state(state.device), chunk, monitor)
     return RematerialisedStep.apply(spec, state, step_size, tensor, *captured, *params)
 
 
-def generic_step_runner(
-    energy_fn: EnergyFn, state: torch.Tensor, step_size: torch.Tensor, landscape: int, rule: StepRule, bound
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The straightforward recipe: the whole step inside one non-reentrant torch.utils.checkpoint.
+def apply_checkpointing(
+    model: torch.nn.Module, policy_name: str, remat_chunk: int = 0, step_runner: StepRunner | None = None
+) -> None:
+    """Set an EnergyBasedTransformer's activation checkpointing, once, from outside the model.
 
-    Kept as the benchmark's comparison point for RematerialisedStep; exact as well."""
-
-    def run(x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new, energy = mcmc_step(energy_fn, x, size, landscape, rule, bound, create_graph=True)
-        return new, energy.detach()
-
-    return checkpoint(run, state, step_size, use_reentrant=False)
-
-
-STEP_RUNNERS: dict[str, StepRunner] = {"function": rematerialised_step_runner, "generic": generic_step_runner}
-
-
-def configure(
-    model: torch.nn.Module, batch_size: int, step_impl: str = "function"
-) -> tuple[Policy, StepRunner | None]:
-    """Apply cfg.checkpointing to an EnergyBasedTransformer for this micro-batch; return the policy and the
-    step runner to hand to run_mcmc (None: plain steps). "auto" asks the planner (cached per batch size)."""
-    name, chunk = model.cfg.checkpointing, model.cfg.remat_chunk
-    if name == "auto":
-        from ebt.planner import choose
-
-        cache: dict = model.__dict__.setdefault("_auto_policy", {})
-        if batch_size not in cache:
-            device = next(model.parameters()).device
-            cache[batch_size] = choose(model.cfg, batch_size, device, model.cfg.memory_budget_gb)
-        name, chunk = cache[batch_size]
-    model.remat_chunk = chunk
-    policy = parse_policy(name)
+    policy_name: one of POLICIES, or "auto" (resolved by `resolve_auto` on the model's first training forward;
+    `ebt train` plans it before building the model instead). remat_chunk: sequences per "mcmc_step" recompute
+    chunk (0: the whole micro-batch). step_runner: runs every second-order MCMC step in place of the policy's
+    (None: RematerialisedStep under "mcmc_step" policies, plain steps otherwise); ebt.experimental passes its
+    measured alternatives here.
+    """
+    if policy_name == "auto":
+        model.checkpoint_policy = None
+        model.remat_chunk = remat_chunk
+        model.step_runner = step_runner  # an explicit runner survives the resolution
+        model.energy_model.checkpoint_blocks = False
+        return
+    policy = parse_policy(policy_name)
+    model.checkpoint_policy = policy
+    model.remat_chunk = remat_chunk
     model.energy_model.checkpoint_blocks = policy.block
-    runner = STEP_RUNNERS[step_impl] if policy.step else None
-    return policy, runner
+    if step_runner is None and policy.step:
+        step_runner = rematerialised_step_runner
+    model.step_runner = step_runner
 
+
+def resolve_auto(model: torch.nn.Module, batch_size: int) -> Policy:
+    """"auto" for a model used without a plan: ask the planner for this batch size, apply its choice, keep it."""
+    from ebt.planner import choose
+
+    device = next(model.parameters()).device
+    name, chunk = choose(model.cfg, batch_size, device, model.cfg.memory_budget_gb)
+    apply_checkpointing(model, name, chunk, step_runner=model.step_runner)
+    return model.checkpoint_policy
 
 
 def hardware_flops_per_token(cfg, policy: str | None = None) -> float:

@@ -29,6 +29,42 @@ class NonFiniteEnergyGradientError(FloatingPointError):
     """The inner gradient dE/dcandidates contained NaN or inf; the trainer skips such a step."""
 
 
+class NonFiniteMonitor:
+    """Whether any inner gradient of one forward was non-finite, kept on the device.
+
+    Checking each step's gradient on the host (`bool(isfinite(grad).all())`) stalls a GPU once per MCMC step
+    until everything queued so far has run. Instead each step ANDs its finiteness into a device flag, and the
+    caller reads it once, where it decides anyway (the trainer: with its one host read per optimizer step), or
+    calls `raise_if_nonfinite()` as an explicit check outside the hot path (the model's direct `loss()`).
+    """
+
+    def __init__(self, record: bool = True) -> None:
+        self.record = record  # False: the recompute of a step whose forward was already checked
+        self.flags: list[tuple[int, torch.Tensor]] = []  # (landscape, 0-d bool: that step's gradient was bad)
+
+    def observe(self, grad: torch.Tensor, landscape: int) -> None:
+        if self.record:  # detached: isfinite's abs() would otherwise join the second-order graph
+            self.flags.append((landscape, ~torch.isfinite(grad.detach()).all()))
+
+    @property
+    def any_nonfinite(self) -> torch.Tensor | None:
+        """A 0-d bool tensor (True: some step's gradient had NaN/inf); None when no step was observed."""
+        if not self.flags:
+            return None
+        return torch.stack([flag for _, flag in self.flags]).any()
+
+    def raise_if_nonfinite(self) -> None:
+        """The explicit check (one host read): raise NonFiniteEnergyGradientError naming the first bad step."""
+        bad = self.any_nonfinite
+        if bad is not None and bool(bad):
+            landscape = next(step for step, flag in self.flags if bool(flag))
+            raise NonFiniteEnergyGradientError(f"non-finite dE/dcandidates at MCMC step {landscape}")
+
+
+# The recompute of a step in the outer backward: same values as its checked forward, nothing to record.
+UNCHECKED = NonFiniteMonitor(record=False)
+
+
 @dataclass(frozen=True)
 class StepRule:
     """What one step does besides evaluating the energy: phi, what it differentiates, the state clamp."""
@@ -42,10 +78,12 @@ class StepRule:
         return self.normalize and self.probs_update
 
 
-# (energy_fn, state, step_size, landscape, rule, bound) -> (new state, energy); must equal
-# mcmc_step(..., create_graph=True). ebt.checkpointing's runners rematerialise the step in the outer backward.
+# (energy_fn, state, step_size, landscape, rule, bound, monitor) -> (new state, energy); must equal
+# mcmc_step(..., create_graph=True, monitor=monitor). ebt.checkpointing's runner rematerialises the step in the
+# outer backward; ebt.experimental holds measured alternatives.
 StepRunner = Callable[
-    [EnergyFn, torch.Tensor, torch.Tensor, int, StepRule, Bound], tuple[torch.Tensor, torch.Tensor]
+    [EnergyFn, torch.Tensor, torch.Tensor, int, StepRule, Bound, "NonFiniteMonitor | None"],
+    tuple[torch.Tensor, torch.Tensor],
 ]
 
 
@@ -91,11 +129,14 @@ def inner_gradient(
     bound: Bound = None,
     *,
     create_graph: bool,
+    monitor: NonFiniteMonitor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(base, dE/dbase clamped to +-bound, E) at `state`; the step is base - alpha * grad.
 
     base is phi(state) under the probs update (the reference differentiates w.r.t. the softmaxed candidate),
-    else the state itself.
+    else the state itself. A non-finite gradient (before the clamp, which would hide an inf) is recorded in
+    `monitor` on the device; without a monitor it raises NonFiniteEnergyGradientError at once (a host read:
+    fine for a direct call, not for a training step).
     """
     with torch.enable_grad():
         if rule.steps_from_candidate and not state.requires_grad:
@@ -108,7 +149,9 @@ def inner_gradient(
         base = x if rule.steps_from_candidate else state
         energy = energy_fn(x, landscape)
         (grad,) = torch.autograd.grad(energy.sum(), base, create_graph=create_graph)
-    if not bool(torch.isfinite(grad).all()):
+    if monitor is not None:
+        monitor.observe(grad, landscape)
+    elif not bool(torch.isfinite(grad).all()):
         raise NonFiniteEnergyGradientError(f"non-finite dE/dcandidates at MCMC step {landscape}")
     if bound is not None:
         grad = torch.clamp(grad, -bound, bound)
@@ -126,9 +169,11 @@ def mcmc_step(
     bound: Bound = None,
     *,
     create_graph: bool,
+    monitor: NonFiniteMonitor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One descent step: (base - step_size * grad, E)."""
-    base, grad, energy = inner_gradient(energy_fn, state, landscape, rule, bound, create_graph=create_graph)
+    base, grad, energy = inner_gradient(energy_fn, state, landscape, rule, bound, create_graph=create_graph,
+                                        monitor=monitor)
     new = base - step_size * grad
     if rule.candidate_clamp > 0:
         new = new.clamp(-rule.candidate_clamp, rule.candidate_clamp)
@@ -150,6 +195,7 @@ def run_mcmc(
     noise: NoiseFn | None = None,
     bound: Bound = None,
     step_runner: StepRunner | None = None,
+    monitor: NonFiniteMonitor | None = None,
 ) -> Trajectory:
     """Run one step per entry of `landscapes` (an int n: landscapes 0..n-1) from `init_state` [B, S, V].
 
@@ -158,6 +204,7 @@ def run_mcmc(
     `step_size` is alpha, or alpha per token [B, S, 1]; `noise` draws the Langevin noise of each step.
     step_runner: runs each second-order step in place of `mcmc_step` (same result); ebt.checkpointing uses it
     to rematerialise a step's graph during the outer backward.
+    monitor: collects the inner gradients' finiteness on the device (None: a non-finite one raises at once).
     """
     plan = list(range(landscapes)) if isinstance(landscapes, int) else list(landscapes)
     if not plan:
@@ -174,10 +221,10 @@ def run_mcmc(
             state = state + noise_std * noise(index, state)
         trajectory.last_input = state
         if second_order and step_runner is not None:
-            state, energy = step_runner(energy_fn, state, step_size, landscape, rule, bound)
+            state, energy = step_runner(energy_fn, state, step_size, landscape, rule, bound, monitor)
         else:
             state, energy = mcmc_step(energy_fn, state, step_size, landscape, rule, bound,
-                                      create_graph=second_order)
+                                      create_graph=second_order, monitor=monitor)
         if noisy and loop.langevin_placement == "after_update":
             state = state + noise_std * noise(index, state)
         trajectory.logits.append(state)

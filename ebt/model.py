@@ -5,14 +5,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ebt.checkpointing import RebindableEnergy
-from ebt.checkpointing import configure as configure_checkpointing
+from ebt.checkpointing import Policy, RebindableEnergy, resolve_auto
 from ebt.config import ModelConfig
 from ebt.draws import Draws
 from ebt.energy import EnergyTransformer, RealContext
 from ebt.inference import think
 from ebt.losses import contrastive_energy_loss, contrastive_softmax_loss, smoothing_schedule, token_cross_entropy
-from ebt.mcmc import ThinkingLoop, Trajectory, candidate, run_mcmc
+from ebt.mcmc import (
+    NonFiniteEnergyGradientError,
+    NonFiniteMonitor,
+    StepRunner,
+    ThinkingLoop,
+    Trajectory,
+    candidate,
+    run_mcmc,
+)
 from ebt.replay import ReplayBuffer
 from ebt.validation import check_candidates, check_positive_int, check_tokens
 
@@ -44,6 +51,14 @@ class ContextEnergy(RebindableEnergy):
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
+def _finite_chains(final: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """The final candidates to store in the replay buffer, with any sequence whose chain went non-finite put back
+    at its start: a NaN chain in the buffer would make every later batch that replays it non-finite. A device
+    select rather than a host decision (the step that produced it is skipped, which the host learns later)."""
+    finite = torch.isfinite(final).flatten(1).all(dim=1)
+    return torch.where(finite[:, None, None], final, starts.to(final.dtype))
+
+
 class EnergyBasedTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -59,10 +74,12 @@ class EnergyBasedTransformer(nn.Module):
             ReplayBuffer(cfg.replay_capacity, cfg.replay_fraction) if cfg.replay_capacity > 0 else None
         )
         self.thinking_loop = ThinkingLoop.from_config(cfg)
-        # How "mcmc_step" checkpointing runs a step: "function" (RematerialisedStep) or "generic" (benchmarks).
-        self.step_impl = "function"
-        # A StepRunner replacing every second-order step (ebt.compiled's functional/compiled inner gradient).
-        self.step_runner_override = None
+        # Activation checkpointing, set once from outside by ebt.checkpointing.apply_checkpointing (ebt.build_model
+        # applies cfg.checkpointing); runtime switches, not weights. checkpoint_policy None is an unresolved
+        # "auto", which the first training forward resolves (ebt.checkpointing.resolve_auto).
+        self.checkpoint_policy: Policy | None = Policy(block=False, step=False)
+        self.remat_chunk = 0  # sequences per "mcmc_step" recompute chunk (0: the whole batch)
+        self.step_runner: StepRunner | None = None  # runs each second-order step (None: plain mcmc_step)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -96,7 +113,7 @@ class EnergyBasedTransformer(nn.Module):
         variant allows."""
         if context is None and self.cfg.caches_context:
             context = self.energy_model.context(tokens)
-        return ContextEnergy(self.energy_model, tokens, context, getattr(self, "remat_chunk", self.cfg.remat_chunk))
+        return ContextEnergy(self.energy_model, tokens, context, self.remat_chunk)
 
     def initial_logits(self, shape: tuple[int, ...], like: torch.Tensor, generator=None) -> torch.Tensor:
         noise = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -138,13 +155,29 @@ class EnergyBasedTransformer(nn.Module):
 
     # ---- training loss -------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, init_logits: torch.Tensor | None = None, draws: Draws | None = None):
-        return self.loss(tokens, init_logits, draws)
+        """The training entry point (what DDP and FSDP call): `loss` without its host-side finiteness check.
 
-    def loss(self, tokens: torch.Tensor, init_logits: torch.Tensor | None = None, draws: Draws | None = None):
+        A non-finite inner gradient does not raise here: metrics["nonfinite"] is a 0-d bool on the device, which
+        the trainer reads with its one host read per optimizer step. An inner-gradient error raised inside the
+        forward anyway (a step runner that checks on the host, ebt.experimental's) becomes a zero loss over every
+        parameter with that flag set, so this rank's backward still runs every hook and collective (DDP's
+        all-reduce, FSDP's reduce-scatter) that the other ranks' backwards run; the step is then skipped."""
+        try:
+            return self.loss(tokens, init_logits, draws, check_finite=False)
+        except NonFiniteEnergyGradientError:
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return zero, {"nonfinite": torch.ones((), dtype=torch.bool, device=zero.device)}
+
+    def loss(self, tokens: torch.Tensor, init_logits: torch.Tensor | None = None, draws: Draws | None = None, *,
+             check_finite: bool = True):
         """Mean CE over the thinking steps for tokens [B, S+1]; returns (loss, metrics).
 
         init_logits [B, S, V]: the chains' starts (default: N(0, init_logit_std^2) from the global RNG).
         draws: the source of every other random number (ebt.draws.Draws).
+        metrics: 0-d detached tensors on the model's device (loss, ce, ppl, ce_step_<k>, alpha, energy_gap),
+        converted by whoever reports them, plus the host counts replayed and mcmc_steps (floats).
+        check_finite: raise NonFiniteEnergyGradientError if an inner gradient was NaN/inf (one host read after
+        the loop); False (what `forward` passes) reports it as metrics["nonfinite"] instead.
         """
         cfg = self.cfg
         check_tokens("tokens", tokens, cfg.vocab_size, cfg.context_length + 1)
@@ -167,11 +200,11 @@ class EnergyBasedTransformer(nn.Module):
         plan = self.landscape_plan(training, draws)
         step_size = self.step_size((tokens.shape[0], length, 1), training, draws)
 
-        _, step_runner = configure_checkpointing(self, tokens.shape[0], self.step_impl)
-        if self.step_runner_override is not None:
-            step_runner = self.step_runner_override
+        if self.checkpoint_policy is None:
+            resolve_auto(self, tokens.shape[0])  # a model used directly with "auto": planned once, here
         energy = self.energy_fn(inputs)
         noise_std = self.langevin_std if training or cfg.langevin_in_eval else 0.0
+        monitor = NonFiniteMonitor()
         trajectory = run_mcmc(
             energy,
             init_logits,
@@ -182,22 +215,27 @@ class EnergyBasedTransformer(nn.Module):
             noise_std=noise_std,
             noise=draws.langevin,
             bound=self.grad_bound(),
-            step_runner=step_runner,
+            step_runner=self.step_runner,
+            monitor=monitor,
         )
+        if check_finite:
+            monitor.raise_if_nonfinite()
         loss, metrics = self._trajectory_loss(trajectory, targets)
         if cfg.contrastive_weight > 0:
             loss = loss + cfg.contrastive_weight * self._contrastive(energy, trajectory, targets)
         if training and self.replay_buffer is not None:
-            self.replay_buffer.push(fresh_tokens, trajectory.logits[-1][:fresh])
-        metrics.update(alpha=float(self.alpha.detach()), replayed=float(replayed), mcmc_steps=float(len(plan)))
-        metrics["energy_gap"] = float(trajectory.energies[0].mean() - trajectory.energies[-1].mean())
+            self.replay_buffer.push(fresh_tokens, _finite_chains(trajectory.logits[-1][:fresh], init_logits[:fresh]))
+        metrics.update(alpha=self.alpha.detach(), replayed=float(replayed), mcmc_steps=float(len(plan)))
+        metrics["energy_gap"] = trajectory.energies[0].mean() - trajectory.energies[-1].mean()
+        if not check_finite:
+            metrics["nonfinite"] = monitor.any_nonfinite
         return loss, metrics
 
     def _trajectory_loss(self, trajectory: Trajectory, targets: torch.Tensor):
         cfg = self.cfg
         steps = len(trajectory.logits)
         smoothing = smoothing_schedule(cfg.label_smoothing_start, cfg.label_smoothing_end, steps)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor | float] = {}
         step_losses = []
         for step, logits in enumerate(trajectory.logits):
             ce = token_cross_entropy(logits, targets, cfg.ignore_index, smoothing[step])
@@ -205,10 +243,10 @@ class EnergyBasedTransformer(nn.Module):
             if smoothing[step] > 0:
                 with torch.no_grad():
                     ce = token_cross_entropy(logits, targets, cfg.ignore_index)
-            metrics[f"ce_step_{step}"] = float(ce.detach())
+            metrics[f"ce_step_{step}"] = ce.detach()
         loss = step_losses[-1] if cfg.truncate else torch.stack(step_losses).mean()
         final_ce = metrics[f"ce_step_{steps - 1}"]
-        metrics.update(loss=float(loss.detach()), ce=final_ce, ppl=float(torch.tensor(final_ce).exp()))
+        metrics.update(loss=loss.detach(), ce=final_ce, ppl=final_ce.exp())
         return loss, metrics
 
     def _contrastive(self, energy, trajectory: Trajectory, targets: torch.Tensor) -> torch.Tensor:

@@ -36,5 +36,5 @@ class TransformerPlusPlus(nn.Module):
             raise ValueError(f"tokens: need at least 2 positions (inputs + targets), got {tokens.shape[1]}")
         logits, _ = self.logits(tokens[:, :-1])
         loss = token_cross_entropy(logits, tokens[:, 1:], self.cfg.ignore_index)
-        ce = float(loss.detach())
-        return loss, {"loss": ce, "ce": ce, "ppl": float(torch.tensor(ce).exp())}
+        ce = loss.detach()  # metrics stay on the device (no host sync per step); reporters convert them
+        return loss, {"loss": ce, "ce": ce, "ppl": ce.exp()}

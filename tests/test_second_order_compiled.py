@@ -4,7 +4,8 @@ import torch
 from ebt_factories import tiny_model
 from test_second_order_policies import assert_same, loss_and_grads
 
-from ebt.compiled import enable_compiled_inner_gradient, make_jvp_step_runner
+from ebt.experimental.compiled import enable_compiled_inner_gradient, make_jvp_step_runner
+from ebt.experimental.step_runners import use_step_runner
 
 
 def pair(**overrides):
@@ -32,7 +33,7 @@ def test_functional_path_falls_back_to_plain_steps_without_a_context_cache():
 
 def test_forward_over_reverse_step_matches_double_backward():
     reference, jvp, tokens, init_logits = pair()
-    jvp.step_runner_override = make_jvp_step_runner(jvp.energy_model)
+    use_step_runner(jvp, make_jvp_step_runner(jvp.energy_model))
     assert_same(loss_and_grads(reference, tokens, init_logits), loss_and_grads(jvp, tokens, init_logits))
 
 
@@ -49,4 +50,4 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     with pytest.warns(UserWarning, match="compiled inner gradient failed"):
         result = loss_and_grads(compiled, tokens, init_logits)
     assert_same(loss_and_grads(reference, tokens, init_logits), result)
-    assert compiled.step_runner_override.inner.failed
+    assert compiled.step_runner.inner.failed

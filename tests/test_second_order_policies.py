@@ -8,6 +8,7 @@ from ebt_factories import tiny_model
 
 from ebt import ModelConfig
 from ebt.checkpointing import parse_policy
+from ebt.experimental.step_runners import use_step_impl
 
 # "policy/n": recompute n sequences at a time (cfg.remat_chunk); the test batch has 3 sequences.
 POLICIES = ["block", "mcmc_step", "block+mcmc_step", "mcmc_step/1", "block+mcmc_step/2"]
@@ -42,7 +43,8 @@ def compare(policies, steps=2, impl="function", **overrides):
     for spec in policies:
         policy, _, chunk = spec.partition("/")
         model = tiny_model(mcmc_steps=steps, checkpointing=policy, remat_chunk=int(chunk or 0), **overrides)
-        model.step_impl = impl
+        if impl != "function":  # the default RematerialisedStep needs nothing
+            use_step_impl(model, impl)
         model.load_state_dict(reference_model.state_dict())
         assert_same(reference, loss_and_grads(model, tokens, init_logits))
 

@@ -12,6 +12,8 @@ aot_autograd compiles that (first-order) backward, which is the second-order ter
 - `jvp_step_runner`: the "mcmc_step" recompute, but the outer VJP is taken by forward-over-reverse: a JVP of
   the full gradient (d/dlogits, d/dparams, d/dcontext of sum E) along the cotangent, instead of a double
   backward through a retained graph. benchmarks/second_order.py measures it against RematerialisedStep.
+
+Both are handed to a model with ebt.experimental.step_runners.use_step_runner (apply_checkpointing underneath).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ebt.energy import EnergyTransformer, RealContext
-from ebt.mcmc import NonFiniteEnergyGradientError, StepRule, mcmc_step
+from ebt.experimental.step_runners import use_step_runner
+from ebt.mcmc import NonFiniteEnergyGradientError, NonFiniteMonitor, StepRule, mcmc_step
 
 
 def _logits_rule(rule: StepRule, bound) -> bool:
@@ -77,6 +80,14 @@ class InnerGradient:
         return functional_inner_gradient(self.wrapper, logits, params, keys, values, offset, step)
 
 
+def _check(grad: torch.Tensor, step: int, monitor: NonFiniteMonitor | None) -> None:
+    """Record the gradient's finiteness on the device, or (no monitor: a direct call) raise at once."""
+    if monitor is not None:
+        monitor.observe(grad, step)
+    elif not bool(torch.isfinite(grad).all()):
+        raise NonFiniteEnergyGradientError(f"non-finite dE/dlogits at MCMC step {step}")
+
+
 def _parameters(wrapper: _CandidateEnergy) -> dict[str, torch.Tensor]:
     return {name: p for name, p in wrapper.named_parameters()}
 
@@ -85,15 +96,14 @@ def make_functional_step_runner(model: EnergyTransformer, compile: bool = True):
     """A StepRunner computing each second-order step through `InnerGradient` (policy "none" only)."""
     inner = InnerGradient(model, compile=compile)
 
-    def runner(energy_fn, logits, step_size, step, rule, bound):
+    def runner(energy_fn, logits, step_size, step, rule, bound, monitor=None):
         context = getattr(energy_fn, "context", None)
         if context is None or not _logits_rule(rule, bound):
             # time_embed / no cache: the real stream is inside the step; other update rules: stay eager
-            return mcmc_step(energy_fn, logits, step_size, step, rule, bound, create_graph=True)
+            return mcmc_step(energy_fn, logits, step_size, step, rule, bound, create_graph=True, monitor=monitor)
         grad, energy = inner(logits, _parameters(inner.wrapper), tuple(context.keys), tuple(context.values),
                              context.offset, step)
-        if not bool(torch.isfinite(grad).all()):
-            raise NonFiniteEnergyGradientError(f"non-finite dE/dlogits at MCMC step {step}")
+        _check(grad, step, monitor)
         if bound is not None:
             grad = grad.clamp(-bound, bound)
         return logits - step_size * grad, energy
@@ -104,7 +114,7 @@ def make_functional_step_runner(model: EnergyTransformer, compile: bool = True):
 
 def enable_compiled_inner_gradient(ebt_model: nn.Module, compile: bool = True) -> None:
     """Route an EnergyBasedTransformer's plain second-order steps through the (compiled) functional gradient."""
-    ebt_model.step_runner_override = make_functional_step_runner(ebt_model.energy_model, compile=compile)
+    use_step_runner(ebt_model, make_functional_step_runner(ebt_model.energy_model, compile=compile))
 
 
 # ---------------------------------------------------------------------------------------------- forward-over-reverse
@@ -114,13 +124,13 @@ class _JvpStep(torch.autograd.Function):
     """Like RematerialisedStep, but the backward is a JVP of the full gradient (forward-over-reverse)."""
 
     @staticmethod
-    def forward(ctx, wrapper, step, logits, step_size, offset, n_layers, *tensors):  # type: ignore[override]
+    def forward(ctx, wrapper, step, logits, step_size, offset, n_layers, monitor,  # type: ignore[override]
+                *tensors):
         keys, values = tensors[:n_layers], tensors[n_layers : 2 * n_layers]
         params = dict(zip([n for n, _ in wrapper.named_parameters()], tensors[2 * n_layers :], strict=True))
         with torch.no_grad():
             grad, energy = functional_inner_gradient(wrapper, logits, params, keys, values, offset, step)
-        if not bool(torch.isfinite(grad).all()):
-            raise NonFiniteEnergyGradientError(f"non-finite dE/dlogits at MCMC step {step}")
+        _check(grad, step, monitor)
         ctx.wrapper, ctx.step, ctx.offset, ctx.n_layers = wrapper, step, offset, n_layers
         ctx.save_for_backward(logits, step_size, *tensors)
         ctx.mark_non_differentiable(energy)
@@ -144,7 +154,7 @@ class _JvpStep(torch.autograd.Function):
         with torch.no_grad():
             (grad, *_), (t_x, t_params, t_keys, t_values) = torch.func.jvp(full_gradient, (logits,), (direction,))
         size_grad = -(grad * grad_new).sum_to_size(step_size.shape)
-        return (None, None, grad_new + t_x, size_grad, None, None, *t_keys, *t_values,
+        return (None, None, grad_new + t_x, size_grad, None, None, None, *t_keys, *t_values,
                 *[t_params[name] for name in names])
 
 
@@ -152,12 +162,12 @@ def make_jvp_step_runner(model: EnergyTransformer):
     """StepRunner for "mcmc_step" via forward-over-reverse (cached context, no grad_clamp); measured only."""
     wrapper = _CandidateEnergy(model)
 
-    def runner(energy_fn, logits, step_size, step, rule, bound):
+    def runner(energy_fn, logits, step_size, step, rule, bound, monitor=None):
         context = getattr(energy_fn, "context", None)
         if context is None or bound is not None or not _logits_rule(rule, None):
             raise ValueError("the forward-over-reverse step needs a cached context, the logits update and no clamp")
         params = [p for _, p in wrapper.named_parameters()]
-        return _JvpStep.apply(wrapper, step, logits, step_size, context.offset, len(context.keys),
+        return _JvpStep.apply(wrapper, step, logits, step_size, context.offset, len(context.keys), monitor,
                               *context.keys, *context.values, *params)
 
     return runner
