@@ -6,6 +6,9 @@ handed, and torch's DataLoader returns results in submission order. The position
 handed to the caller, never when a worker prefetches, so `state_dict()` is exact whatever the worker count,
 and the worker count may change between save and resume. A fresh (non-persistent) DataLoader is started on
 each resume, so no worker keeps stale epoch state (the persistent_workers pitfall).
+
+Every batch is validated here, once, on the host (check_token_batch: each id inside the tokenizer's vocabulary)
+before it becomes a tensor, so the model need not read the tokens back from the device in each step.
 """
 
 from __future__ import annotations
@@ -24,6 +27,28 @@ from .shards import PackedShards
 _WINDOWS_PER_TASK = 64
 
 
+def check_token_batch(tokens: np.ndarray, vocab_size: int, where: str) -> np.ndarray:
+    """`tokens` unchanged if every id lies in [0, vocab_size); else a ValueError naming the id and the shards.
+
+    Checked on the numpy array (microseconds for a batch): shards written with another tokenizer, or damaged
+    ones, are caught before anything reaches the model, which then only keeps a device-side assert."""
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} in {where} is outside the vocabulary [0, {vocab_size}) of the tokenizer "
+                         "the shards were made with; the shard directory is damaged: delete it to prepare it again")
+    return tokens
+
+
+def _vocab_size(shards: PackedShards) -> int:
+    return int(shards.manifest["tokenizer"]["vocab_size"])
+
+
+def _read(shards: PackedShards, windows: np.ndarray) -> np.ndarray:
+    """Windows [len(windows), L + 1] of `shards`, validated (check_token_batch)."""
+    return check_token_batch(shards.read(windows), _vocab_size(shards), repr(shards.dir))
+
+
 def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)  # several processes share few cores; OpenMP spinning costs 10-40x
 
@@ -37,7 +62,7 @@ class _WindowReader(Dataset):
 
     def __getitem__(self, windows) -> torch.Tensor:  # noqa: ANN001 - [G, B] index array from the sampler
         groups, batch = windows.shape
-        return torch.from_numpy(self.shards.read(windows.reshape(-1))).view(groups, batch, -1)
+        return torch.from_numpy(_read(self.shards, windows.reshape(-1))).view(groups, batch, -1)
 
 
 class _IndexBatches:
@@ -69,7 +94,7 @@ def _shard_batches(shards: PackedShards, position: _Position, *, seed: int, rank
     # later cyclic GC, where worker shutdown waits out its timeouts.
     start = (seed, shards.n_windows, world_size, rank, position.epoch, position.offset, batch_size)
     if num_workers == 0:
-        source: Any = (torch.from_numpy(shards.read(idx)) for idx in rank_batches(*start))
+        source: Any = (torch.from_numpy(_read(shards, idx)) for idx in rank_batches(*start))
     else:
         sampler = _IndexBatches(*start, group=max(1, _WINDOWS_PER_TASK // batch_size))
         groups = DataLoader(_WindowReader(shards), batch_size=None, sampler=sampler, num_workers=num_workers,
@@ -160,7 +185,7 @@ class ShardEvalLoader:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for start in range(0, len(self.windows), self.batch_size):
-            yield torch.from_numpy(self.shards.read(self.windows[start:start + self.batch_size]))
+            yield torch.from_numpy(_read(self.shards, self.windows[start:start + self.batch_size]))
 
 
 def global_eval_share(loader: Iterable[torch.Tensor], *, limit: int, rank: int, world_size: int,
