@@ -1,4 +1,10 @@
-"""`ebt tokenizer train` and `ebt data prepare`: thin wrappers that build a DataConfig from flags."""
+"""`ebt tokenizer train` and `ebt data prepare`: thin wrappers that build a DataConfig from flags.
+
+This lives in launch/, not data_pipeline/: `--config` reads a training YAML through launch.config, and the data
+package must not import the layer above it. Registration is argparse only; data_pipeline (whose package import
+loads torch) and launch.config are imported when a command runs, so `ebt --help` stays fast
+(tests/test_cli_imports.py).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,10 @@ import argparse
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
-from .api import ensure_tokenizer, prepare_if_needed
-from .config import DataConfig
-from .sources import build_source
-from .tokenizer import META_FILE, MODEL_FILE, load_meta, tokenizer_exists
+if TYPE_CHECKING:
+    from data_pipeline.config import DataConfig
 
 
 def _source_flags(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +37,8 @@ def _source_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, **extra: object) -> DataConfig:
+    from data_pipeline.config import DataConfig
+
     return DataConfig(source=args.source, text_field=args.text_field, hf_config=args.hf_config,
                       hf_split=args.hf_split, hf_data_files=args.data_files, max_bytes=args.max_bytes,
                       include_docs=not args.no_docs, cache_dir=args.cache_dir, vocab_size=args.vocab_size,
@@ -39,6 +46,10 @@ def _config(args: argparse.Namespace, **extra: object) -> DataConfig:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
+    from data_pipeline.api import ensure_tokenizer
+    from data_pipeline.sources import build_source
+    from data_pipeline.tokenizer import META_FILE, MODEL_FILE, load_meta, tokenizer_exists
+
     cfg = _config(args, tokenizer=args.out)
     start = time.perf_counter()
     source = build_source(cfg)
@@ -66,6 +77,8 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
+    from data_pipeline.api import prepare_if_needed
+
     if args.config:
         # Exactly the data a training run of this config will use (its `data:` section and overrides).
         from launch.config import load_config
