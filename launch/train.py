@@ -1,4 +1,8 @@
-"""`ebt train` and `ebt export`, and `run_training(cfg)` for programmatic use (Slurm, eval, tests)."""
+"""`ebt train` and `ebt export`, and `run_training(cfg)` for programmatic use (Slurm, eval, tests).
+
+`ebt --help` imports this module to register the commands, so it imports only the standard library and
+launch.signals at module level; launch.config and launch.resume (both load torch) are imported where used.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,16 @@ import argparse
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from launch.config import TrainConfig, load_config
-from launch.resume import ALLOW_FLAG, check_resume, final_line, finished
 from launch.signals import PREEMPTED_EXIT_CODE
+
+if TYPE_CHECKING:
+    from launch.config import TrainConfig
+
+# launch.resume.ALLOW_FLAG, spelled here so that registering the flag does not import launch.resume (and with it
+# torch); tests/test_cli_imports.py checks that the two agree.
+ALLOW_FLAG = "--allow-schedule-change"
 
 
 def run_training(cfg: TrainConfig, log=None, allow_schedule_change: bool = False) -> dict[str, Any]:
@@ -180,6 +189,9 @@ def _launch_local_processes(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from launch.config import load_config
+    from launch.resume import check_resume, final_line, finished
+
     if args.nproc < 1:
         raise ValueError(f"--nproc: must be >= 1, got {args.nproc}")
     configs = [c for c in args.configs if c.endswith((".yaml", ".yml")) or "=" not in c]
@@ -220,6 +232,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _print_finished(cfg: TrainConfig, row: dict[str, Any]) -> None:
+    from launch.resume import final_line
+
     print(f"{cfg.run_dir} is already finished (step {row['step']}, trainer.max_steps={cfg.trainer.max_steps}): "
           f"nothing to train or evaluate. To train it further raise trainer.max_steps and pass {ALLOW_FLAG}; "
           "for a new run pick a new name=.")

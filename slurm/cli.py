@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from slurm.spec import load_spec
+# Registration is argparse only (`ebt --help` imports this module): slurm.spec, submit and report, and through
+# them launch.config and submitit, are imported by the command that runs.
 
 
 def _submit(args: argparse.Namespace) -> int:
     from launch.cli import UserError
+    from slurm.spec import load_spec
     from slurm.submit import submit
 
     spec = load_spec(args.spec, sweep_dir=args.sweep_dir)
@@ -25,6 +27,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from slurm.report import status
+    from slurm.spec import load_spec
 
     status(load_spec(args.spec, sweep_dir=args.sweep_dir), as_json=args.json)
     return 0
@@ -32,6 +35,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace) -> int:
     from slurm.report import collect
+    from slurm.spec import load_spec
 
     collect(load_spec(args.spec, sweep_dir=args.sweep_dir), out_path=args.out, parquet=not args.no_parquet)
     return 0
