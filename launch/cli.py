@@ -69,4 +69,8 @@ def _is_rank_lost(error: BaseException) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m launch.cli` runs this file as __main__, a second copy of the module: commands raise
+    # launch.cli.UserError (slurm/cli.py), which __main__'s own UserError would not catch. Run the imported copy.
+    from launch.cli import main as imported_main
+
+    sys.exit(imported_main())
