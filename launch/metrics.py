@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import resource
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +23,33 @@ from launch.fsutil import atomic_write_text
 
 # Fields of a metrics row that measure wall time or the machine, not training: they legitimately differ between
 # an uninterrupted run and a resumed one. Everything else in a row must match bit for bit.
-TIMING_FIELDS = frozenset({"time", "tokens_per_s", "mfu", "peak_mem_mb", "compute_frac", "data_frac", "eval_s"})
+TIMING_FIELDS = frozenset({"time", "tokens_per_s", "mfu", "peak_mem_mb", "compute_frac", "data_frac", "eval_s",
+                           "peak_flops_source"})
 
-# Dense bf16 peak FLOP/s per device by CUDA device name fragment (vendor data sheets, no sparsity).
-CUDA_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                  "L4": 121e12, "V100": 125e12, "4090": 165e12, "3090": 71e12}
+# Dense peak FLOP/s per precision (no structured sparsity: the data sheets' starred figures halved), from the
+# vendors' data sheets, by a fragment of torch.cuda.get_device_name(). Matched longest fragment first, so
+# "H100 PCIe" wins over "H100" and "A100" over "A10". "tf32" is fp32 matmuls on tensor cores (what torch runs
+# when float32_matmul_precision is "high"/"medium"); "fp16"/"bf16" accumulate in fp32, as torch's matmuls do
+# (GeForce cards run that at half their fp16-accumulate rate).
+CUDA_PEAKS: dict[str, dict[str, float]] = {
+    "H200 NVL": {"fp32": 60e12, "tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12},
+    "H200": {"fp32": 67e12, "tf32": 494.5e12, "bf16": 989.5e12, "fp16": 989.5e12},  # SXM
+    "H100 NVL": {"fp32": 60e12, "tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12},
+    "H100 PCIe": {"fp32": 51e12, "tf32": 378e12, "bf16": 756.5e12, "fp16": 756.5e12},
+    "H100": {"fp32": 67e12, "tf32": 494.5e12, "bf16": 989.5e12, "fp16": 989.5e12},  # SXM ("H100 80GB HBM3")
+    "A100": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
+    "L40S": {"fp32": 91.6e12, "tf32": 183e12, "bf16": 362.05e12, "fp16": 362.05e12},
+    "A10G": {"fp32": 31.2e12, "tf32": 62.5e12, "bf16": 125e12, "fp16": 125e12},  # AWS's A10: the A10 sheet
+    "A10": {"fp32": 31.2e12, "tf32": 62.5e12, "bf16": 125e12, "fp16": 125e12},
+    "L4": {"fp32": 30.3e12, "tf32": 60e12, "bf16": 121e12, "fp16": 121e12},
+    "V100-PCIE": {"fp32": 14e12, "fp16": 112e12},  # no bf16 or tf32 on Volta
+    "V100": {"fp32": 15.7e12, "fp16": 125e12},  # SXM2
+    "4090": {"fp32": 82.6e12, "tf32": 82.6e12, "bf16": 165.2e12, "fp16": 165.2e12},
+    "3090": {"fp32": 35.6e12, "tf32": 35.6e12, "bf16": 71e12, "fp16": 71e12},
+}
+_BY_LENGTH = sorted(CUDA_PEAKS, key=len, reverse=True)
+# The bf16 column alone, longest fragment first (benchmarks/gpu_step.py reads it).
+CUDA_PEAK_BF16 = {key: CUDA_PEAKS[key]["bf16"] for key in _BY_LENGTH if "bf16" in CUDA_PEAKS[key]}
 
 
 class MetricsWriter:
@@ -99,32 +124,141 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak_rss_mb()
 
 
-def measured_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """Peak FLOP/s of one device for MFU.
+@dataclass(frozen=True)
+class PeakFlops:
+    """The peak FLOP/s MFU is relative to, and where it came from (logged, and in the first metrics row)."""
 
-    CUDA: the data-sheet bf16 number when known. CPU: there is no data sheet for "this share of a shared
-    machine", so time a square fp32 matmul with this process's threads; MFU is then relative to what a
-    matmul achieves here, which is the honest ceiling for the step.
-    """
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in CUDA_PEAK_BF16.items():
-            if key in name:
-                return flops if dtype == torch.bfloat16 else flops / 2
-    n = 512
+    flops: float
+    source: str
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The data-sheet column a matmul in `dtype` runs at on CUDA (fp32: tf32 when torch allows tensor cores)."""
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16:
+        return "fp16"
+    if dtype == torch.float32:
+        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return str(dtype).removeprefix("torch.")
+
+
+def training_dtype(mixed_precision: str, param_dtype: torch.dtype) -> torch.dtype:
+    """The precision the matmuls of a step run in: the autocast dtype of Accelerate's mixed_precision, else the
+    parameters' own (fp64 in the exactness tests)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, param_dtype)
+
+
+def cuda_table_peak(device_name: str, dtype: torch.dtype) -> tuple[float, str] | None:
+    """(peak, what matched) from CUDA_PEAKS for a device name and dtype; None for an unknown device/precision."""
+    precision = precision_name(dtype)
+    for key in _BY_LENGTH:
+        if key in device_name and precision in CUDA_PEAKS[key]:
+            return CUDA_PEAKS[key][precision], f"{key} {precision}"
+    return None
+
+
+def best_rate(run: Callable[[], None], flops: float, rounds: int,
+              clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] = lambda: None) -> float:
+    """flops / the fastest of `rounds` timed runs of `run`: a round slowed by other load cannot lower it."""
+    run()  # warm-up (allocation, kernel selection)
+    best = math.inf
+    for _ in range(rounds):
+        sync()
+        start = clock()
+        run()
+        sync()
+        best = min(best, clock() - start)
+    return flops / max(best, 1e-12)
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype, n: int, rounds: int) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return best_rate(lambda: a @ b, 2 * n**3, rounds, sync=sync)
+
+
+def default_cache_path() -> Path:
+    """Where calibrated CPU peaks persist: $EBT_PEAK_FLOPS_CACHE, else the user's cache directory."""
+    explicit = os.environ.get("EBT_PEAK_FLOPS_CACHE")
+    if explicit:
+        return Path(explicit)
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "ebt" / "peak_flops.json"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_calibration_key(dtype: torch.dtype, threads: int) -> str:
+    """One cache entry per machine (host name and CPU model), thread count and dtype."""
+    return f"{platform.node()}|{_cpu_model()}|threads={threads}|{str(dtype).removeprefix('torch.')}"
+
+
+def cpu_peak_flops(dtype: torch.dtype, threads: int | None = None, cache_path: Path | None = None,
+                   rounds: int = 20, n: int = 512,
+                   measure: Callable[[torch.dtype, int, int], float] | None = None) -> PeakFlops:
+    """A CPU's matmul peak with this process's threads, which load cannot pull down.
+
+    There is no data sheet for "this share of a shared machine", so MFU is relative to what a square matmul
+    achieves here. Timed at start-up on a loaded machine, a single measurement came out low and inflated MFU
+    (0.1355 logged at 44 tokens/s). So: the fastest of `rounds` short matmuls (best-of-N: slowed rounds do
+    not count), and the highest value ever measured for this machine, thread count and dtype is kept in a small
+    JSON file (`cache_path`), so a start under load reuses an earlier quiet measurement. Still approximate: a
+    machine that was never quiet has no honest peak, and the source string says it was calibrated.
+    """
+    threads = threads or torch.get_num_threads()
+    path = default_cache_path() if cache_path is None else Path(cache_path)
+    if measure is None:
+        def measure(dtype: torch.dtype, n: int, rounds: int) -> float:
+            return _matmul_rate(torch.device("cpu"), dtype, n, rounds)
+    now = measure(dtype, n, rounds)
+    key = cpu_calibration_key(dtype, threads)
+    try:
+        cache = json.loads(path.read_text())
+        cached = float(cache.get(key, 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        cache, cached = {}, 0.0
+    best = max(now, cached)
+    if now > cached:
+        cache[key] = now
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+        except OSError:
+            pass  # a read-only home: this run still uses its own measurement
+    name = str(dtype).removeprefix("torch.")
+    return PeakFlops(best, f"cpu calibration (approximate): {name} {n}x{n} matmul with {threads} thread(s), best "
+                           f"of {rounds} now {now / 1e9:.1f} GFLOP/s, best kept {best / 1e9:.1f} GFLOP/s ({path})")
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, override: float = 0.0,
+               cache_path: Path | None = None) -> PeakFlops:
+    """Peak FLOP/s of one device in the precision a step trains in, for MFU.
+
+    override (trainer.peak_flops) > 0 wins. CUDA: the data-sheet figure for the device and precision
+    (CUDA_PEAKS), else a best-of-N matmul calibration on the device. CPU: cpu_peak_flops."""
+    if override > 0:
+        return PeakFlops(float(override), "config (trainer.peak_flops)")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        found = cuda_table_peak(name, dtype)
+        if found is not None:
+            flops, matched = found
+            return PeakFlops(flops, f"data sheet: {name} as {matched} (dense)")
+        flops = _matmul_rate(device, dtype, 4096, 10)
+        return PeakFlops(flops, f"cuda calibration (approximate): {name} not in the table, "
+                                f"best of 10 {str(dtype).removeprefix('torch.')} 4096^3 matmuls")
+    return cpu_peak_flops(dtype, cache_path=cache_path)
 
 
 class Throughput:

@@ -37,7 +37,7 @@ from launch.distributed import (
     device_mesh,
     make_accelerator,
 )
-from launch.metrics import MetricsWriter, Throughput, measured_peak_flops, peak_memory_mb
+from launch.metrics import MetricsWriter, Throughput, peak_flops, peak_memory_mb, training_dtype
 from launch.optim import build_optimizer, build_scheduler
 from launch.signals import PreemptionFlag
 from launch.train_module import make_train_module
@@ -155,6 +155,8 @@ class Trainer:
         every rank."""
         cfg = self.cfg
         seed_everything(cfg.trainer.seed)  # same seed everywhere: identical initial weights without a broadcast
+        # build_model applies cfg.model's activation checkpointing once (ebt.checkpointing.apply_checkpointing).
+        # The policy is concrete here: "auto" was planned for this micro-batch in __init__ (launch/memory_plan.py).
         model = build_model(cfg.model)
         self.raw_model = model
         self.module = make_train_module(cfg.model, cfg.trainer.seed)
@@ -187,7 +189,14 @@ class Trainer:
         t = cfg.trainer
         self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * cfg.model.context_length
         self.flops_per_token = self.module.flops_per_token()
-        self.peak_flops = t.peak_flops or measured_peak_flops(self.device)
+        # MFU's peak in the precision the step's matmuls run in (the autocast dtype of the mixed precision, else
+        # the parameters'): the data sheet on known GPUs, on CPU a calibration load cannot lower; trainer.peak_flops
+        # overrides. The first metrics row says which (peak_flops_source).
+        peak = peak_flops(self.device, training_dtype(self.accelerator.mixed_precision,
+                                                      next(model.parameters()).dtype), override=t.peak_flops)
+        self.peak_flops, self.peak_flops_source = peak.flops, peak.source
+        self._peak_source_pending = True
+        self.log(f"MFU peak: {peak.flops / 1e12:.4g} TFLOP/s per device, {peak.source}")
         # From here each rank draws its own MCMC noise and replay samples.
         seed_everything(cfg.trainer.seed + 1_000_003 * (self.rank + 1))
 
@@ -298,11 +307,15 @@ class Trainer:
         self.data_time += time.perf_counter() - start
         return batch
 
-    def forward_backward(self, tokens: torch.Tensor, last_micro: bool, **model_kwargs: Any) -> tuple[dict, bool]:
+    def forward_backward(self, tokens: torch.Tensor, last_micro: bool,
+                         **model_kwargs: Any) -> tuple[dict, torch.Tensor]:
         """One micro-batch: one call of the wrapped module (the whole MCMC loop for an EBT), one backward.
 
-        A non-finite loss (or inner gradient) is replaced by a zero loss that still touches every parameter,
-        so every rank's backward and gradient all-reduce stay matched; the step is then skipped everywhere.
+        Returns (metrics, finite): the metrics as device tensors, `finite` a 0-d bool on the device (False: the
+        loss or an inner gradient was NaN/inf). Nothing is read on the host: the loss is backwarded whatever its
+        value (a NaN loss gives NaN gradients, and every rank's hooks and gradient all-reduce stay matched), and
+        train_step's one host read per optimizer step then skips the update everywhere. A forward that raised
+        NonFiniteEnergyGradientError has no loss: a zero loss that still touches every parameter stands in.
         """
         accum = self.cfg.trainer.grad_accum_steps
         if self.is_fsdp:
@@ -312,7 +325,9 @@ class Trainer:
             sync = self.accelerator.no_sync(self.model)
         with sync:
             loss, metrics, finite = self._forward_loss(tokens, **model_kwargs)
-            if not finite:
+            # DeepSpeed owns its optimizer step and cannot be told to skip it, so a non-finite loss must not reach
+            # its gradients: the host decides per micro-step (one sync each, on this path only).
+            if loss is None or (self.is_deepspeed and not bool(finite)):
                 loss = sum(p.sum() for p in self.raw_model.parameters()) * 0.0
             if self.is_deepspeed:
                 self.model.backward(loss)
@@ -322,36 +337,50 @@ class Trainer:
                 (loss / accum).backward()
         return metrics, finite
 
-    def _forward_loss(self, tokens: torch.Tensor, **model_kwargs: Any) -> tuple[torch.Tensor | None, dict, bool]:
-        """One call of the wrapped module under autocast: (loss, metrics, finite); a non-finite inner gradient
-        is (None, {}, False)."""
+    def _forward_loss(self, tokens: torch.Tensor,
+                      **model_kwargs: Any) -> tuple[torch.Tensor | None, dict, torch.Tensor]:
+        """One call of the wrapped module under autocast: (loss, metrics, finite), `finite` a 0-d bool on the
+        device: the loss and every inner gradient finite (an EBT's forward reports the latter as
+        metrics["nonfinite"] instead of raising). A NonFiniteEnergyGradientError raised on the way anyway (outside
+        the model's forward, which converts its own) is (None, {}, False)."""
         try:
             with self.accelerator.autocast():
                 loss, metrics = self.module.loss(self.model, tokens, **model_kwargs)
-            return loss, metrics, bool(torch.isfinite(loss.detach()).item())
         except NonFiniteEnergyGradientError:
-            return None, {}, False
+            return None, {}, torch.zeros((), dtype=torch.bool, device=self.device)
+        finite = torch.isfinite(loss.detach()).all()
+        inner = metrics.pop("nonfinite", None)
+        if inner is not None:
+            finite = finite & ~inner
+        return loss, metrics, finite
 
-    def _fsdp_forward_backward(self, tokens: torch.Tensor, accum: int, **model_kwargs: Any) -> tuple[dict, bool]:
+    def _fsdp_forward_backward(self, tokens: torch.Tensor, accum: int,
+                               **model_kwargs: Any) -> tuple[dict, torch.Tensor]:
         """One micro-batch under fsdp: forward (the root hook gathers every block), backward (FSDP
         reduce-scatters the gradients at its end), then reshard every FSDP module (launch/fsdp.py, step 4).
 
-        A zero loss cannot stand in for a non-finite one here: FSDP's reduce-scatter runs from a hook on the
-        model's output, which a substitute loss does not carry, so the ranks' collectives would not match. The
-        ranks agree first instead (one all-reduce), and if any micro-batch is non-finite none runs a backward;
-        the step is then skipped everywhere, as in the other strategies."""
+        The loss is backwarded whatever its value, as in the other strategies: FSDP's reduce-scatter runs from a
+        hook on the model's output, so every rank backwards its own output, and a NaN there only makes NaN
+        gradients, which train_step's one host read then skips everywhere. A substitute loss would not carry
+        that hook; the EBT's forward therefore turns an inner-gradient error raised inside it into a zero loss
+        that does (EnergyBasedTransformer.forward). An error raised outside the forward leaves this rank without
+        an output: with one rank the micro-batch is just dropped, with several the ranks' collectives could not
+        match, so it is an error."""
         # fsdp_regather gathers each weight where it is read and re-gathers saved ones in the backward, inside
         # this context; the FSDP2 route needs none.
         step = self.sharded.step() if hasattr(self.sharded, "step") else contextlib.nullcontext()
         with step:
             loss, metrics, finite = self._forward_loss(tokens, **model_kwargs)
-            everywhere = all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=self._collective_device))
-            if everywhere.item() == 0:
+            if loss is None:
+                self.sharded.abort_step()
+                if self.world > 1:
+                    raise RuntimeError(
+                        f"rank {self.rank}: NonFiniteEnergyGradientError raised outside the model's forward under "
+                        "fsdp; this rank has no output to backward, so the ranks' reduce-scatters cannot match "
+                        "(raised inside the forward it becomes a skipped step)")
+            else:
                 (loss / accum).backward()
                 self.sharded.reshard()
-            else:
-                del loss
-                self.sharded.abort_step()
         return metrics, finite
 
     @property
@@ -359,30 +388,41 @@ class Trainer:
         """Where small collective tensors live: nccl needs them on the GPU."""
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def optimizer_step(self, skip: bool) -> tuple[float, bool]:
-        """Clip, check the gradient norm, update unless skipping. Returns (grad_norm, updated)."""
+    def optimizer_step(self, skip: bool | torch.Tensor,
+                       report: torch.Tensor | None = None) -> tuple[float, bool]:
+        """Clip, then decide and update with ONE host read: [skip, grad norm, *report] in a single transfer.
+
+        skip: True, or a 0-d device flag (train_step's "some rank had a non-finite micro-batch"). report: device
+        values to read in the same transfer (train_step's all-reduced metric sums), left in self.step_report.
+        The clipped norm is computed on the device before the decision, so the update runs unless skipping or
+        the norm is not finite. Returns (grad_norm, updated); grad_norm is nan for a skipped step."""
         clip = self.cfg.optim.clip_grad_norm
+        report = torch.zeros(0, dtype=torch.float64) if report is None else report
         if self.is_deepspeed:
             # DeepSpeed owns the update (clipping per its config, set from optim.clip_grad_norm); a non-finite
-            # loss was already replaced by a zero loss on its rank, so the step cannot be withheld here.
+            # loss was already replaced by a zero loss on its rank, so the step cannot be withheld here, and
+            # its norm is a host value of its own.
             self.model.step()
             norm = self.model.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
-            return norm, not skip and math.isfinite(norm)
-        norm = float("nan")
-        if not skip:
-            total = torch.nn.utils.clip_grad_norm_(list(self.trained_parameters.values()),
-                                                   clip if clip > 0 else math.inf)
-            if self.is_fsdp:
-                from launch.fsdp import full_tensor
+            skipping, *self.step_report = torch.cat([torch.as_tensor(skip, dtype=torch.float64).reshape(1).to(
+                report.device), report.to(torch.float64)]).tolist()
+            return norm, not skipping and math.isfinite(norm)
+        total = torch.nn.utils.clip_grad_norm_(list(self.trained_parameters.values()), clip if clip > 0 else math.inf)
+        if self.is_fsdp:
+            from launch.fsdp import full_tensor
 
-                total = full_tensor(total)  # the norm over every rank's shards (a DTensor under fsdp)
-            norm = float(total)
-        updated = not skip and math.isfinite(norm)
+            total = full_tensor(total)  # the norm over every rank's shards (a DTensor under fsdp)
+        total = total.detach().to(torch.float64).reshape(1)
+        flag = skip.to(torch.float64) if torch.is_tensor(skip) else torch.full((), float(skip), dtype=torch.float64)
+        # The step's one host read (on CUDA a device sync): whether to skip, the norm and the report together.
+        skipping, norm, *self.step_report = torch.cat(
+            [flag.reshape(1).to(total.device), total, report.to(total.device, torch.float64)]).tolist()
+        updated = not skipping and math.isfinite(norm)
         if updated:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, updated
+        return (float("nan") if skipping else norm), updated
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         """Every parameter's full (reduced) gradient; collective under DeepSpeed and fsdp. For tests and
@@ -423,36 +463,45 @@ class Trainer:
         return state_bytes(list(self.trained_parameters.values()), self.optimizer)
 
     def train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum_steps micro-batches, with one host read (optimizer_step's).
+
+        The micro-batches' metric sums (float64, as the Python floats summed them before), their counts and the
+        non-finite count stay on the device; they are all-reduced together with the preemption flag, and
+        read, with the skip decision and the gradient norm, in optimizer_step's single transfer."""
         t = self.cfg.trainer
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        local_bad = 0
+        device = self._collective_device
+        keys = [k for k in self.module.metric_keys if k != "ppl"] + ["ce"]
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        sums, counts, bad = dict.fromkeys(keys, zero), dict.fromkeys(keys, zero), zero
         for micro in range(t.grad_accum_steps):
             metrics, finite = self.forward_backward(self._next_batch(), micro == t.grad_accum_steps - 1,
                                                     step=self.step)
-            local_bad += 0 if finite else 1
-            if finite:
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                    counts[key] = counts.get(key, 0) + 1
-        keys = [k for k in self.module.metric_keys if k != "ppl"] + ["ce"]
-        vec = torch.tensor([sums.get(k, 0.0) for k in keys] + [counts.get(k, 0) for k in keys]
-                           + [local_bad, 1.0 if self.preempt.requested else 0.0], dtype=torch.float64)
-        vec = all_reduce_sum(vec)
+            finite = finite.to(device)
+            weight = finite.to(torch.float64)  # a non-finite micro-batch adds to no sum and no count
+            bad = bad + (1.0 - weight)
+            for key in keys:
+                if key in metrics:
+                    value = metrics[key]
+                    value = (value.detach().to(device, torch.float64).reshape(()) if torch.is_tensor(value) else
+                             torch.full((), float(value), dtype=torch.float64, device=device))
+                    sums[key] = sums[key] + torch.where(finite, value, 0.0)
+                    counts[key] = counts[key] + weight
+        preempt = torch.full((), 1.0 if self.preempt.requested else 0.0, dtype=torch.float64, device=device)
+        vec = all_reduce_sum(torch.stack([*sums.values(), *counts.values(), bad, preempt]))
         n = len(keys)
-        any_bad = vec[2 * n].item() > 0
-        self.preempt_agreed = vec[2 * n + 1].item() > 0
         lr = self.scheduler.get_last_lr()[0]
-        grad_norm, updated = self.optimizer_step(skip=any_bad)
+        grad_norm, updated = self.optimizer_step(skip=vec[2 * n] > 0, report=vec)
+        values = self.step_report  # vec, read by optimizer_step's transfer
+        self.preempt_agreed = values[2 * n + 1] > 0
         skipped = not updated
         self.scheduler.step()
         self.step += 1
         self.tokens += self.tokens_per_step
         row: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
         for i, key in enumerate(keys):
-            count = vec[n + i].item()
+            count = values[n + i]
             if count or not key.startswith("ce_step_"):  # a step that ran in no micro-batch (random counts)
-                row[key] = vec[i].item() / count if count else float("nan")
+                row[key] = values[i] / count if count else float("nan")
         ce = row.pop("ce")
         row["ppl"] = math.exp(min(ce, 700.0)) if math.isfinite(ce) else float("nan")
         row.update(lr=lr, grad_norm=grad_norm, skipped=skipped)
@@ -583,6 +632,9 @@ class Trainer:
                         self.step_time = self.data_time = 0.0
                         row.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / (self.peak_flops * self.world),
                                    peak_mem_mb=peak_memory_mb(self.device), time=time.time())
+                        if self._peak_source_pending:  # what MFU is relative to, once per process
+                            row["peak_flops_source"] = self.peak_flops_source
+                            self._peak_source_pending = False
                         self.metrics.write(row)
                         if self.wandb_run is not None:
                             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
