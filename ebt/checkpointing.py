@@ -3,7 +3,7 @@
 Why not the standard recipes: EBT training differentiates through dE/dlogits, so every MCMC step leaves a
 second-order graph (the step's forward plus its create_graph=True inner backward) alive until the outer
 backward, and the K graphs dominate memory. Per-block checkpointing only drops the forward's share of one
-block at a time (FACTS.md: 0-12% saved); reentrant checkpointing raises under autograd.grad; selective
+block at a time (measured here: 0-12% saved); reentrant checkpointing raises under autograd.grad; selective
 checkpointing raises on the second backward.
 
 Policies (gradients are identical under all of them; tests/test_second_order_policies.py checks it in fp64):

@@ -52,7 +52,8 @@ class EnergyTransformer(nn.Module):
         self.cand_proj = None if cfg.tie_candidate_embedding else nn.Linear(cfg.vocab_size, cfg.dim, bias=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        # No bias: a bias only shifts E, never receives a gradient, and then breaks DDP (FACTS.md).
+        # No bias: a bias only shifts E, never receives a gradient, and then breaks DDP (measured on 2 gloo
+        # ranks: a silently wrong first step, then "Expected to have finished reduction"; tests/test_train_parity.py).
         self.energy_head = nn.Linear(cfg.dim, 1, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length + 2, cfg.rope_theta)
         self.step_tokens = None

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from launch.fsutil import atomic_write_text
+from fsutil import atomic_write_text
 
 # Fields of a metrics row that measure wall time or the machine, not training: they legitimately differ between
 # an uninterrupted run and a resumed one. Everything else in a row must match bit for bit.

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from data_pipeline import DataConfig, prepare_if_needed
-from launch.fsutil import read_metrics_rows
+from fsutil import read_metrics_rows
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512  # sentencepiece needs ~350 pieces for the byte fallback plus the corpus's required chars

@@ -1,3 +1,0 @@
-"""moved to fsutil; kept until the remaining importers move"""
-
-from fsutil import *  # noqa: F403
