@@ -1,7 +1,9 @@
-"""The generic training loop: steps, accumulation, non-finite handling, evaluation, checkpoints, logging.
+"""The generic training loop: steps, accumulation, non-finite handling, and what evaluation and checkpoints save.
 
 Model-kind specifics live in a TrainModule (launch/train_module.py); process setup in launch/distributed.py;
-sharded parameters (distributed.strategy=fsdp) in launch/fsdp.py, driven from here.
+sharded parameters (distributed.strategy=fsdp) in launch/fsdp.py, driven from here. What happens around the loop
+(when to evaluate and checkpoint, metrics.jsonl, wandb, progress, preemption) is in launch/callbacks/: Trainer.fit
+is the loop and calls their hooks.
 Exact resume: everything that shapes a later step is in the checkpoint (weights, optimizer, scheduler, counters,
 per-rank RNG streams, data-loader position, replay buffer), evaluation runs under a forked RNG so it never
 shifts the training stream, and metrics.jsonl is cut back to the checkpoint's step on restart.
@@ -17,6 +19,7 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ import data_pipeline
 from data_pipeline.loader import global_eval_share
 from ebt import NonFiniteEnergyGradientError, build_model
 from launch import memory_plan
+from launch.callbacks import PREEMPTED, Callback, default_callbacks
 from launch.checkpoint import CheckpointManager
 from launch.config import TrainConfig, check_resume_compatible, config_to_dict, load_saved_config, save_config
 from launch.distributed import (
@@ -36,8 +40,9 @@ from launch.distributed import (
     configure_threads,
     device_mesh,
     make_accelerator,
+    rank_and_world,
 )
-from launch.metrics import MetricsWriter, Throughput, peak_flops, peak_memory_mb, training_dtype
+from launch.metrics import peak_flops, training_dtype
 from launch.optim import build_optimizer, build_scheduler
 from launch.signals import PreemptionFlag
 from launch.train_module import make_train_module
@@ -48,11 +53,22 @@ class NonFiniteAbort(RuntimeError):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (torch's seeds every CUDA device too).
+
+    Not accelerate.utils.set_seed, though it seeds the same three and gave the same draws for seeds 0, 2000006 and
+    2**32 - 1 (measured): it passes the seed to np.random.seed unreduced, which refuses >= 2**32 ("Seed must be
+    between 0 and 2**32 - 1"), and setup_model's per-rank seed, trainer.seed + 1_000_003 x (rank + 1), gets there
+    for large seeds or rank counts. Its device_specific=True offset is AcceleratorState().process_index, 0 on every
+    rank on the CPU DeepSpeed path (launch/distributed.py), so the per-rank offset is ours too."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
+# rng_state/set_rng_state: the per-rank streams a checkpoint keeps for exact resume. Accelerate captures the same
+# generators only inside Accelerator.save_state/load_state, next to its own model and optimizer files (our
+# checkpoints are launch/checkpoint.py's manifest with DeepSpeed and DCP parts), in random_states_<process_index>.pkl:
+# on the CPU DeepSpeed path both ranks wrote one random_states_0.pkl (measured, 2 ranks), losing a rank's stream.
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -76,7 +92,8 @@ def _planning_device() -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, log=None) -> None:
+    def __init__(self, cfg: TrainConfig, log=None, callbacks: Sequence[Callback] | None = None) -> None:
+        """`callbacks`: what runs around fit's loop (launch/callbacks/); None: those the config asks for."""
         configure_threads()
         self.user_cfg = cfg  # what config.yaml keeps and resume compares (checkpointing may say "auto")
         self._log = log or print
@@ -85,13 +102,9 @@ class Trainer:
         self.memory_plan = memory_plan.resolve(cfg, _planning_device(), resuming=cfg.checkpoint.resume)
         self.cfg = cfg = memory_plan.apply(cfg, self.memory_plan)
         self.accelerator = make_accelerator(cfg)
-        self.rank = self.accelerator.process_index
-        self.world = self.accelerator.num_processes
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Accelerate's DeepSpeed path on CPU leaves its own counters at one process while DeepSpeed has set
-            # up the real gloo group (FACTS.md); the process group is the truth.
-            self.rank = torch.distributed.get_rank()
-            self.world = torch.distributed.get_world_size()
+        # From the process group, not the Accelerator: on the CPU DeepSpeed path its counts say one process while
+        # the gloo group has them all (rank_and_world says what was measured).
+        self.rank, self.world = rank_and_world()
         self.device = self.accelerator.device
         self.is_main = self.rank == 0
         self.is_deepspeed = cfg.distributed.strategy == "deepspeed"
@@ -104,12 +117,14 @@ class Trainer:
         self.tokens = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
-        self.wandb_id: str | None = None
-        self.wandb_run = None
+        self.wandb_id: str | None = None  # the wandb run this run dir logs to, kept in checkpoints
         self.last_eval: dict[str, float] = {}
-        self.preempt = PreemptionFlag()
-        self.data_time = 0.0  # seconds spent fetching batches since the last metrics row
-        self.step_time = 0.0  # seconds inside train_step (data included) since the last metrics row
+        self.preempt = PreemptionFlag()  # installed by the checkpoint callback; train_step shares it across ranks
+        self.preempt_agreed = False  # some rank was signalled (train_step's all-reduce)
+        self.stop_reason: str | None = None  # set by a callback's request_stop: the loop ends after this step
+        self.data_time = 0.0  # seconds spent fetching batches since take_step_times
+        self.step_time = 0.0  # seconds inside train_step (data included) since take_step_times
+        self.callbacks = list(callbacks) if callbacks is not None else default_callbacks(self.cfg)
 
     def _agree_on_memory_plan(self) -> None:
         """Every rank computes with rank 0's plan (free memory, and so the default budget, differs by node)."""
@@ -143,12 +158,10 @@ class Trainer:
         self.setup_model()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last, self.rank,
                                       self.world, barrier=barrier, log=self.log)
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main)
         self._resume()
         self.train_iter = iter(self.loader)
         if self.is_main:
             save_config(self.user_cfg, self.run_dir / "config.yaml")
-        self._init_wandb()
 
     def setup_model(self) -> None:
         """Model, optimizer, scheduler, wrapped for DDP or DeepSpeed or sharded by FSDP; same initial weights on
@@ -195,7 +208,6 @@ class Trainer:
         peak = peak_flops(self.device, training_dtype(self.accelerator.mixed_precision,
                                                       next(model.parameters()).dtype), override=t.peak_flops)
         self.peak_flops, self.peak_flops_source = peak.flops, peak.source
-        self._peak_source_pending = True
         self.log(f"MFU peak: {peak.flops / 1e12:.4g} TFLOP/s per device, {peak.source}")
         # From here each rank draws its own MCMC noise and replay samples.
         seed_everything(cfg.trainer.seed + 1_000_003 * (self.rank + 1))
@@ -219,9 +231,8 @@ class Trainer:
         barrier()
         path = self.ckpt.latest_valid() if self.is_main else None
         path = broadcast_object(str(path) if path else None)
-        if path is None:
+        if path is None:  # (metrics.jsonl is cut back to the starting step by the metrics callback, in fit)
             if self.is_main:
-                self.metrics.truncate_after(0)
                 id_file = self.run_dir / "wandb_id"
                 self.wandb_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             return
@@ -262,7 +273,6 @@ class Trainer:
             set_rng_state(per_rank["rng"])
         else:
             self._resume_resharded(path, saved_world, trainer_state.get("global_batch"))
-        self.metrics.truncate_after(self.step)
         self.log(f"resumed from {path} (step {self.step})")
 
     def _resume_resharded(self, path: Path, saved_world: int, saved_global_batch: int | None) -> None:
@@ -284,21 +294,6 @@ class Trainer:
         self.log(f"resharded a {saved_world}-rank checkpoint onto {self.world} ranks ({batch} sequences; "
                  "weights, optimizer, schedule and data position exact, per-rank RNG and replay buffers of "
                  f"ranks >= {min(saved_world, self.world)} start afresh)")
-
-    def _init_wandb(self) -> None:
-        lc = self.cfg.logging
-        if not (self.is_main and lc.wandb):
-            return
-        os.environ.setdefault("WANDB_MODE", lc.wandb_mode)
-        os.environ.setdefault("WANDB_SILENT", "true")
-        (self.run_dir / "wandb_id").write_text(str(self.wandb_id))
-        import wandb
-
-        config = config_to_dict(self.user_cfg)
-        if self.memory_plan is not None:
-            config["memory_plan"] = dataclasses.asdict(self.memory_plan)
-        self.wandb_run = wandb.init(project=lc.wandb_project, name=self.cfg.name, id=self.wandb_id,
-                                    resume="allow", dir=str(self.run_dir), config=config)
 
     # ------------------------------------------------------------------------------------------------ step
     def _next_batch(self) -> torch.Tensor:
@@ -605,64 +600,47 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
-        t, c = cfg.trainer, cfg.checkpoint
-        self.preempt.install()
-        progress = _Progress(enabled=self.is_main and cfg.logging.progress, total=t.max_steps, start=self.step)
-        throughput = Throughput()
-        preempted = False
-        last_saved = self.step
-        try:
-            with progress:
-                while self.step < t.max_steps:
-                    step_start = time.perf_counter()
-                    row = self.train_step()
-                    self.step_time += time.perf_counter() - step_start
-                    throughput.add(self.tokens_per_step)
-                    if t.eval_every and self.step % t.eval_every == 0:
-                        eval_start = time.perf_counter()
-                        row.update(self.evaluate(), eval_s=time.perf_counter() - eval_start)
-                    if self.step % t.log_every == 0 or row.keys() & {"val_loss"}:
-                        tps, wall = throughput.rate()
-                        # Share of the wall time since the last row spent computing steps (data fetch excluded):
-                        # 1 - compute_frac is the loop's overhead (data, logging, eval, checkpoints), measured
-                        # in the same window, so it holds even on a machine whose load drifts.
-                        row.update(compute_frac=(self.step_time - self.data_time) / wall,
-                                   data_frac=self.data_time / wall)
-                        self.step_time = self.data_time = 0.0
-                        row.update(tokens_per_s=tps, mfu=tps * self.flops_per_token / (self.peak_flops * self.world),
-                                   peak_mem_mb=peak_memory_mb(self.device), time=time.time())
-                        if self._peak_source_pending:  # what MFU is relative to, once per process
-                            row["peak_flops_source"] = self.peak_flops_source
-                            self._peak_source_pending = False
-                        self.metrics.write(row)
-                        if self.wandb_run is not None:
-                            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=self.step)
-                    progress.update(self.step, row)
-                    if self.preempt_agreed:
-                        self.save_checkpoint()
-                        last_saved = self.step
-                        preempted = True
-                        self.log(f"preemption signal: saved checkpoint at step {self.step}; exiting")
-                        break
-                    if c.every and self.step % c.every == 0:
-                        self.save_checkpoint()
-                        last_saved = self.step
-            if not preempted:
-                if c.save_final and last_saved != self.step:
-                    self.save_checkpoint()
-                final = self.evaluate()
-                self.metrics.write({"step": self.step, "tokens": self.tokens, "final": True, **final})
-                if self.wandb_run is not None:
-                    self.wandb_run.summary.update(final)
-        finally:
-            self.preempt.restore()
-            self.metrics.close()
-            if self.wandb_run is not None:
-                self.wandb_run.finish()
-        result = {"step": self.step, "tokens": self.tokens, "run_dir": str(self.run_dir), "preempted": preempted,
-                  "nonfinite_steps": self.nonfinite_total, **self.last_eval}
+        """Train to trainer.max_steps or until a callback stops the loop (preemption); the run's summary.
+
+        The loop alone: everything around it is the callbacks' (launch/callbacks/base.py lists the hooks and
+        when they run). Every callback whose on_fit_start ran gets on_fit_end, in reverse order, also when
+        something raised (result None then)."""
+        result: dict[str, Any] | None = None
+        with contextlib.ExitStack() as teardown:
+            for callback in self.callbacks:
+                callback.on_fit_start(self)
+                # Reads `result` when the stack unwinds: the summary after a normal end, None after an error.
+                teardown.callback(lambda callback=callback: callback.on_fit_end(self, result))
+            for callback in self.callbacks:
+                callback.on_loop_start(self)
+            while self.step < self.cfg.trainer.max_steps and self.stop_reason is None:
+                step_start = time.perf_counter()
+                row = self.train_step()
+                self.step_time += time.perf_counter() - step_start
+                for callback in self.callbacks:
+                    callback.on_step_end(self, row)
+            for callback in self.callbacks:
+                callback.on_loop_end(self)
+            if self.stop_reason is None:
+                final: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "final": True}
+                for callback in self.callbacks:
+                    callback.on_train_end(self, final)
+            result = {"step": self.step, "tokens": self.tokens, "run_dir": str(self.run_dir),
+                      "preempted": self.stop_reason == PREEMPTED, "nonfinite_steps": self.nonfinite_total,
+                      **self.last_eval}
         return result
+
+    def request_stop(self, reason: str) -> None:
+        """End the loop after the current step (callbacks call this; launch.callbacks.PREEMPTED on preemption).
+        A stopped run skips the final checkpoint, evaluation and row: it has not reached max_steps."""
+        self.stop_reason = reason
+
+    def take_step_times(self) -> tuple[float, float]:
+        """(seconds inside train_step, seconds of those spent fetching data) since the previous call; the
+        metrics callback takes them for each row it writes."""
+        times = (self.step_time, self.data_time)
+        self.step_time = self.data_time = 0.0
+        return times
 
     def close(self, finished: bool = False) -> None:
         """Tear the process group down while Python is fully alive.
@@ -694,78 +672,3 @@ def _scalar_params_as_1d(model: torch.nn.Module) -> list[str]:
             p.data = p.data.reshape(1)
             names.append(name)
     return names
-
-
-class _Progress:
-    """Training progress on rank 0 (a no-op elsewhere or when logging.progress=false), on stderr.
-
-    On a terminal: a rich bar. Elsewhere (a Slurm log, a pipe, a file), where a live bar would print nothing until
-    the end: a plain line every total/lines steps, after interval_s seconds without one, and at the last step, each
-    with the loss, the latest validation perplexity, elapsed time and ETA, so a log shows how far a run got and
-    when it will end.
-    """
-
-    def __init__(self, enabled: bool, total: int, start: int, stream=None, lines: int = 10,
-                 interval_s: float = 60.0) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.start = start
-        self._stream = stream
-        self.every = max(1, -(-total // lines))
-        self.interval_s = interval_s
-        self._bar = None
-        self._plain = False
-        self._val_ppl: float | None = None
-
-    def __enter__(self) -> _Progress:
-        if not self.enabled:
-            return self
-        import sys
-
-        stream = self._stream if self._stream is not None else sys.stderr
-        self._stream = stream
-        if bool(getattr(stream, "isatty", lambda: False)()):
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                 console=Console(file=stream))
-            self._bar.__enter__()
-            self._task = self._bar.add_task("train", total=self.total, completed=self.start, info="")
-        else:
-            self._plain = True
-            self._began = self._last = time.monotonic()
-        return self
-
-    def update(self, step: int, row: dict) -> None:
-        if "val_ppl" in row:
-            self._val_ppl = row["val_ppl"]
-        if self._bar is not None:
-            info = f"loss {row.get('loss', float('nan')):.3f}"
-            if "val_ppl" in row:
-                info += f" val_ppl {row['val_ppl']:.1f}"
-            self._bar.update(self._task, completed=step, info=info)
-        elif self._plain:
-            now = time.monotonic()
-            if step % self.every == 0 or step >= self.total or now - self._last >= self.interval_s:
-                self._line(step, row, now)
-
-    def _line(self, step: int, row: dict, now: float) -> None:
-        def clock(seconds: float) -> str:
-            seconds = int(round(seconds))
-            return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-        elapsed = now - self._began
-        done = step - self.start
-        eta = clock(elapsed / done * (self.total - step)) if done > 0 else "?"
-        loss = row.get("loss", float("nan"))
-        text = f"train: step {step}/{self.total} ({100 * step / self.total:.0f}%), loss {loss:.4f}"
-        if self._val_ppl is not None:
-            text += f", val_ppl {self._val_ppl:.1f}"
-        print(f"{text}, {clock(elapsed)} elapsed, ETA {eta}", file=self._stream, flush=True)
-        self._last = now
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)

@@ -40,6 +40,7 @@ class FakeTrainer:
         self.tokens_per_step = 128
         self.flops_per_token = 1e6
         self.peak_flops = 1e12
+        self.peak_flops_source = "config (trainer.peak_flops)"
         self.world = 1
         self.device = torch.device("cpu")
         self.preempt = PreemptionFlag()
@@ -189,6 +190,7 @@ def test_metrics_rows_at_log_every_or_with_val_fields_and_the_final_row(tmp_path
     assert [r["step"] for r in rows] == [3, 5, 6, 9, 10, 10]
     for row in rows[:-1]:
         assert {"tokens_per_s", "mfu", "compute_frac", "data_frac", "peak_mem_mb", "time"} <= row.keys()
+    assert [r.get("peak_flops_source") for r in rows] == ["config (trainer.peak_flops)"] + [None] * 5
     assert rows[-1] == {"step": 10, "tokens": 10 * 128, "final": True, **VAL}
 
 
@@ -300,3 +302,114 @@ def test_default_callbacks_follow_the_config_in_the_order_the_logs_need():
     assert (progress.enabled, progress.total, checkpoint.every, checkpoint.save_final) == (False, 50, 9, False)
     raw["logging"]["wandb"] = False
     assert WandbCallback not in [type(c) for c in default_callbacks(build_config(raw))]
+
+
+# ---------------------------------------------------------------------------------------------- Trainer.fit
+
+
+def stub_trainer(tmp_path: Path, callbacks: list, steps: int, fail_at: int | None = None):
+    """Trainer.fit's real loop over a stand-in step (nothing is built: train_step only counts)."""
+    from launch.trainer import Trainer
+
+    class StubTrainer(FakeTrainer, Trainer):
+        request_stop = Trainer.request_stop  # the trainer's own, not the stand-in's
+        take_step_times = Trainer.take_step_times
+
+        def __init__(self) -> None:
+            FakeTrainer.__init__(self, tmp_path)
+            self.cfg = build_config({"name": "fake", "model": {"kind": "ebt", "vocab_size": 64},
+                                     "trainer": {"max_steps": steps}})
+            self.callbacks = callbacks
+            self.nonfinite_total = 0
+            self.last_eval: dict = {}
+
+        def train_step(self) -> dict[str, Any]:
+            if self.step + 1 == fail_at:
+                raise RuntimeError("step failed")
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            return {"step": self.step, "tokens": self.tokens}
+
+        def evaluate(self) -> dict[str, float]:
+            self.last_eval = FakeTrainer.evaluate(self)
+            return self.last_eval
+
+    return StubTrainer()
+
+
+class Recorder(CheckpointCallback):
+    """Records every hook (and stops like the checkpoint callback would on preemption, at `stop_at`)."""
+
+    def __init__(self, name: str, calls: list, stop_at: int | None = None, fail_start: bool = False) -> None:
+        self.name, self.calls, self.stop_at, self.fail_start = name, calls, stop_at, fail_start
+
+    def on_fit_start(self, trainer):
+        self.calls.append((self.name, "fit_start"))
+        if self.fail_start:
+            raise RuntimeError("start failed")
+
+    def on_loop_start(self, trainer):
+        self.calls.append((self.name, "loop_start"))
+
+    def on_step_end(self, trainer, row):
+        self.calls.append((self.name, f"step {row['step']}"))
+        if trainer.step == self.stop_at:
+            trainer.request_stop(PREEMPTED)
+
+    def on_loop_end(self, trainer):
+        self.calls.append((self.name, "loop_end"))
+
+    def on_train_end(self, trainer, row):
+        self.calls.append((self.name, f"train_end {sorted(row)}"))
+
+    def on_fit_end(self, trainer, result):
+        self.calls.append((self.name, f"fit_end {None if result is None else result['step']}"))
+
+
+def test_fit_calls_the_hooks_in_order_and_unwinds_in_reverse(tmp_path):
+    calls: list = []
+    trainer = stub_trainer(tmp_path, [EvaluationCallback(0), Recorder("a", calls), Recorder("b", calls)], steps=2)
+    result = trainer.fit()
+    assert calls == [("a", "fit_start"), ("b", "fit_start"), ("a", "loop_start"), ("b", "loop_start"),
+                     ("a", "step 1"), ("b", "step 1"), ("a", "step 2"), ("b", "step 2"),
+                     ("a", "loop_end"), ("b", "loop_end"),
+                     ("a", "train_end ['final', 'step', 'tokens', 'val_loss', 'val_ppl', 'val_tokens']"),
+                     ("b", "train_end ['final', 'step', 'tokens', 'val_loss', 'val_ppl', 'val_tokens']"),
+                     ("b", "fit_end 2"), ("a", "fit_end 2")]
+    assert result == {"step": 2, "tokens": 256, "run_dir": str(tmp_path), "preempted": False,
+                      "nonfinite_steps": 0, **VAL}
+
+
+def test_a_stop_request_ends_the_loop_after_that_step_without_the_final_part(tmp_path):
+    calls: list = []
+    trainer = stub_trainer(tmp_path, [Recorder("a", calls, stop_at=2), Recorder("b", calls)], steps=5)
+    result = trainer.fit()
+    assert ("b", "step 2") in calls and ("a", "step 3") not in calls  # the rest of the list still saw step 2
+    assert not any("train_end" in call for _, call in calls)
+    assert result["preempted"] and result["step"] == 2 and "val_loss" not in result
+
+
+def test_fit_tears_down_what_started_when_something_raises(tmp_path):
+    calls: list = []
+    trainer = stub_trainer(tmp_path, [Recorder("a", calls), Recorder("b", calls)], steps=5, fail_at=2)
+    with pytest.raises(RuntimeError, match="step failed"):
+        trainer.fit()
+    assert calls[-2:] == [("b", "fit_end None"), ("a", "fit_end None")]
+    calls.clear()
+    trainer = stub_trainer(tmp_path, [Recorder("a", calls), Recorder("b", calls, fail_start=True),
+                                      Recorder("c", calls)], steps=5)
+    with pytest.raises(RuntimeError, match="start failed"):
+        trainer.fit()
+    assert calls == [("a", "fit_start"), ("b", "fit_start"), ("a", "fit_end None")]
+
+
+def test_the_default_callbacks_on_the_real_loop_write_rows_checkpoint_and_stop_on_preemption(tmp_path):
+    cfg = build_config({"name": "fake", "model": {"kind": "ebt", "vocab_size": 64},
+                        "trainer": {"max_steps": 6, "log_every": 2, "eval_every": 3},
+                        "checkpoint": {"every": 4}, "logging": {"wandb": False, "progress": False}})
+    trainer = stub_trainer(tmp_path, default_callbacks(cfg), steps=6)
+    assert trainer.fit()["val_loss"] == VAL["val_loss"]
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], "val_loss" in r, bool(r.get("final"))) for r in rows] == \
+        [(2, False, False), (3, True, False), (4, False, False), (6, True, False), (6, True, True)]
+    assert trainer.saved == [4, 6] and trainer.evaluated == [3, 6, 6]

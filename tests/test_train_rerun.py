@@ -11,9 +11,9 @@ import pytest
 from test_train_support import read_rows, tiny_raw, write_config
 
 import launch.trainer
+from launch.callbacks.progress import _Progress
 from launch.cli import main
 from launch.schedule import WarmupCosine
-from launch.trainer import _Progress
 
 STEPS = 4
 LR = 1.0e-3

@@ -31,6 +31,7 @@ class MetricsCallback(Callback):
         self.log_every = log_every
         self.writer: MetricsWriter | None = None
         self.throughput: Throughput | None = None
+        self._peak_source_pending = True  # the first logged row says what MFU is relative to
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.writer = MetricsWriter(trainer.run_dir / "metrics.jsonl", enabled=trainer.is_main)
@@ -55,6 +56,9 @@ class MetricsCallback(Callback):
         row.update(tokens_per_s=tokens_per_s,
                    mfu=tokens_per_s * trainer.flops_per_token / (trainer.peak_flops * trainer.world),
                    peak_mem_mb=peak_memory_mb(trainer.device), time=time.time())
+        if self._peak_source_pending:  # once per process: a machine fact (launch.metrics.TIMING_FIELDS)
+            row["peak_flops_source"] = trainer.peak_flops_source
+            self._peak_source_pending = False
         self.writer.write(row)
 
     def on_train_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
