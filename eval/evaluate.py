@@ -2,7 +2,8 @@
 
 Every grid cell starts a sequence from the same initial candidates, so differences between cells are paired
 comparisons, not start noise, and the whole grid is reproducible for a seed. Sample m of a sequence starts from
-a draw keyed by (seed, m, the sequence's tokens) (launch.train_module.eval_starts, drawn on the CPU), so the
+a draw keyed by (seed, m, the sequence's tokens) (launch.train_module.eval_starts: a counter-based draw computed
+on the device, the same on CPU and GPU), so the
 one-sample cells reuse the first chain of the many-sample cells, results do not depend on --batch-size, and
 at --seed 0 the System-1 cell scores each sequence from the start the trainer's validation gives it: on the
 same windows its loss is the trainer's val_loss. (--noise is drawn per batch, so it does depend on batching.)

@@ -35,7 +35,7 @@ from launch.config import TrainConfig
 def configure_threads() -> None:
     """One intra-op thread per process when several share a machine's cores (OpenMP spinning costs 10-40x);
     `OMP_NUM_THREADS` wins when set. Flush denormals: EBT candidate distributions sharpen into denormal
-    territory, which slows CPU steps 3-5x (FACTS.md) without changing results that matter."""
+    territory, which slowed CPU steps 3-5x when measured here without changing results that matter."""
     world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
