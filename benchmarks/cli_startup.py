@@ -8,7 +8,7 @@ code, so each is reported as a ratio against baselines measured in the same run,
     python -m benchmarks.cli_startup [--runs 15] [--before REV]
 
 --before REV also times the CLI of an earlier commit (extracted with `git archive` into a temporary directory).
-Which modules the help loads is asserted by tests/test_cli_imports.py; this file only measures time.
+Which modules the help loads is asserted by tests/launch/test_cli_imports.py; this file only measures time.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _table(payload: dict) -> str:
         "",
         f"Target (issue 15): `ebt --help` under {TARGET_S} s on a quiet machine. Command modules import only the "
         "standard library at module level and the heavy packages inside the command that runs "
-        "(tests/test_cli_imports.py asserts that no heavy module is loaded by any `--help`).",
+        "(tests/launch/test_cli_imports.py asserts that no heavy module is loaded by any `--help`).",
     ]
     return "\n".join(lines)
 

@@ -131,7 +131,7 @@ def main() -> None:
         "",
         "Host allocator: child processes run on the allocator `ebt train` uses (launch/allocator.py: tcmalloc "
         "when installed). The allocator decides whether one calibration factor can work. The rescaled tiny-replica "
-        "timeline matches a direct trace within 8% (tests/test_second_order_planner.py) and the real run's live "
+        "timeline matches a direct trace within 8% (tests/ebt/test_second_order_planner.py) and the real run's live "
         "bytes within 3% (mallinfo2). What remains is allocator overhead. Under tcmalloc it is 1.2-1.5x the tensor "
         "peak for every policy. Under glibc it is 2.1-2.4x for none and block but 1.7-2.3x for the recompute "
         "policies: the ~320k small C++/Python objects a step creates pin freed activation buffers, in a "

@@ -6,7 +6,7 @@ backward, and the K graphs dominate memory. Per-block checkpointing only drops t
 block at a time (measured here: 0-12% saved); reentrant checkpointing raises under autograd.grad; selective
 checkpointing raises on the second backward.
 
-Policies (gradients are identical under all of them; tests/test_second_order_policies.py checks it in fp64):
+Policies (gradients are identical under all of them; tests/ebt/test_second_order_policies.py checks it in fp64):
 - "none": keep every step's graph.
 - "block": non-reentrant torch.utils.checkpoint around each candidate-stream block.
 - "mcmc_step": each second-order MCMC step is one `RematerialisedStep` (a custom autograd.Function). Its

@@ -1,7 +1,7 @@
 """Every random number a training forward of the EBT consumes, by name.
 
 The default draws from torch's global RNG, as the reference does. Because each draw is named, a parity test can
-hand the model exactly the numbers another implementation drew (tests/test_reference_parity.py records the
+hand the model exactly the numbers another implementation drew (tests/ebt/test_reference_parity.py records the
 reference's), and a caller can make them deterministic without seeding the process.
 """
 

@@ -1,6 +1,6 @@
 """The energy function E(context, candidate): a Llama-style transformer over real tokens and candidates.
 
-Contract (checked against a naive causal-LM oracle in tests/test_oracle.py): E_i equals the last-position
+Contract (checked against a naive causal-LM oracle in tests/ebt/test_ebt_oracle.py): E_i equals the last-position
 energy of a plain causal transformer run on [x_0..x_i, p_i] with p_i at RoPE position i+1. Variants:
 
 - default: exactly that.
@@ -53,7 +53,8 @@ class EnergyTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # No bias: a bias only shifts E, never receives a gradient, and then breaks DDP (measured on 2 gloo
-        # ranks: a silently wrong first step, then "Expected to have finished reduction"; tests/test_train_parity.py).
+        # ranks: a silently wrong first step, then "Expected to have finished reduction";
+        # tests/launch/test_train_parity.py guards it).
         self.energy_head = nn.Linear(cfg.dim, 1, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length + 2, cfg.rope_theta)
         self.step_tokens = None

@@ -16,7 +16,7 @@ nominal 95%): plain percentile intervals covered the true alpha in only 82% of t
   * Intervals are "expanded percentile" intervals (Hesterberg 2015): the percentile levels are widened so
     that the normal quantile matches Student's t with n - 3 degrees of freedom, which accounts for the noise
     scale itself being estimated from a handful of points.
-Together they gave 94% coverage in that experiment (tests/test_scaling_fit.py re-checks >= 90%).
+Together they gave 94% coverage in that experiment (tests/eval/test_scaling_fit.py re-checks >= 90%).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ second copy of any option logic.
 
 Every command module is imported to build the parser, even for `ebt --help`, so those modules import only the
 standard library at module level: torch, the data pipeline and the config schemas are imported inside the
-`func` that needs them (`ebt --help` took 1.8 s, nearly all of it importing torch; tests/test_cli_imports.py
+`func` that needs them (`ebt --help` took 1.8 s, nearly all of it importing torch; tests/launch/test_cli_imports.py
 keeps the heavy packages out, benchmarks/cli_startup.py measures the time).
 """
 

@@ -3,7 +3,7 @@
 This lives in launch/, not data_pipeline/: `--config` reads a training YAML through launch.config, and the data
 package must not import the layer above it. Registration is argparse only; data_pipeline (whose package import
 loads torch) and launch.config are imported when a command runs, so `ebt --help` stays fast
-(tests/test_cli_imports.py).
+(tests/launch/test_cli_imports.py).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ switch for reshard-after-backward (pytorch/pytorch#172543 is the
 mid-step reshard it would need to avoid). The Accelerator still sets up the process group, the device and
 autocast; it never wraps the model.
 
-The route, measured exact against one process (tests/test_train_parity.py, fp64 to 1e-12):
+The route, measured exact against one process (tests/launch/test_train_parity.py, fp64 to 1e-12):
 
 1. `fully_shard` on every block and then on the root, which keeps the rest (embeddings, candidate projection,
    step tables, adaLN, final norm, heads, alpha) as one unit.

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from launch.config import TrainConfig
 
 # launch.resume.ALLOW_FLAG, spelled here so that registering the flag does not import launch.resume (and with it
-# torch); tests/test_cli_imports.py checks that the two agree.
+# torch); tests/launch/test_cli_imports.py checks that the two agree.
 ALLOW_FLAG = "--allow-schedule-change"
 
 

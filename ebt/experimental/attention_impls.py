@@ -1,6 +1,6 @@
 """Double-backward-capable implementations of the candidate attention, benchmarked in benchmarks/attention.py.
 
-All three compute ebt.attention.candidate_attention exactly (tests/test_second_order_attention.py):
+All three compute ebt.attention.candidate_attention exactly (tests/ebt/test_second_order_attention.py):
 - "explicit": the default in ebt.attention (scores against the real keys, one self score, one softmax).
 - "sdpa_math": scaled_dot_product_attention over the concatenated key set [real keys | candidate keys] with a
   boolean mask (causal on the real part, diagonal on the candidate part), forced onto the MATH backend, the

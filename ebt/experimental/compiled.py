@@ -8,7 +8,7 @@ aot_autograd compiles that (first-order) backward, which is the second-order ter
 
 - `compiled_step_runner`: a StepRunner for plain (un-checkpointed) steps using the compiled g. The first call
   compiles (tens of seconds on CPU); any compile error falls back, once and with a warning, to the eager
-  functional g, which is exact (tests/test_second_order_compiled.py).
+  functional g, which is exact (tests/ebt/test_second_order_compiled.py).
 - `jvp_step_runner`: the "mcmc_step" recompute, but the outer VJP is taken by forward-over-reverse: a JVP of
   the full gradient (d/dlogits, d/dparams, d/dcontext of sum E) along the cotangent, instead of a double
   backward through a retained graph. benchmarks/second_order.py measures it against RematerialisedStep.

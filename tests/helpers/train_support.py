@@ -1,0 +1,158 @@
+"""Shared helpers for the trainer tests: a tiny prepared corpus, tiny configs, and launching `ebt train`.
+
+A module (not conftest.py) so the trainer tests own their helpers; the data is prepared once per session.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from data_pipeline import DataConfig, prepare_if_needed
+from fsutil import read_metrics_rows
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 512  # sentencepiece needs ~350 pieces for the byte fallback plus the corpus's required chars
+
+# Training values that exact resume must reproduce bit for bit (timing fields may differ).
+TRAIN_KEYS = ("step", "tokens", "loss", "ppl", "alpha", "energy_gap", "lr", "grad_norm", "skipped",
+              "nonfinite_steps")
+
+
+@functools.lru_cache(maxsize=1)
+def data_section() -> dict:
+    """A DataConfig (as YAML-ready dict) over a 300 kB slice of the embedded corpus, prepared once."""
+    root = tempfile.mkdtemp(prefix="ebt-train-tests-")
+    atexit.register(shutil.rmtree, root, True)
+    section = dict(source="embedded", max_bytes=300_000, include_docs=False, cache_dir=root, vocab_size=VOCAB,
+                   tokenizer_max_sentences=20_000, val_fraction=0.25, num_proc=1, shard_tokens=30_000,
+                   progress=False)
+    prepare_if_needed(DataConfig(**section))
+    return section
+
+
+def tiny_raw(kind: str = "ebt", **sections: dict) -> dict:
+    """A complete raw training config for a tiny model; `sections` update the named sections."""
+    raw = {
+        "name": "tiny",
+        "model": {"kind": kind, "dim": 32, "n_layers": 1, "n_heads": 2, "context_length": 16, "mcmc_steps": 2},
+        "data": dict(data_section()),
+        "optim": {"lr": 1.0e-3, "warmup_steps": 3},
+        "trainer": {"max_steps": 24, "micro_batch_size": 4, "eval_batches": 2, "log_every": 1},
+        "checkpoint": {"every": 4, "keep_last": 3},
+        "logging": {"wandb": False, "progress": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw[key] = {**raw.get(key, {}), **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def write_config(directory: Path, raw: dict, name: str = "config.yaml") -> Path:
+    path = Path(directory) / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def env() -> dict:
+    out = dict(os.environ)
+    out["OMP_NUM_THREADS"] = "1"
+    out["PYTHONPATH"] = f"{REPO}{os.pathsep}{out.get('PYTHONPATH', '')}"
+    out.pop("WANDB_MODE", None)
+    return out
+
+
+def train_cmd(config: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "launch.cli", "train", str(config), *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "launch.cli", "train", str(config), *overrides]
+
+
+def run_train(cwd: Path, config: Path, *overrides: str, nproc: int = 1,
+              timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(config, *overrides, nproc=nproc), cwd=cwd, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_train(cwd: Path, config: Path, *overrides: str, nproc: int = 1) -> subprocess.Popen:
+    """In its own session so the whole process group (torchrun and its workers) can be signalled at once."""
+    return subprocess.Popen(train_cmd(config, *overrides, nproc=nproc), cwd=cwd, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+read_rows = read_metrics_rows
+
+
+def training_rows(run_dir: Path) -> list[dict]:
+    """Per-step rows (not the final eval row) reduced to the keys exact resume must reproduce."""
+    out = []
+    for row in read_rows(run_dir):
+        if row.get("final"):
+            continue
+        out.append({k: v for k, v in row.items() if k in TRAIN_KEYS or k.startswith("ce_step_")})
+    return out
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> int:
+    """Poll metrics.jsonl until a row with step >= `step` appears; returns the step seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = [r for r in read_rows(run_dir) if not r.get("final")]
+        if rows and rows[-1]["step"] >= step:
+            return rows[-1]["step"]
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before step {step}:\n{proc.stdout.read()}")
+        time.sleep(0.005)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal the process group; a SIGKILL also goes to every descendant, as a node failure would kill them:
+    torchrun starts each worker in its own session, so its group alone leaves the ranks running, and they
+    finish the run before the test restarts it."""
+    if sig == signal.SIGKILL:
+        import psutil
+
+        try:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
+        for process in descendants:
+            try:
+                process.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+    os.killpg(proc.pid, sig)
+
+
+def file_tree(root: Path | str) -> dict[str, object]:
+    """Every directory and file under `root` (with size and mtime), so any leftover or change shows."""
+    out: dict[str, object] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a hand-started 2-rank run's MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
