@@ -7,8 +7,8 @@ Langevin noise, replay picks). Then:
   largest entry);
 - three AdamW steps with gradient clipping, the reference's optimizer groups on its side (alpha at LR x its
   multiplier, no decay; every other parameter decayed) and ours built from the recipe file, give the same
-  weights within 1e-7. The LR is held at its peak (schedules are not compared: the reference's warm-up starts
-  at LR 0 and is scheduled by Lightning).
+  weights within 1e-6 (see assert_parity). The LR is held at its peak (schedules are not compared: the
+  reference's warm-up starts at LR 0 and is scheduled by Lightning).
 A mutation test flips one option at a time on this project's side and requires the comparison to fail. (The
 ranges of the shared draws are not mutated here: RecordedDraws checks each injected value against the range the
 model asks for, and tests/ebt/test_ebt_loss_options.py checks the model's own draws.)
@@ -31,6 +31,7 @@ from reference_harness import (
     load_reference,
     recording_draws,
     reference_available,
+    reference_imports_undone,
 )
 
 from ebt import build_model
@@ -42,6 +43,12 @@ pytestmark = pytest.mark.skipif(reference_available() is not None, reason=str(re
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 VOCAB, DIM, LAYERS, HEADS, CONTEXT, BATCH, LR = 32, 16, 2, 2, 8, 4, 1e-3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def reference_modules_removed_afterwards():
+    with reference_imports_undone():
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -144,7 +151,10 @@ def run(recipe: str, variant: str | None = None, reference_flags: dict | None = 
 def assert_parity(worst: dict) -> None:
     assert worst["loss"] < 1e-9, worst
     assert worst["grad"] < 1e-7, worst
-    assert worst["weight"] < 1e-7, worst
+    # Weights after 3 steps: 1e-6. The same fp64 run differs from itself in its last bits from run to run (CPU
+    # kernel choice), and Adam's normalisation of tiny gradient components amplifies that: s2-jitter-no-truncate
+    # measured 4.2e-7 in about one run in three, before issue 15 as after; the other runs stay below 1e-7.
+    assert worst["weight"] < 1e-6, worst
 
 
 @pytest.mark.parametrize("variant", ["default", "time_embed", "adaln"])

@@ -35,6 +35,34 @@ def reference_available() -> str | None:
     return None
 
 
+# load_reference.py installs stand-ins for packages the reference imports but the NLP path never uses; the stand-in
+# `transformers` would break every later user of the real one in the same process (datasets' fingerprinting, the
+# lm-eval adapter), so the parity tests put sys.modules and sys.path back when they are done.
+STUBBED_PACKAGES = ("transformers", "torchvision", "diffusers")
+
+
+@contextlib.contextmanager
+def reference_imports_undone():
+    """Run a block that loads the reference, then remove what it put into sys.modules and sys.path: the stand-in
+    packages and every module imported from REFERENCE_DIR, restoring any real module they replaced."""
+    modules_before = dict(sys.modules)
+    path_before = list(sys.path)
+    try:
+        yield
+    finally:
+        root = str(REFERENCE_DIR)
+        for name, module in list(sys.modules.items()):
+            if modules_before.get(name) is module:
+                continue
+            from_reference = str(getattr(module, "__file__", "") or "").startswith(root)
+            stand_in = name.split(".")[0] in STUBBED_PACKAGES and getattr(module, "__file__", None) is None
+            if from_reference or stand_in:
+                del sys.modules[name]
+                if name in modules_before:
+                    sys.modules[name] = modules_before[name]
+        sys.path[:] = path_before
+
+
 def load_reference():
     if str(REFERENCE_DIR) not in sys.path:
         sys.path.insert(0, str(REFERENCE_DIR))
