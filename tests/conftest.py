@@ -22,3 +22,20 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+
+
+# A Trainer built inside the test process sets the torch.distributed variables for its world of one
+# (launch.distributed._single_process_rendezvous), MASTER_PORT included; left in os.environ, every later `ebt train`
+# subprocess inherited that port and failed with EADDRINUSE. Each test gets them back as they were.
+RENDEZVOUS_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _rendezvous_env_restored():
+    saved = {key: os.environ.get(key) for key in RENDEZVOUS_KEYS}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
