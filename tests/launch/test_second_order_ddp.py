@@ -3,6 +3,7 @@ gradient: the custom autograd.Function hands parameter gradients to DDP's hooks 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from parity_tolerance import fp32_ratio_check, rank_threads
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -52,25 +54,36 @@ def worker(policy: str, out: str) -> None:
         seed_everything(cfg.trainer.seed)
         reference_cfg = build_config(raw_config("none")).model
         reference = build_model(reference_cfg)
+        truth = copy.deepcopy(reference).double()  # the exact answer, from the same fp32 weights widened exactly
         loss, _ = reference.loss(tokens, init_logits=init)
         loss.backward()
-        result = {name: [float((grads[name] - p.grad).abs().max()), float(p.grad.abs().max())]
-                  for name, p in reference.named_parameters()}
+        truth.loss(tokens, init_logits=init.double())[0].backward()
+        result = {}
+        for name, p in reference.named_parameters():
+            exact = truth.get_parameter(name).grad
+            result[name] = {"one_process": float((p.grad.double() - exact).abs().max()),
+                            "two_ranks": float((grads[name].double() - exact).abs().max()),
+                            "scale": float(exact.abs().max())}
         Path(out).write_text(json.dumps(result))
     trainer.close(finished=True)  # every rank done, then the group torn down while Python is alive
 
 
 def test_ddp_with_rematerialised_steps_matches_one_unchecked_process(tmp_path):
     out = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = dict(os.environ, OMP_NUM_THREADS=rank_threads(), PYTHONPATH=path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            "block+mcmc_step", str(out)]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert sum(scale > 0 for _, scale in result.values()) >= len(result) - 1
-    for name, (diff, scale) in result.items():
-        assert diff <= 1e-5 * max(1.0, scale), f"{name}: |2-rank mcmc_step - 1-rank none| = {diff:.3g}"
+    assert sum(r["scale"] > 0 for r in result.values()) >= len(result) - 1
+    # fp32 against the fp64 answer, the 2-rank error within FP32_ERROR_FACTOR of the 1-process run's worst: the
+    # derivation is beside the constants in tests/launch/test_train_parity.py.
+    errors = {name: [r["one_process"], r["two_ranks"]] for name, r in result.items()}
+    worst = fp32_ratio_check(errors, {name: max(1.0, r["scale"]) for name, r in result.items()},
+                             "gradient (2-rank mcmc_step vs 1-process none)", "ddp")
+    print(f"fp32 worst gradient error ratio, 2 ranks / 1 process, at {rank_threads()} thread(s) per rank: {worst:.3g}")
 
 
 if __name__ == "__main__":
