@@ -39,6 +39,9 @@ from fsutil import atomic_write_json, atomic_write_text, read_metrics_rows
 # launch.signals.PREEMPTED_EXIT_CODE, read without importing torch into the wrapper process.
 PREEMPTED_EXIT_CODE = 75
 RANK_WAIT_S = 90.0  # how long rank 0 waits for the other ranks' trainers to exit before requeueing anyway
+# How long rank 0 waits, after its requeue, for Slurm's SIGTERM before exiting anyway: within Slurm's default
+# KillWait (30 s), after which SIGKILL would follow.
+REQUEUE_TERM_WAIT_S = 25.0
 
 
 def attempt_key(job_id: str | None) -> str:
@@ -281,7 +284,25 @@ class TrainJob(submitit.helpers.Checkpointable):
         # Also when the signal came before the trainer started: the attempt still ends in a requeue.
         append_event(self.events_path, {"event": "preempted", "job_id": job_id, "rc": self._rc,
                                         "ranks": {str(k): v for k, v in ranks.items()}})
+        if "SLURM_JOB_ID" in os.environ:
+            self._exit_cleanly_once_requeued()
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def _exit_cleanly_once_requeued(self) -> None:
+        """submitit runs `scontrol requeue` after checkpoint() returns and then exits -1 at once. A task that
+        exits non-zero before the requeue's SIGTERM reaches it marks the step FAILED (seen on the dev cluster:
+        `8.0|FAILED` beside `8|REQUEUED` in tests/slurm/test_slurm_cluster.py, issue 20's baseline run). Rank 0
+        then waits for that SIGTERM, as the other ranks do, and exits 0; without it, after REQUEUE_TERM_WAIT_S,
+        it exits -1 as submitit would."""
+        from submitit.core.job_environment import SignalHandler
+
+        def exit_after_requeue_signal(handler: SignalHandler) -> None:
+            deadline = time.time() + REQUEUE_TERM_WAIT_S
+            while not self._terminated and time.time() < deadline:
+                time.sleep(0.1)
+            sys.exit(0 if self._terminated else -1)
+
+        SignalHandler._exit = exit_after_requeue_signal  # type: ignore[method-assign]
 
     def _exited_after_signal_ok(self) -> bool:
         """A trainer killed by a signal (rc < 0) was not stopped by our USR2 forwarding (the child ignores USR2
