@@ -16,6 +16,7 @@ from typing import Any
 from .config import DataConfig
 from .loader import ShardEvalLoader, ShardLoader
 from .prepare import (
+    _brief_source,
     dir_lock,
     mismatch_message,
     prepare_shards,
@@ -25,7 +26,7 @@ from .prepare import (
     shards_key,
 )
 from .shards import PackedShards
-from .sources import Source, build_source
+from .sources import Source, build_source, document_is_val
 from .streaming import StreamEvalLoader, StreamLoader
 from .tokenizer import TokenizerMeta, load_meta, tokenizer_exists, train_tokenizer
 
@@ -52,19 +53,24 @@ def shards_dir(cfg: DataConfig, source: Source, meta: TokenizerMeta) -> str:
 def ensure_tokenizer(cfg: DataConfig, source: Source | None = None) -> tuple[str, TokenizerMeta]:
     source = source or build_source(cfg)
     path = tokenizer_dir(cfg, source)
-    with dir_lock(path):
-        if not tokenizer_exists(path):
-            train_tokenizer(source, path, vocab_size=cfg.vocab_size, max_sentences=cfg.tokenizer_max_sentences,
-                            num_threads=cfg.num_proc)
+    # The metadata is written after the model and names its hash, so both present means complete: a prepared
+    # tokenizer is used without the lock, which a read-only cache could not hold.
+    if not tokenizer_exists(path):
+        with dir_lock(path, "tokenizer directory"):
+            if not tokenizer_exists(path):  # another process may have trained it while this one waited
+                train_tokenizer(source, path, vocab_size=cfg.vocab_size,
+                                max_sentences=cfg.tokenizer_max_sentences, num_threads=cfg.num_proc)
     return path, load_meta(path)
 
 
-def prepare_if_needed(cfg: DataConfig, *, force: bool = False) -> dict[str, Any]:
+def prepare_if_needed(cfg: DataConfig, *, force: bool = False, require_splits: bool = False) -> dict[str, Any]:
     """Train the tokenizer and (in shards mode) write shards when missing; a no-op when they exist.
 
     `force` replaces shards of other inputs found in an explicitly configured `shards_dir`. When both
     `tokenizer` and `shards_dir` are given and already hold a matching pair, the raw source is not needed
-    (a training node may have the shards but not the corpus they were made from).
+    (a training node may have the shards but not the corpus they were made from). `require_splits` (training,
+    which validates on the val split): refuse, before anything is written, a source whose documents leave the
+    train or the val split empty (check_document_splits; shards already prepared are checked by check_splits).
     """
     if cfg.mode == "shards" and cfg.tokenizer and cfg.shards_dir and not force:
         manifest = read_manifest(cfg.shards_dir)
@@ -79,6 +85,8 @@ def prepare_if_needed(cfg: DataConfig, *, force: bool = False) -> dict[str, Any]
     source = build_source(cfg)
     if cfg.mode == "shards" and cfg.shards_dir and not force:
         _check_existing_shards(cfg, source)
+    if require_splits and not _shards_prepared(cfg, source):
+        check_document_splits(source, cfg.val_fraction)
     tok_dir, meta = ensure_tokenizer(cfg, source)
     result: dict[str, Any] = {"tokenizer": tok_dir, "vocab_size": meta.vocab_size, "shards_dir": None}
     if cfg.mode == "shards":
@@ -88,6 +96,41 @@ def prepare_if_needed(cfg: DataConfig, *, force: bool = False) -> dict[str, Any]
                                   force=force, progress=cfg.progress)
         result.update(shards_dir=out, manifest=manifest)
     return result
+
+
+def _shards_prepared(cfg: DataConfig, source: Source) -> bool:
+    """Whether shards mode finds its tokenizer and shards made (check_splits then reads their manifest)."""
+    if cfg.mode != "shards":
+        return False
+    path = tokenizer_dir(cfg, source)
+    return tokenizer_exists(path) and read_manifest(shards_dir(cfg, source, load_meta(path))) is not None
+
+
+def check_document_splits(source: Source, val_fraction: float) -> None:
+    """A one-line ValueError when the documents of `source` leave the train or the val split empty: the split is
+    by whole documents (document_is_val), so one .txt file (one document) always leaves one empty. It reads
+    documents only until both splits have one, about 1 / val_fraction of them; a source with no text at all is
+    left to the tokenizer, whose message names its empty files."""
+    seen = {"train": 0, "val": 0}
+    for text in source.documents():
+        seen["val" if document_is_val(text, val_fraction) else "train"] += 1
+        if seen["train"] and seen["val"]:
+            return
+        if val_fraction == 0:  # no document can be val: one shows the source is not empty, the rest need no reading
+            break
+    total = seen["train"] + seen["val"]
+    if total == 0:
+        return
+    empty, full = ("val", "train") if seen["train"] else ("train", "val")
+    brief = _brief_source(source.summary())  # type: ignore[attr-defined]
+    if val_fraction == 0:
+        raise ValueError(f"data.val_fraction=0 leaves the 'val' split of data.source {brief} empty, and training "
+                         "validates on it (every trainer.eval_every steps and at the end): set data.val_fraction "
+                         "above 0, e.g. 0.02")
+    raise ValueError(f"data.source {brief} leaves the {empty!r} split empty: the split is by whole documents, and "
+                     f"val_fraction={val_fraction} put all {total} of its document(s) in {full!r}; give the source "
+                     "more documents (several .txt files, or a .jsonl with one document per line) or another "
+                     "data.val_fraction")
 
 
 def _check_existing_shards(cfg: DataConfig, source: Source) -> None:
@@ -139,6 +182,16 @@ def open_shards(cfg: DataConfig, split: str, context_length: int) -> PackedShard
     _tok_dir, meta = _tokenizer(cfg, source)
     out = cfg.shards_dir or shards_dir(cfg, source, meta)  # type: ignore[arg-type]
     return PackedShards(out, split, context_length, tokenizer_sha256=meta.model_sha256, vocab_size=meta.vocab_size)
+
+
+def check_splits(cfg: DataConfig, context_length: int) -> None:
+    """A one-line ValueError unless the prepared shards serve windows of `context_length` + 1 tokens in both
+    splits. The trainer first reads the val split when it evaluates, by default after the last step, so it
+    checks before its first step that the val split is there (issue 21: a single .txt file trained every step,
+    then failed). Stream mode is not checked: only reading the source would tell."""
+    if cfg.mode == "shards":
+        for split in SPLITS:
+            open_shards(cfg, split, context_length)
 
 
 def build_loader(cfg: DataConfig, *, split: str, context_length: int, micro_batch_size: int, rank: int,

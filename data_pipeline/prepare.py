@@ -105,14 +105,26 @@ def mismatch_message(out_dir: str, manifest: dict[str, Any], differences: list[s
             "data.shards_dir), or use the tokenizer and settings they were made with")
 
 
-def dir_lock(path: str) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def dir_lock(path: str, what: str = "output") -> Iterator[None]:
     """Exclusive lock next to `path`, so ranks (or users) racing to prepare the same output wait, not clash.
 
     Nothing is left behind (fsutil.exclusive_lock's leave_nothing): the holder deletes `<path>.lock` before
     unlocking it, and directories made only to hold the lock are removed again when they are still empty, e.g.
-    after a bad input.
+    after a bad input. Callers take it only to write (prepared data is read without it), so a lock that cannot be
+    made means `what` cannot be written either: one line naming the directory (a read-only cache on a cluster's
+    shared filesystem, say), not filelock's traceback.
     """
-    return exclusive_lock(os.path.abspath(path).rstrip("/") + ".lock", leave_nothing=True)
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(exclusive_lock(os.path.abspath(path).rstrip("/") + ".lock", leave_nothing=True))
+    except OSError as error:  # EROFS, EACCES: on creating a parent directory or the lock file
+        where = os.path.dirname(error.filename) if error.filename else os.path.dirname(os.path.abspath(path))
+        raise ValueError(f"{what} {path} must be written, but {where} cannot be written to "
+                         f"({error.strerror or error}): prepare the data where it is writable (ebt data prepare) "
+                         "or point data.cache_dir (--cache-dir, --out) at a writable directory") from None
+    with stack:
+        yield
 
 
 def _init_worker(tokenizer_dir: str, eos_id: int, dtype: str, val_fraction: float) -> None:
@@ -175,7 +187,12 @@ def prepare_shards(source: Source, tokenizer_dir: str, out_dir: str, *, val_frac
     key = shards_key(source, meta, val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens,
                      dtype=np_dtype)
     out_dir = os.path.abspath(out_dir)
-    with dir_lock(out_dir):
+    # The manifest appears together with complete shards (atomic_dir), so a matching one means nothing is to be
+    # written: return without the lock, which a read-only cache could not hold.
+    existing = read_manifest(out_dir)
+    if existing is not None and existing.get("key") == key:
+        return existing
+    with dir_lock(out_dir, "shard directory"):
         existing = read_manifest(out_dir)
         if existing is not None and existing.get("key") == key:
             return existing  # idempotent re-run
@@ -226,6 +243,11 @@ def _write(source: Source, tokenizer_dir: str, meta: TokenizerMeta, work: str, *
         splits[split] = _write_split(work, split, doc_lengths, dtype, shard_tokens,
                                      np.random.default_rng([seed, index]), progress)
         os.unlink(os.path.join(work, f"raw_{split}.bin"))
+    if splits["train"]["documents"] == 0 and splits["val"]["documents"]:  # the split is by whole documents
+        raise ValueError(f"data.source {_brief_source(source.summary())} leaves the 'train' split empty: "
+                         f"val_fraction={val_fraction} put all {splits['val']['documents']} of its document(s) in "
+                         "'val'; give the source more documents (several .txt files, or a .jsonl with one document "
+                         "per line) or a smaller data.val_fraction (--val-fraction)")
     if splits["train"]["documents"] == 0:
         raise ValueError(f"source {source.name!r} is empty after filtering: no training documents "
                          f"(val_fraction={val_fraction})")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .prepare import FORMAT, read_manifest
+from .prepare import FORMAT, _brief_source, read_manifest
 
 
 class PackedShards:
@@ -40,8 +40,7 @@ class PackedShards:
         self.files = [os.path.join(shards_dir, s["file"]) for s in manifest["splits"][split]["shards"]]
         tokens = np.array([s["tokens"] for s in manifest["splits"][split]["shards"]], dtype=np.int64)
         if len(tokens) == 0:
-            raise ValueError(f"split {split!r} in {shards_dir!r} has no tokens "
-                             f"(val_fraction={manifest.get('val_fraction')} selected no documents)")
+            raise ValueError(_empty_split_message(manifest, split, shards_dir))
         if context_length < 1:
             raise ValueError(f"context length must be positive, got {context_length}")
         for path, count in zip(self.files, tokens.tolist(), strict=True):
@@ -50,7 +49,9 @@ class PackedShards:
         if per_shard.sum() == 0:
             raise ValueError(f"context length {context_length} is longer than the {split!r} shards in "
                              f"{shards_dir!r} can serve (largest shard holds {int(tokens.max())} tokens, "
-                             f"a window needs {context_length + 1})")
+                             f"a window needs {context_length + 1}); lower the context length "
+                             "(model.context_length) or give the split more text (a larger source or "
+                             "data.val_fraction)")
         self.window_starts = np.concatenate([[0], np.cumsum(per_shard)])
         self.n_windows = int(self.window_starts[-1])
         self._maps: list[np.ndarray] | None = None
@@ -79,6 +80,19 @@ class PackedShards:
         for row, (s, start) in enumerate(zip(shard.tolist(), local.tolist(), strict=True)):
             out[row] = maps[s][start:start + length + 1]
         return out
+
+
+def _empty_split_message(manifest: dict[str, Any], split: str, shards_dir: str) -> str:
+    """Why a split has no tokens and what to do: the split is by whole documents, so a source of one document
+    (a single .txt file) always leaves one split empty, whatever the fraction."""
+    other = next(s for s in manifest["splits"] if s != split)
+    documents = manifest["splits"][other].get("documents", 0)
+    fraction = manifest.get("val_fraction")
+    selected = "no documents" if split == "val" else f"every document for {other!r}"
+    return (f"split {split!r} of the shards in {shards_dir!r} has no tokens (val_fraction={fraction} selected "
+            f"{selected}): data.source {_brief_source(manifest.get('sources'))} is split by whole documents, and "
+            f"all {documents} of its document(s) went to {other!r}; give the source more documents (several .txt "
+            "files, or a .jsonl with one document per line) or another data.val_fraction (--val-fraction)")
 
 
 def _check_shard_file(path: str, tokens: int, dtype: np.dtype, shards_dir: str) -> None:

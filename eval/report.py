@@ -131,6 +131,7 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: s
                  seed: int = 0, ci_level: float = 0.95, progress: bool = True) -> ReportResult:
     if not 0 < ci_level < 1:
         raise ValueError(f"--ci must lie in (0, 1), got {ci_level}")
+    _check_out_dir(Path(out_dir))
     inputs = gather(paths)
     warnings = list(inputs.warnings)
     if not inputs.records and not inputs.eval_files:
@@ -191,6 +192,19 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: s
     files = atomic_write_files(Path(out_dir), contents)
     return ReportResult(Path(out_dir), files, fits, comparisons, excluded, warnings, sorted(figures), slopes,
                         slope_comparisons)
+
+
+def _check_out_dir(out: Path) -> None:
+    """The output must be a directory or become one: a file there (or in its place above it) would otherwise
+    surface as a FileExistsError traceback once every fit is done. Checked before any work, and nothing of the
+    user's is replaced."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "exists and is not a directory" if probe == out else f"cannot be made: {probe} is not a directory"
+        raise ValueError(f"-o/--out {out} {what}; give a directory (the report writes report.md, report.html, "
+                         "fits.json and its figures into it)")
 
 
 def _system2_summary(e: dict[str, Any]) -> dict[str, Any]:

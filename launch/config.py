@@ -100,6 +100,9 @@ class DistributedConfig:
     strategy: str = "ddp"
     deepspeed_config: str | None = None  # a configs/deepspeed/*.json file, required for strategy=deepspeed
     timeout_s: float = 600.0  # collective timeout: a dead rank makes the others fail within this bound
+    # A rank whose heartbeat (launch/distributed.py Heartbeat) stops this long, e.g. `kill -STOP`, ends the job
+    # with one line naming it; well under Slurm's 120 s warning so that a stuck job still ends in time. 0: off.
+    stall_timeout_s: float = 60.0
     find_unused_parameters: bool = False
     # fsdp only: keep parameters sharded inside the step too, re-gathering each weight where the graph needs it
     # (launch/fsdp.py). Off: every block stays gathered for the whole step. Measured on CPU at 2 ranks: 0.85x the
@@ -179,13 +182,63 @@ def _all_keys(schema: type, prefix: str = "") -> list[str]:
 
 def load_yaml(path: Path) -> Any:
     """A YAML file as plain containers, read by OmegaConf's loader (so `6.0e5` is a number, as YAML 1.2 has it)
-    with interpolations left as written; a parse error is one line. Training configs and sweep specs both read
-    their files with it."""
+    with interpolations left as written; a parse error is one line naming the file and line (_yaml_error).
+    Training configs and sweep specs both read their files with it."""
     try:
         node = OmegaConf.load(path)
-    except Exception as error:  # yaml's parser errors are multi-line; keep the first line
-        raise ValueError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except Exception as error:  # noqa: BLE001 - yaml's parser errors are multi-line: one line instead
+        raise ValueError(_yaml_error(Path(path), error)) from None
     return OmegaConf.to_container(node, resolve=False)
+
+
+def _yaml_error(path: Path, error: Exception) -> str:
+    """`FILE: not valid YAML at line N: problem`. yaml's message puts its context first ("while constructing a
+    mapping") and the problem and its line on later lines, so the first line alone said nothing useful; a
+    duplicate key is named by its dotted path, with the line where it first appears."""
+    import yaml
+
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if not isinstance(error, yaml.MarkedYAMLError) or mark is None or not problem:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"{path}: not valid YAML ({first})"
+    where = f"{path}: not valid YAML at line {mark.line + 1}"
+    duplicate = re.fullmatch(r"found duplicate key (.*)", problem)
+    if duplicate and error.context_mark is not None:
+        key, first_line = _duplicate_key(path, error.context_mark.index, duplicate.group(1))
+        first = f" (first at line {first_line})" if first_line else ""
+        return f"{where}: duplicate key {key!r}{first}; a key may appear only once in a mapping"
+    context = error.context_mark
+    within = f" ({error.context} at line {context.line + 1})" if error.context and context is not None else ""
+    return f"{where}: {problem}{within}"
+
+
+def _duplicate_key(path: Path, mapping_index: int, key: str) -> tuple[str, int | None]:
+    """(dotted path of `key` in the mapping that starts at character `mapping_index` of the file, line of its
+    first occurrence there), from the file's node tree (composing does not check duplicates); (key, None) when
+    the mapping is not found."""
+    import yaml
+
+    def find(node: yaml.Node, prefix: str) -> tuple[str, int | None] | None:
+        children: list[tuple[str, yaml.Node]] = []
+        if isinstance(node, yaml.MappingNode):
+            if node.start_mark.index == mapping_index:
+                lines = [k.start_mark.line + 1 for k, _ in node.value if k.value == key]
+                return prefix + key, lines[0] if lines else None
+            children = [(f"{prefix}{k.value}.", v) for k, v in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(f"{prefix}{i}.", v) for i, v in enumerate(node.value)]
+        for child_prefix, child in children:
+            found = find(child, child_prefix)
+            if found is not None:
+                return found
+        return None
+
+    try:
+        root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return key, None
+    found = find(root, "") if root is not None else None
+    return found if found is not None else (key, None)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -363,6 +416,8 @@ def validate(cfg: TrainConfig) -> None:
         raise _err("distributed.strategy", f"must be one of {', '.join(STRATEGIES)}, got {d.strategy!r}")
     if d.timeout_s <= 0:
         raise _err("distributed.timeout_s", f"must be > 0, got {d.timeout_s}")
+    if d.stall_timeout_s < 0:
+        raise _err("distributed.stall_timeout_s", f"must be >= 0 (0: no heartbeat), got {d.stall_timeout_s}")
     if d.strategy == "deepspeed":
         if not d.deepspeed_config:
             raise _err("distributed.deepspeed_config", "strategy=deepspeed needs a configs/deepspeed/*.json file")
