@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+
+from launch.signals import INTERRUPTED_EXIT_CODE, TrainingInterrupted
 
 COMMAND_MODULES: list[str] = [
     "launch.data_cli",
@@ -29,6 +33,15 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 
 
+class RunError(Exception):
+    """The run cannot go on for a reason outside the code and the input (a full disk): printed as one line, exit
+    code 1, no traceback. `quiet`: print nothing (ranks other than 0 of a job, whose rank 0 says it)."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformer pretraining")
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`ebt ARGV` (sys.argv when None, a real command line); the exit code."""
+    try:
+        code = _run(argv)
+    except KeyboardInterrupt as error:  # anywhere, building the parser included: one line, never a traceback
+        code = INTERRUPTED_EXIT_CODE
+        _say_interrupted(error, argv)
+    if code == INTERRUPTED_EXIT_CODE and argv is None:
+        # At a terminal, a Ctrl-C also reaches every rank of `--nproc` and its launcher forwards the same one: a
+        # copy (or a second press) must not turn this exit, a line or two away, into a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
+def _say_interrupted(error: KeyboardInterrupt, argv: list[str] | None) -> None:
+    """`ebt train` stopped by a Ctrl-C after checkpointing says where (launch.signals.TrainingInterrupted, whose
+    message is empty on ranks other than 0); any other Ctrl-C says only that, on rank 0."""
+    if argv is None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in main: the launcher's copy must not cut this line
+    command = next((arg for arg in (sys.argv[1:] if argv is None else argv) if not arg.startswith("-")), "")
+    message = str(error) if isinstance(error, TrainingInterrupted) else (
+        "interrupted (Ctrl-C)" if os.environ.get("RANK", "0") == "0" else "")
+    if message:
+        print(f"ebt {command}: {message}" if command else f"ebt: {message}", file=sys.stderr)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `ebt train cfg.yaml --nproc 2 key=value`: argparse stops a positional list at the first option, so
@@ -54,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as error:
         print(f"ebt {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunError as error:
+        if not error.quiet:
+            print(f"ebt {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except RuntimeError as error:
         if _is_rank_lost(error):  # not the user's input: another process of the run went away
             print(f"ebt {args.command}: error: {error}", file=sys.stderr)

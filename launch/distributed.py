@@ -3,7 +3,8 @@ and device that launch/fsdp.py shards over) and small collectives.
 
 Works under `torchrun`, `accelerate launch --multi_gpu` and srun-exported torch env vars; a plain `python` run is
 one process. Collective timeouts come from `distributed.timeout_s`: when a rank dies, the survivors' next
-collective fails within that bound (gloo also notices a closed socket sooner) instead of hanging.
+collective fails within that bound (gloo also notices a closed socket sooner) instead of hanging. A rank that stops
+without dying is found sooner by the Heartbeat (`distributed.stall_timeout_s`).
 
 Accelerate creates the process group and wraps the model; ranks, collectives, seeding and RNG state are taken from
 torch.distributed and torch directly, for reasons measured with Accelerate 1.15.0, DeepSpeed 0.19.8 and torch 2.13
@@ -20,9 +21,14 @@ wrong on one path and can outlive the group:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
+import socket
+import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -183,6 +189,139 @@ def broadcast_object(obj):
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
     return obj
+
+
+STALL_EXIT_CODE = 1  # a failed run, as RankLostError's: not a preemption, so nothing requeues it
+
+
+def heartbeat_period(timeout_s: float) -> float:
+    """Seconds between beats (and between the watcher's looks): 6 per timeout, so a detection lands within
+    timeout_s + 2 periods; at most 5 s (60 s default: 5 s), at least 0.2 s (the store's load)."""
+    return min(5.0, max(0.2, timeout_s / 6))
+
+
+class Heartbeat:
+    """Ends the job in bounded time when a rank stops without dying (`kill -STOP`, a frozen node): one line
+    naming it, exit STALL_EXIT_CODE, within about timeout_s + 2 periods. Without it the others wait in their
+    next collective for distributed.timeout_s (600 s), and the stopped process never exits at all.
+
+    Two daemon threads per rank. The beater adds 1 to this rank's counter in the rendezvous store every `period`
+    and reads every peer's counter (one multi_get). The watcher calls a peer silent when its counter has not
+    moved for timeout_s on this rank's clock (so clocks that differ between hosts do not matter), and blames
+    the store's host (rank 0, except under torchrun, whose agent holds the store) when the store itself has not
+    answered for as long: then no peer's counter can be read. Threads, not the training loop, beat: a step, an
+    evaluation or a checkpoint may take longer than the timeout. (A live process whose main thread hangs in a
+    collective still beats; that is distributed.timeout_s's case.)
+
+    On a stall the lowest rank not silent prints the line, silent ranks on this host are killed (a stopped process
+    never exits by itself, and `ebt train --nproc` waits for every rank), and the process exits at once: its
+    main thread may be inside a collective with the stalled rank. The newest checkpoint stays the one a rerun
+    resumes from (a save cut short is a .tmp-step_N directory the rerun removes)."""
+
+    def __init__(self, timeout_s: float, rank: int, world: int, run_dir: str | Path) -> None:
+        self.timeout_s, self.rank, self.world, self.run_dir = timeout_s, rank, world, run_dir
+        self.period = heartbeat_period(timeout_s)
+        self.peers = [r for r in range(world) if r != rank]
+        self._prefix = f"ebt/heartbeat/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"  # torchrun restarts
+        # env:// rendezvous: rank 0's process serves the store, unless torchrun's agent does.
+        self._store_rank = None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
+        now = time.monotonic()
+        self._answered = now  # the store's last reply
+        self._moved = dict.fromkeys(self.peers, now)  # when each peer's counter last changed
+        self._counts: dict[int, bytes | None] = dict.fromkeys(self.peers)
+        self._where: dict[int, tuple[str, int]] = {}  # rank -> (host, pid): who to kill on a stall
+        self._stop = threading.Event()
+        self._store = _heartbeat_store(self.period)
+
+    def start(self) -> Heartbeat:
+        self._store.set(f"{self._prefix}where/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
+        for r in range(self.world):  # every counter exists from here on, so multi_get never waits for one
+            self._store.add(f"{self._prefix}{r}", 0)
+        threading.Thread(target=self._beat, name="ebt-heartbeat", daemon=True).start()
+        threading.Thread(target=self._watch, name="ebt-heartbeat-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        keys = [f"{self._prefix}{r}" for r in self.peers]
+        while not self._stop.is_set():
+            try:
+                self._store.add(f"{self._prefix}{self.rank}", 1)
+                counts = self._store.multi_get(keys)
+                missing = [r for r in self.peers if r not in self._where]
+                where_keys = [f"{self._prefix}where/{r}" for r in missing]
+                if missing and self._store.check(where_keys):
+                    for r, value in zip(missing, self._store.multi_get(where_keys), strict=True):
+                        host, pid = value.decode().rsplit(" ", 1)
+                        self._where[r] = (host, int(pid))
+            except Exception:  # noqa: BLE001 - a store that stops answering is the watcher's to judge
+                counts = None
+            now = time.monotonic()
+            if counts is not None:
+                self._answered = now
+                for r, count in zip(self.peers, counts, strict=True):
+                    if count != self._counts[r]:
+                        self._counts[r], self._moved[r] = count, now
+            self._stop.wait(self.period)
+
+    def _watch(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self.period):
+            now = time.monotonic()
+            if now - last > self.timeout_s / 2:
+                # This process was itself stopped (its threads did not run): the gap says nothing about its peers.
+                self._answered = now
+                for r in self.peers:
+                    self._moved[r] = now
+            last = now
+            if now - self._answered > self.timeout_s:
+                if self._store_rank is not None and self._store_rank != self.rank:
+                    self._end([self._store_rank])
+                continue  # no peer can be judged while the store does not answer
+            silent = [r for r in self.peers if now - self._moved[r] > self.timeout_s]
+            if silent:
+                self._end(silent)
+
+    def _end(self, silent: list[int]) -> None:
+        if self._stop.is_set():  # close() got there first: the run ended normally
+            return
+        if self.rank == min(r for r in range(self.world) if r not in silent):
+            who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
+            line = (f"ebt train: error: {who} sent no heartbeat for {self.timeout_s:g} s (stalled or stopped; "
+                    "distributed.stall_timeout_s); the run can resume from its last checkpoint in "
+                    f"{self.run_dir}\n")
+            os.write(2, line.encode())
+        here = socket.gethostname()
+        for r in silent:
+            host, pid = self._where.get(r, ("", 0))
+            if host == here and pid > 0:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+        os._exit(STALL_EXIT_CODE)
+
+
+def start_heartbeat(timeout_s: float, run_dir: str | Path) -> Heartbeat | None:
+    """A started Heartbeat when several ranks run and timeout_s > 0 (distributed.stall_timeout_s), else None."""
+    rank, world = rank_and_world()
+    if world < 2 or timeout_s <= 0:
+        return None
+    return Heartbeat(timeout_s, rank, world, run_dir).start()
+
+
+def _heartbeat_store(period: float):
+    """A store connection of the heartbeat's own, so that its threads never share a client with the process group.
+    `period`-scale timeouts keep a store that stops answering from blocking the beater for long."""
+    from torch.distributed import TCPStore
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return _get_default_store()  # a group set up without the env:// variables
+    return TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                    timeout=timedelta(seconds=max(2.0, 2 * period)), wait_for_workers=False)
 
 
 class RankLostError(RuntimeError):

@@ -9,11 +9,14 @@
   and then `apply_schedule` makes the new schedule the one that runs.
 - Checkpoints saved by another number of processes are refused with the count: the trainer would find none of
   them usable, start over and prune them.
+- A run dir with checkpoints or metrics but no checkpoint that verifies is refused too (it would start over and
+  overwrite them); `--restart` moves it aside (`move_aside`, nothing deleted) and trains from scratch.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,7 @@ def check_resume(cfg: TrainConfig, world_size: int, allow_schedule_change: bool 
         return None
     saved = newest_checkpoint(cfg)
     if saved is None:
+        _refuse_starting_over(cfg)
         return None
     world_changed = saved.world_size is not None and saved.world_size != world_size
     if world_changed and not saved.reshardable:
@@ -105,6 +109,55 @@ def check_resume(cfg: TrainConfig, world_size: int, allow_schedule_change: bool 
                          f"{cfg.run_dir} (at step {saved.step}); pass {ALLOW_FLAG} to continue it on the new "
                          "schedule, or pick a new name=")
     return saved
+
+
+RESTART_FLAG = "--restart"
+
+
+def _refuse_starting_over(cfg: TrainConfig) -> None:
+    """A run dir with checkpoints or metrics rows but no checkpoint that verifies (every manifest lost in a copy
+    that dropped small files, say) would train from step 0 and overwrite both: refuse, saying how to start over
+    on purpose. A run finished without a final checkpoint (checkpoint.save_final=false) is not refused here."""
+    from fsutil import read_metrics_rows
+
+    root = cfg.run_dir / "checkpoints"
+    steps = sorted((int(m.group(1)) for p in root.iterdir() if (m := STEP_RE.match(p.name))), reverse=True) \
+        if root.is_dir() else []
+    rows = read_metrics_rows(cfg.run_dir)
+    if not steps and not rows:
+        return
+    if finished(cfg) is not None:
+        return
+    if steps:
+        newest = root / f"step_{steps[0]}"
+        what = (f"{len(steps)} checkpoint(s), none usable (newest {newest}: {verify(newest)})"
+                + (f", and metrics.jsonl up to step {rows[-1].get('step')}" if rows else ""))
+    else:
+        what = f"metrics.jsonl up to step {rows[-1].get('step')} but no checkpoint"
+    raise ValueError(f"{cfg.run_dir} holds {what}: nothing to resume from, and training from step 0 would overwrite "
+                     f"it; to start over pass {RESTART_FLAG} (moves {cfg.run_dir} aside to "
+                     f"{cfg.run_dir.name}.old-<time>, deleting nothing), or pick a new name=")
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """`--restart`: rename the run dir to `<name>.old-<YYYYmmdd-HHMMSS>` beside it (a free name; never deleting
+    anything), so the run starts from nothing. Returns the new path; None when there was no run dir. The caller
+    holds the run dir's lock (launch/run_lock.py), which sits beside the run dir and so stays held."""
+    import time
+
+    if not run_dir.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        target = run_dir.with_name(f"{run_dir.name}.old-{stamp}" + (f"-{n}" if n else ""))
+        if not target.exists():
+            break
+    else:
+        raise ValueError(f"{RESTART_FLAG}: no free name to move {run_dir} aside to ({target} and 999 more exist)")
+    # rename(2) on one filesystem: atomic, nothing is copied or deleted. The target was free just above, and the
+    # held lock keeps other trainers of this name away.
+    os.rename(run_dir, target)
+    return target
 
 
 def finished(cfg: TrainConfig) -> dict[str, Any] | None:

@@ -20,29 +20,50 @@ if TYPE_CHECKING:
 # launch.resume.ALLOW_FLAG, spelled here so that registering the flag does not import launch.resume (and with it
 # torch); tests/launch/test_cli_imports.py checks that the two agree.
 ALLOW_FLAG = "--allow-schedule-change"
+RESTART_FLAG = "--restart"  # launch.resume.RESTART_FLAG, likewise
 
 
-def run_training(cfg: TrainConfig, log=None, allow_schedule_change: bool = False) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, log=None, allow_schedule_change: bool = False,
+                 restart: bool = False) -> dict[str, Any]:
     """Train (resuming from the newest valid checkpoint in the run dir); returns the final metrics.
 
-    Under torchrun / accelerate launch / srun each process calls this; it returns on every rank. A run that
-    cannot start is refused by `preflight` before anything is written; a rank whose peer dies raises
-    RankLostError (one line naming the lost rank) instead of the backend's traceback. A run that is already
-    finished returns its final metrics with "already_finished": True, without building anything; a resume that
-    changes the LR schedule is refused unless `allow_schedule_change` (launch/resume.py).
+    Under torchrun / accelerate launch / srun each process calls this; it returns on every rank. Rank 0 holds
+    the run dir's lock (launch/run_lock.py) throughout, the other ranks share it: a second trainer on the run
+    dir is refused (RunLockedError) before it reads or writes anything there. A run that cannot start is refused
+    by `preflight` before anything is written; a rank whose peer dies raises RankLostError (one line naming the
+    lost rank) instead of the backend's traceback. A run that is already finished returns its final metrics with
+    "already_finished": True, without building anything; a resume that changes the LR schedule is refused unless
+    `allow_schedule_change` (launch/resume.py). `restart`: rank 0 moves the run dir aside (launch/resume.py
+    move_aside, nothing is deleted) once the run is known to start, and the run trains from step 0.
     """
+    import contextlib
+
+    from launch.run_lock import run_lock
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    _check_runs_dir(cfg)  # the lock file goes into runs_dir: a runs_dir that cannot hold it is one line first
+    with run_lock(cfg.run_dir) if rank0 else contextlib.nullcontext():
+        return _run_locked(cfg, log, allow_schedule_change, restart, rank0)
+
+
+def _run_locked(cfg: TrainConfig, log, allow_schedule_change: bool, restart: bool, rank0: bool) -> dict[str, Any]:
     from launch.distributed import lost_rank_error
-    from launch.resume import apply_schedule, check_resume, finished, schedule_changes
+    from launch.resume import apply_schedule, check_resume, finished, move_aside, schedule_changes
     from launch.run_tokenizer import keep_run_tokenizer
     from launch.trainer import Trainer
 
-    saved = check_resume(cfg, int(os.environ.get("WORLD_SIZE", "1")), allow_schedule_change)
-    done = finished(cfg)
+    # Under --restart no rank reads the old run: rank 0 moves it aside below (it may not verify at all).
+    saved = None if restart else check_resume(cfg, int(os.environ.get("WORLD_SIZE", "1")), allow_schedule_change)
+    done = None if restart else finished(cfg)
     if done is not None:
         return {"step": done["step"], "tokens": done["tokens"], "run_dir": str(cfg.run_dir), "preempted": False,
                 "already_finished": True, "final_row": done,
                 **{k: done[k] for k in ("val_loss", "val_ppl", "val_tokens") if k in done}}
     preflight(cfg)
+    if restart and rank0:
+        moved = move_aside(cfg.run_dir)
+        if moved is not None:
+            print(f"ebt train: --restart: moved {cfg.run_dir} to {moved}; training from step 0", file=sys.stderr)
     trainer = Trainer(cfg, log=log)
     finished_ok = False
     try:
@@ -72,10 +93,28 @@ def run_training(cfg: TrainConfig, log=None, allow_schedule_change: bool = False
 def preflight(cfg: TrainConfig, ranks_here: int | None = None) -> None:
     """Refuse, before any file is written, a run that cannot start: a runs_dir that cannot hold it, a model
     vocabulary that is not the tokenizer's, or a step predicted (ebt.planner) not to fit this machine's memory.
-    `ranks_here`: the processes that will share this machine (default: LOCAL_WORLD_SIZE)."""
+    `ranks_here`: the processes that will share this machine (default: LOCAL_WORLD_SIZE). Last, once the run can
+    start, the data is prepared (a no-op once it is) and checked to serve both splits (_check_data)."""
     _check_runs_dir(cfg)
     _check_vocab(cfg)
     _check_memory(cfg, ranks_here)
+    _check_data(cfg)
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    """Prepare the data and refuse a run whose train or val split serves no window of model.context_length + 1
+    tokens. Validation first reads the val split at the first evaluation, by default after the last step, so an
+    empty one (data.source a single .txt file: one document) failed a run that had trained every step (issue 21).
+    A source that leaves a split empty is refused before anything is prepared for it (require_splits); prepared
+    shards are checked from their manifest, so a read-only cache that holds them serves as it is."""
+    import dataclasses
+
+    from data_pipeline import check_splits, prepare_if_needed
+
+    # Progress from the first rank only, as Trainer.setup_data does; every rank prepares under the data lock.
+    progress = cfg.data.progress and int(os.environ.get("RANK", "0")) == 0
+    prepare_if_needed(dataclasses.replace(cfg.data, progress=progress), require_splits=True)
+    check_splits(cfg.data, cfg.model.context_length)
 
 
 def _check_runs_dir(cfg: TrainConfig) -> None:
@@ -165,6 +204,8 @@ def _launch_local_processes(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "launch.cli", "train", *args.configs, *args.overrides]
     if args.allow_schedule_change:
         cmd.append(ALLOW_FLAG)
+    if args.restart:
+        cmd.append(RESTART_FLAG)
     procs = []
     for rank in range(args.nproc):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(args.nproc),
@@ -202,10 +243,19 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(configs, overrides)
     local = args.nproc > 1 and "WORLD_SIZE" not in os.environ
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        # A run dir another trainer holds is refused as such first (not for its half-written state), and by the
+        # --nproc launcher before it starts ranks that would wait for a refused rank 0 (launch/run_lock.py).
+        from launch.run_lock import check_not_running
+
+        check_not_running(cfg.run_dir)
     # A finished run, or a resume that would not continue the saved run, is settled here: before re-executing
-    # with another allocator and before any rank starts, so a re-run of a finished run takes seconds.
-    check_resume(cfg, args.nproc if local else int(os.environ.get("WORLD_SIZE", "1")), args.allow_schedule_change)
-    done = finished(cfg)
+    # with another allocator and before any rank starts, so a re-run of a finished run takes seconds. --restart
+    # starts over whatever the run dir holds.
+    if not args.restart:
+        check_resume(cfg, args.nproc if local else int(os.environ.get("WORLD_SIZE", "1")),
+                     args.allow_schedule_change)
+    done = None if args.restart else finished(cfg)
     if done is not None:
         if rank0:
             _print_finished(cfg, done)
@@ -219,7 +269,7 @@ def _train(args: argparse.Namespace) -> int:
     if local:
         print(_global_batch_note(cfg, args.nproc), file=sys.stderr)
         return _launch_local_processes(args)
-    result = run_training(cfg, allow_schedule_change=args.allow_schedule_change)
+    result = run_training(cfg, allow_schedule_change=args.allow_schedule_change, restart=args.restart)
     if result["preempted"]:
         return PREEMPTED_EXIT_CODE
     if rank0:
@@ -281,7 +331,7 @@ def _export(args: argparse.Namespace) -> int:
     from launch.checkpoint import export_model, resolve_checkpoint
     from launch.run_tokenizer import KEPT_DIR, find_tokenizer
 
-    out = export_model(args.checkpoint, args.out)
+    out = export_model(args.checkpoint, args.out, force=args.force)
     if (Path(out) / KEPT_DIR).is_dir():
         print(f"exported {out}/model.safetensors, {out}/config.yaml and {out}/{KEPT_DIR}/")
         return 0
@@ -306,11 +356,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(ALLOW_FLAG, dest="allow_schedule_change", action="store_true",
                    help="resume even though trainer.max_steps, optim.warmup_steps, optim.min_lr_scale or optim.lr "
                         "changed: the LR schedule then follows the new values from the resumed step on")
+    p.add_argument(RESTART_FLAG, dest="restart", action="store_true",
+                   help="start the run over: move its run dir aside to <run dir>.old-<time> (nothing is deleted) "
+                        "and train from step 0; for one launch only, not in a script that Slurm requeues")
     p.set_defaults(func=_train)
 
     e = subparsers.add_parser("export", help="write safetensors weights + config.yaml from a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint dir, or a run dir (its newest valid checkpoint)")
-    e.add_argument("out", help="output directory")
+    e.add_argument("out", help="output directory: new, empty, or (with --force) a previous export")
+    e.add_argument("--force", action="store_true",
+                   help="replace OUT when it holds a previous `ebt export` (never a directory of other files)")
     e.set_defaults(func=_export)
 
 

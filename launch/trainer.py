@@ -31,6 +31,7 @@ from data_pipeline.loader import global_eval_share
 from ebt import NonFiniteEnergyGradientError, build_model
 from launch import memory_plan
 from launch.callbacks import PREEMPTED, Callback, default_callbacks
+from launch.callbacks.checkpoint import INTERRUPTED
 from launch.checkpoint import CheckpointManager
 from launch.config import TrainConfig, check_resume_compatible, config_to_dict, load_saved_config, save_config
 from launch.distributed import (
@@ -41,10 +42,11 @@ from launch.distributed import (
     device_mesh,
     make_accelerator,
     rank_and_world,
+    start_heartbeat,
 )
 from launch.metrics import peak_flops, training_dtype
 from launch.optim import build_optimizer, build_scheduler
-from launch.signals import PreemptionFlag
+from launch.signals import PreemptionFlag, TrainingInterrupted
 from launch.train_module import make_train_module
 
 
@@ -105,6 +107,8 @@ class Trainer:
         # From the process group, not the Accelerator: on the CPU DeepSpeed path its counts say one process while
         # the gloo group has them all (rank_and_world says what was measured).
         self.rank, self.world = rank_and_world()
+        # From the moment the group is up: a rank stopped during setup must not hang the job either.
+        self.heartbeat = start_heartbeat(cfg.distributed.stall_timeout_s, cfg.run_dir)
         self.device = self.accelerator.device
         self.is_main = self.rank == 0
         self.is_deepspeed = cfg.distributed.strategy == "deepspeed"
@@ -157,7 +161,7 @@ class Trainer:
         self.setup_data()
         self.setup_model()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last, self.rank,
-                                      self.world, barrier=barrier, log=self.log)
+                                      self.world, barrier=barrier, log=self.log, all_sum=self._all_sum)
         self._resume()
         self.train_iter = iter(self.loader)
         if self.is_main:
@@ -482,12 +486,15 @@ class Trainer:
                     sums[key] = sums[key] + torch.where(finite, value, 0.0)
                     counts[key] = counts[key] + weight
         preempt = torch.full((), 1.0 if self.preempt.requested else 0.0, dtype=torch.float64, device=device)
-        vec = all_reduce_sum(torch.stack([*sums.values(), *counts.values(), bad, preempt]))
+        # Whether a stop request was a Ctrl-C (exit 130) rides in the same all-reduce: every rank then exits alike.
+        ctrl_c = torch.full((), 1.0 if self.preempt.interrupted else 0.0, dtype=torch.float64, device=device)
+        vec = all_reduce_sum(torch.stack([*sums.values(), *counts.values(), bad, preempt, ctrl_c]))
         n = len(keys)
         lr = self.scheduler.get_last_lr()[0]
         grad_norm, updated = self.optimizer_step(skip=vec[2 * n] > 0, report=vec)
         values = self.step_report  # vec, read by optimizer_step's transfer
         self.preempt_agreed = values[2 * n + 1] > 0
+        self.preempt.interrupt_agreed = values[2 * n + 2] > 0
         skipped = not updated
         self.scheduler.step()
         self.step += 1
@@ -584,7 +591,21 @@ class Trainer:
                 save_sharded(directory, self.raw_model, self.optimizer)
 
         return self.ckpt.save(self.step, shared, per_rank, config_yaml,
-                              deepspeed_engine=self.model if self.is_deepspeed else None, sharded_save=sharded_save)
+                              deepspeed_engine=self.model if self.is_deepspeed else None, sharded_save=sharded_save,
+                              other_bytes=self._sharded_state_bytes if self.is_deepspeed or self.is_fsdp else None)
+
+    def _sharded_state_bytes(self) -> int:
+        """What DeepSpeed or DCP write for this rank, estimated as its parameters and optimizer moments (asked only
+        for the message of a full disk, so an estimate that cannot be made is 0)."""
+        try:
+            held = self.state_bytes()
+        except Exception:  # noqa: BLE001 - a wrapped optimizer whose state this cannot read
+            return 0
+        return held["params"] + held["optimizer"]
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        """`values` summed over the ranks: the checkpoint manager's agreement on a full disk."""
+        return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self._collective_device)).tolist()
 
     @property
     def global_batch(self) -> int:
@@ -600,7 +621,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        """Train to trainer.max_steps or until a callback stops the loop (preemption); the run's summary.
+        """Train to trainer.max_steps or until a callback stops the loop (preemption); the run's summary. A
+        Ctrl-C stop raises launch.signals.TrainingInterrupted instead, after the checkpoint.
 
         The loop alone: everything around it is the callbacks' (launch/callbacks/base.py lists the hooks and
         when they run). Every callback whose on_fit_start ran gets on_fit_end, in reverse order, also when
@@ -628,6 +650,13 @@ class Trainer:
             result = {"step": self.step, "tokens": self.tokens, "run_dir": str(self.run_dir),
                       "preempted": self.stop_reason == PREEMPTED, "nonfinite_steps": self.nonfinite_total,
                       **self.last_eval}
+        if self.stop_reason == INTERRUPTED:
+            # Raised, not returned: a Ctrl-C is not a preemption (exit 130, not 75, and no requeue), and a
+            # KeyboardInterrupt is what a caller of fit expects from one. Every rank has saved; the barrier lets
+            # close() tear the group down without a peer still inside the save's last collective.
+            barrier()
+            raise TrainingInterrupted(f"interrupted (Ctrl-C): checkpoint saved at step {self.step} in "
+                                      f"{self.run_dir}; run the same command to resume" if self.is_main else "")
         return result
 
     def request_stop(self, reason: str) -> None:
@@ -655,6 +684,9 @@ class Trainer:
             return
         if finished:
             barrier()
+        if self.heartbeat is not None:
+            # After the barrier (a rank stopped before it is still caught), before the group and rank 0's store go.
+            self.heartbeat.stop()
         self.model = self.optimizer = None
         self.accelerator = None
         gc.collect()

@@ -22,6 +22,7 @@ from typing import Any
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
+from launch.run_lock import describe, holder
 from slurm.job import TrainJob
 from slurm.spec import RunPlan, SweepSpec, first_difference, plan_fingerprint
 from slurm.state import SweepState, is_active, run_states
@@ -269,7 +270,12 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
         states = run_states(state, plans)
         # Finished runs and runs a live job still owns are skipped; new, failed and lost ones go out.
         todo = [p for p in plans if not (states[p.name] == "DONE" or is_active(states[p.name]))]
-        skipped = {p.name: states[p.name] for p in plans if p not in todo}
+        # So are runs whose run dir a trainer holds now (launch/run_lock.py): started by hand, or by a job this
+        # sweep lost track of. A second job would be refused at its start anyway, after waiting in the queue.
+        running = {p.name: f"already running: {p.run_dir} is held by {describe(info)}" for p in todo
+                   if (info := holder(p.run_dir)) is not None}
+        todo = [p for p in todo if p.name not in running]
+        skipped = {p.name: "RUNNING" if p.name in running else states[p.name] for p in plans if p not in todo}
         todo_groups = group_runs(todo)
         if not local and todo_groups:
             preflight(spec, state, todo_groups)
@@ -306,7 +312,7 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
                 submitted.update({p.name: str(j.job_id) for p, j in zip(batch, jobs, strict=True)})
                 local_jobs.extend(zip(batch, jobs, strict=True))
     for name, why in skipped.items():
-        out(f"skip {name}: {'finished' if why == 'DONE' else why.lower()}")
+        out(f"skip {name}: {running.get(name) or ('finished' if why == 'DONE' else why.lower())}")
     for name, job_id in submitted.items():
         out(f"submitted {name}: job {job_id}")
     for name, msg in failed.items():

@@ -1,7 +1,7 @@
-"""When to checkpoint: every checkpoint.every steps, at the end (checkpoint.save_final), and on preemption.
+"""When to checkpoint: every checkpoint.every steps, at the end (checkpoint.save_final), on preemption and on Ctrl-C.
 
 What a checkpoint holds is Trainer.save_checkpoint's business (launch/checkpoint.py writes it); this callback
-only decides the steps, and turns an agreed preemption signal into a save and a stop.
+only decides the steps, and turns an agreed preemption signal or Ctrl-C into a save and a stop.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from launch.callbacks.base import PREEMPTED, Callback
 
 if TYPE_CHECKING:
     from launch.trainer import Trainer
+
+# trainer.stop_reason after a Ctrl-C: Trainer.fit raises launch.signals.TrainingInterrupted once the loop is over.
+INTERRUPTED = "interrupted"
 
 
 class CheckpointCallback(Callback):
@@ -28,11 +31,19 @@ class CheckpointCallback(Callback):
         self.last_saved: int | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        trainer.preempt.install()
+        speak = trainer.is_main  # one voice for the whole job: every rank of a terminal's job gets the Ctrl-C
+        trainer.preempt.install(
+            ack_line="ebt train: Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort "
+                     "without one)" if speak else None,
+            abort_line=f"ebt train: interrupted again (Ctrl-C): aborted without saving; run the same command to "
+                       f"resume from the newest checkpoint in {trainer.run_dir}" if speak else None)
         self.last_saved = trainer.step  # a resumed run's step is its checkpoint's; a fresh run has nothing to save
 
     def on_step_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        if trainer.preempt_agreed:
+        if trainer.preempt_agreed and trainer.preempt.interrupt_agreed:
+            self._save(trainer)  # fit raises TrainingInterrupted, whose one line says where the checkpoint is
+            trainer.request_stop(INTERRUPTED)
+        elif trainer.preempt_agreed:
             self._save(trainer)
             trainer.log(f"preemption signal: saved checkpoint at step {trainer.step}; exiting")
             trainer.request_stop(PREEMPTED)

@@ -199,7 +199,7 @@ def test_export_files_follow_the_umask(tmp_path, capfd):
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
-    assert modes == {"model.safetensors": 0o644, "config.yaml": 0o644}
+    assert modes == {"model.safetensors": 0o644, "config.yaml": 0o644, ".ebt-export": 0o644}
 
 
 def test_weights_that_do_not_match_their_config_name_the_checkpoint_and_key(tmp_path, capfd):

@@ -94,7 +94,8 @@ def test_load_model_and_export_round_trip(tmp_path, kind, capsys):
 
     assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
     assert "model.safetensors" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.yaml", "model.safetensors"]
+    exported_files = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert exported_files == [".ebt-export", "config.yaml", "model.safetensors"]
     exported, exported_cfg = load_model(tmp_path / "export")
     assert exported_cfg == cfg
     for (name, a), (_, b) in zip(model.state_dict().items(), exported.state_dict().items(), strict=True):

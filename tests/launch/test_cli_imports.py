@@ -105,6 +105,7 @@ def test_the_train_flag_spelled_for_registration_is_launch_resumes():
     import launch.train
 
     assert launch.train.ALLOW_FLAG == launch.resume.ALLOW_FLAG
+    assert launch.train.RESTART_FLAG == launch.resume.RESTART_FLAG
 
 
 def test_a_lost_rank_is_one_line_and_exit_1_other_runtime_errors_propagate(monkeypatch, capsys, tmp_path):
