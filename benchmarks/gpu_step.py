@@ -61,7 +61,7 @@ def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int 
               sharding: str | None = None) -> dict:
     from ebt import ModelConfig, build_model
     from ebt.flops import train_flops_per_token
-    from ebt.planner import DEFAULT_CUDA, cuda_peak, predict_peak_bytes
+    from planning import DEFAULT_CUDA, cuda_peak, predict_peak_bytes
 
     device = torch.device(args.device)
     cfg = ModelConfig.from_size(args.size, kind=kind, vocab_size=args.vocab, context_length=args.context,

@@ -1,7 +1,7 @@
 """Memory planner accuracy: predicted against measured peak RSS over a grid of sizes x batch x policy x K.
 
 The first grid point is the ONE calibration run (it fixes the process base and the allocator factor, see
-ebt/planner.py); every other point is a prediction. Each point is measured in its own process (1 warm-up and
+planning/); every other point is a prediction. Each point is measured in its own process (1 warm-up and
 1 measured step, one thread, denormals flushed); its peak RSS is the process's own.
 
     python -m benchmarks.planner          # writes results/planner.json and the README table
@@ -78,7 +78,7 @@ def main() -> None:
     from rich.progress import track
 
     from ebt import ModelConfig
-    from ebt.planner import calibrate, predict_peak_bytes, tensor_peak_bytes
+    from planning import calibrate, predict_peak_bytes, tensor_peak_bytes
 
     rows = []
     if args.from_json:  # re-predict stored measurements (after a planner change) without re-measuring

@@ -8,7 +8,7 @@ code path (Trainer.setup_model, forward_backward, optimizer_step) on fixed rando
   fp32 partition, the reduced gradient partition and the optimizer state on it), each storage counted once;
 - peak RSS of the training steps (VmHWM, reset after set-up via /proc/self/clear_refs) and of the whole process;
 - the median step time (wall and process CPU) over the timed steps;
-- ebt.planner's per-rank prediction (strategy-aware for fsdp) next to the measured peak.
+- planning's per-rank prediction (strategy-aware for fsdp) next to the measured peak.
 
     python -m benchmarks.sharding            # medium EBT (193M), context 32: results/sharding.json + README table
     python -m benchmarks.sharding --tiny     # seconds: checks the script
@@ -79,9 +79,9 @@ def _deepspeed_state_bytes(engine) -> dict[str, int]:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from ebt.planner import predict_peak_bytes
     from launch.config import build_config
     from launch.trainer import Trainer
+    from planning import predict_peak_bytes
 
     strategy = {"zero2": "deepspeed", "fsdp_regather": "fsdp"}.get(args.strategy, args.strategy)
     raw = {

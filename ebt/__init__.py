@@ -36,7 +36,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     cfg.validate()
     if cfg.kind == "ebt":
         model = EnergyBasedTransformer(cfg)
-        # Activation checkpointing is applied once, here, not inside forward ("auto": on first use, see there).
+        # Activation checkpointing is applied once, here, not inside forward ("auto" is resolved before this, by
+        # the caller: planning.resolve_checkpointing; ebt.checkpointing says what an unresolved one does).
         apply_checkpointing(model, cfg.checkpointing, cfg.remat_chunk)
         return model
     return TransformerPlusPlus(cfg)

@@ -20,11 +20,12 @@ Policies (gradients are identical under all of them; tests/ebt/test_second_order
   candidate stream), so only one chunk's second-order graph is ever live: at xxs, context 256, batch 8,
   V 8192, K=2 this is what brings the peak from 2.6x to 1.3-1.5x Transformer++'s (benchmarks/README.md).
 - "block+mcmc_step": both (the recomputed step checkpoints its blocks too).
-- "auto": ebt.planner picks the fastest (policy, remat_chunk) whose predicted peak fits cfg.memory_budget_gb.
-  `ebt train` plans it before the model is built, for the micro-batch it then trains with
-  (launch/memory_plan.py), so its model gets a concrete policy. A model used directly with "auto" resolves it
-  ONCE, on its first training forward, for that forward's batch size (tracing tiny replicas costs a few
-  seconds per option), and keeps it: later batches of another size use the same policy.
+- "auto": the memory planner (the top-level `planning` package, a layer above this one) picks the fastest
+  (policy, remat_chunk) whose predicted peak fits cfg.memory_budget_gb, BEFORE the model is built: `ebt train`
+  plans it for the micro-batch it then trains with (launch/memory_plan.py), and a model used directly is built
+  from `planning.resolve_checkpointing(cfg, batch)`. The model never plans: one built with an unresolved "auto"
+  refuses a training forward (UnresolvedCheckpointingError); without gradients there is no second-order graph
+  to checkpoint, and it runs plain steps (every policy computes the same values).
 
 The policy is applied once, from outside the model, as torchtitan applies activation checkpointing:
 `apply_checkpointing(model, policy, remat_chunk)`, which `ebt.build_model` calls with the config's values. It
@@ -256,16 +257,16 @@ def apply_checkpointing(
 ) -> None:
     """Set an EnergyBasedTransformer's activation checkpointing, once, from outside the model.
 
-    policy_name: one of POLICIES, or "auto" (resolved by `resolve_auto` on the model's first training forward;
-    `ebt train` plans it before building the model instead). remat_chunk: sequences per "mcmc_step" recompute
-    chunk (0: the whole micro-batch). step_runner: runs every second-order MCMC step in place of the policy's
-    (None: RematerialisedStep under "mcmc_step" policies, plain steps otherwise); ebt.experimental passes its
-    measured alternatives here.
+    policy_name: one of POLICIES, or "auto" (left unresolved: the model then refuses a training forward, see
+    the module docstring; resolve it before building with `planning.resolve_checkpointing`). remat_chunk:
+    sequences per "mcmc_step" recompute chunk (0: the whole micro-batch). step_runner: runs every second-order
+    MCMC step in place of the policy's (None: RematerialisedStep under "mcmc_step" policies, plain steps
+    otherwise); ebt.experimental passes its measured alternatives here.
     """
     if policy_name == "auto":
         model.checkpoint_policy = None
         model.remat_chunk = remat_chunk
-        model.step_runner = step_runner  # an explicit runner survives the resolution
+        model.step_runner = step_runner  # an explicit runner is kept (a training forward refuses "auto")
         model.energy_model.checkpoint_blocks = False
         return
     policy = parse_policy(policy_name)
@@ -277,14 +278,17 @@ def apply_checkpointing(
     model.step_runner = step_runner
 
 
-def resolve_auto(model: torch.nn.Module, batch_size: int) -> Policy:
-    """"auto" for a model used without a plan: ask the planner for this batch size, apply its choice, keep it."""
-    from ebt.planner import choose
+class UnresolvedCheckpointingError(ValueError):
+    """A training forward of a model built with checkpointing="auto" that nobody resolved."""
 
-    device = next(model.parameters()).device
-    name, chunk = choose(model.cfg, batch_size, device, model.cfg.memory_budget_gb)
-    apply_checkpointing(model, name, chunk, step_runner=model.step_runner)
-    return model.checkpoint_policy
+
+def check_resolved(model: torch.nn.Module) -> None:
+    """Refuse a training forward (gradients on) of a model whose "auto" policy was never resolved."""
+    if model.checkpoint_policy is None and torch.is_grad_enabled():
+        raise UnresolvedCheckpointingError(
+            "model.checkpointing: 'auto' is resolved before the model is built, not by the model: build it from "
+            "planning.resolve_checkpointing(cfg, batch_size) (`ebt train` plans it itself, launch/memory_plan.py) "
+            f"or set one of {', '.join(POLICIES)}")
 
 
 def hardware_flops_per_token(cfg, policy: str | None = None) -> float:

@@ -114,7 +114,8 @@ class ModelConfig:
     replay_capacity: int = 0  # sequences kept (0 disables it; the reference keeps 192)
     replay_fraction: float = 0.0
     # Memory (ebt.checkpointing): none | block | mcmc_step | block+mcmc_step | auto. Gradients are identical
-    # under every policy; auto asks ebt.planner for the fastest one whose predicted peak fits memory_budget_gb
+    # under every policy; auto asks planning/ (resolved by launch before the model is built) for the fastest one
+    # whose predicted peak fits memory_budget_gb
     # (None: the device's capacity minus a margin).
     checkpointing: str = "none"
     memory_budget_gb: float | None = None

@@ -71,7 +71,3 @@ def train_flops_per_token(cfg: ModelConfig, mcmc_steps: float | None = None) -> 
         # Earlier steps run forward + inner gradient only (2 units); the last step is second-order.
         return 3 * real_passes * real + 2 * (steps - 1) * candidate + 6 * candidate
     return 3 * real_passes * real + 6 * steps * candidate
-
-
-def flops_per_step(cfg: ModelConfig, tokens_per_step: int) -> float:
-    return train_flops_per_token(cfg) * tokens_per_step

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ebt.checkpointing import Policy, RebindableEnergy, resolve_auto
+from ebt.checkpointing import Policy, RebindableEnergy, check_resolved
 from ebt.config import ModelConfig
 from ebt.draws import Draws
 from ebt.energy import EnergyTransformer, RealContext
@@ -76,7 +76,7 @@ class EnergyBasedTransformer(nn.Module):
         self.thinking_loop = ThinkingLoop.from_config(cfg)
         # Activation checkpointing, set once from outside by ebt.checkpointing.apply_checkpointing (ebt.build_model
         # applies cfg.checkpointing); runtime switches, not weights. checkpoint_policy None is an unresolved
-        # "auto", which the first training forward resolves (ebt.checkpointing.resolve_auto).
+        # "auto": the model never plans, a training forward refuses it (ebt.checkpointing.check_resolved).
         self.checkpoint_policy: Policy | None = Policy(block=False, step=False)
         self.remat_chunk = 0  # sequences per "mcmc_step" recompute chunk (0: the whole batch)
         self.step_runner: StepRunner | None = None  # runs each second-order step (None: plain mcmc_step)
@@ -200,8 +200,7 @@ class EnergyBasedTransformer(nn.Module):
         plan = self.landscape_plan(training, draws)
         step_size = self.step_size((tokens.shape[0], length, 1), training, draws)
 
-        if self.checkpoint_policy is None:
-            resolve_auto(self, tokens.shape[0])  # a model used directly with "auto": planned once, here
+        check_resolved(self)  # an unresolved "auto" is planned before building (planning), never here
         energy = self.energy_fn(inputs)
         noise_std = self.langevin_std if training or cfg.langevin_in_eval else 0.0
         monitor = NonFiniteMonitor()

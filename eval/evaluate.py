@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
+from ebt.inference import SELECTIONS
 from eval.perplexity import EnergySums, TokenNLL
 from eval.sweep_data import EVAL_SCHEMA
 from fsutil import atomic_write_text
 
-SELECTIONS = ("min", "max_gap", "max")
 DEFAULT_SAMPLES = (1, 2, 4)
 
 
@@ -176,57 +176,6 @@ def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress
 # ---------------------------------------------------------------------------------------------- data sources
 
 
-def _train_data_config(checkpoint: Path):
-    """The DataConfig the checkpoint was trained with (None for an export dir, which keeps only the model)."""
-    import yaml
-
-    from data_pipeline import DataConfig
-
-    for path in (checkpoint / "config.yaml", checkpoint.parent.parent / "config.yaml"):
-        if path.is_file():
-            data = (yaml.safe_load(path.read_text()) or {}).get("data")
-            if isinstance(data, dict):
-                try:
-                    return DataConfig(**data), path
-                except TypeError as error:
-                    raise ValueError(f"{path}: data section does not match DataConfig ({error})") from None
-    return None, None
-
-
-def _tokenizer_of(checkpoint: Path, train_cfg, settings: EvalSettings) -> str:
-    from data_pipeline.tokenizer import tokenizer_exists
-    from launch.run_tokenizer import KEPT_DIR, run_dir_of
-
-    if settings.tokenizer:
-        if not Path(settings.tokenizer, "tokenizer.model").is_file():
-            raise FileNotFoundError(f"--tokenizer {settings.tokenizer}: no tokenizer.model there")
-        return settings.tokenizer
-    # The copy that `ebt export` puts in an export and `ebt train` in a run dir (launch/run_tokenizer.py).
-    run_dir = run_dir_of(checkpoint)
-    for kept in (checkpoint / KEPT_DIR, *([run_dir / KEPT_DIR] if run_dir else [])):
-        if tokenizer_exists(str(kept)):
-            return str(kept)
-    if train_cfg is None:
-        raise ValueError("the checkpoint has no data config (an `ebt export` dir?): pass --tokenizer DIR")
-    from data_pipeline.api import tokenizer_dir
-    from data_pipeline.sources import build_source
-
-    return train_cfg.tokenizer or tokenizer_dir(train_cfg, build_source(train_cfg))
-
-
-def _check_vocab(tokenizer: str, model_vocab: int) -> None:
-    """The model was trained on this tokenizer's ids only if the vocabularies agree (the trainer requires it): a
-    larger one would feed it out-of-range ids, a smaller one is another tokenizer whose ids mean other pieces."""
-    from data_pipeline.tokenizer import load_meta, tokenizer_exists
-
-    if not tokenizer_exists(tokenizer):
-        raise FileNotFoundError(f"no tokenizer at {tokenizer!r}: run `ebt data prepare` with the training config")
-    vocab = load_meta(tokenizer).vocab_size
-    if vocab != model_vocab:
-        raise ValueError(f"tokenizer {tokenizer} has {vocab} pieces but the model's vocab_size is {model_vocab}: "
-                         "not the tokenizer this model was trained with")
-
-
 def _check_shards_vocab(shards: str, manifest: dict, model_vocab: int) -> None:
     vocab = manifest.get("tokenizer", {}).get("vocab_size")
     if vocab is not None and vocab != model_vocab:
@@ -238,15 +187,14 @@ def resolve_sources(checkpoint: Path, data: str | None, ood: list[str], settings
                     model_vocab: int | None = None) -> list[SourceSpec]:
     from data_pipeline import DataConfig
     from data_pipeline.prepare import read_manifest
+    from launch.run_dir import data_config, find_tokenizer
 
-    train_cfg, _ = _train_data_config(checkpoint)
+    train_cfg = data_config(checkpoint)
     if data is None and train_cfg is None:
         raise ValueError("the checkpoint has no data config (an `ebt export` dir?): pass --data")
     base = dataclasses.asdict(train_cfg) if train_cfg is not None else {}
     base["progress"] = False
-    tokenizer = _tokenizer_of(checkpoint, train_cfg, settings)
-    if model_vocab is not None:
-        _check_vocab(tokenizer, model_vocab)
+    tokenizer = find_tokenizer(checkpoint, settings.tokenizer, model_vocab=model_vocab)
     specs = []
     if data is None:
         cfg = DataConfig(**{**base, "tokenizer": tokenizer})
@@ -292,7 +240,7 @@ def _loader(spec: SourceSpec, context_length: int, batch_size: int):
 def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings: EvalSettings, *,
              out_path: str | Path | None = None, progress: bool = True, print_table: bool = True) -> dict[str, Any]:
     from ebt.flops import parameter_count
-    from launch.checkpoint import load_model, resolve_checkpoint
+    from launch.run_dir import load_model, resolve_checkpoint
 
     settings.validate()
     torch.set_flush_denormal(True)

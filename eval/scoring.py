@@ -1,4 +1,5 @@
-"""A checkpoint as a language model over text: log-likelihoods and generation, for an EBT and a Transformer++.
+"""A checkpoint as a language model over text: log-likelihoods (and, from launch/textgen.py's TextModel, generation),
+for an EBT and a Transformer++.
 
 Both the downstream tasks (`ebt eval --task`, eval/tasks/) and the lm-evaluation-harness adapter
 (eval/lm_eval_adapter.py) score through `Scorer`, so the two agree by construction.
@@ -16,114 +17,28 @@ Conventions:
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-REPLACEMENT = "\ufffd"  # what SentencePiece decodes an incomplete UTF-8 byte sequence to
+# Thinking, check_device and prefix_keyed_starts live beside the model (ebt/generation.py), text generation in
+# launch/textgen.py; they are imported here from below, for the tasks, the adapter and their tests.
+from ebt.generation import Thinking, check_device, prefix_keyed_starts
+from launch.textgen import TextModel
+
+__all__ = ["Scorer", "Thinking", "check_device", "prefix_keyed_starts"]
 
 
-def check_device(option: str, name: str) -> str:
-    """A --device value torch can use here, else a ValueError naming it (torch would raise a multi-line error
-    from deep inside the model's .to())."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{option} {name!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{option} {name}: no CUDA device is available here (use cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"{option} {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    return name
+class Scorer(TextModel):
+    """A TextModel (encode, decode, generate) that also scores: log-likelihoods of continuations and documents."""
 
-
-def system1_steps(model_cfg) -> int:
-    """The thinking steps an EBT was trained to predict with: its landscapes, the last one repeated
-    landscape_repeats more times, as the trainer's validation runs them."""
-    return model_cfg.mcmc_steps + model_cfg.landscape_repeats
-
-
-@dataclass(frozen=True)
-class Thinking:
-    """How an EBT predicts: thinking steps (None: the trained mcmc_steps), chains per token, their selection."""
-
-    steps: int | None = None  # None: system1_steps
-    samples: int = 1
-    selection: str = "min"
-    seed: int = 0
-
-    def validate(self) -> None:
-        from ebt.inference import SELECTIONS
-
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
-            raise ValueError(f"steps: must be an integer >= 0, got {self.steps!r}")
-        if not isinstance(self.samples, int) or self.samples < 1:
-            raise ValueError(f"samples: must be an integer >= 1, got {self.samples!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection: unknown selection {self.selection!r}; expected one of "
-                             f"{', '.join(SELECTIONS)}")
-
-
-def prefix_keyed_starts(inputs: Sequence[int], seed: int, sample: int, vocab_size: int, std: float,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Initial logits [L, V] of chain `sample` for input tokens [L]: row t keyed by (seed, sample, inputs[:t+1])."""
-    if std == 0:
-        return torch.zeros(len(inputs), vocab_size, dtype=dtype)
-    digest = hashlib.blake2b(digest_size=8, key=f"ebt-score:{seed}:{sample}".encode())
-    rows = torch.empty(len(inputs), vocab_size, dtype=dtype)
-    for position, token in enumerate(inputs):
-        digest.update(int(token).to_bytes(4, "little"))
-        generator = torch.Generator().manual_seed(int.from_bytes(digest.copy().digest(), "little") >> 1)
-        torch.randn(vocab_size, generator=generator, dtype=dtype, out=rows[position])
-    return rows.mul_(std)
-
-
-class TextStream:
-    """Incremental decoding: each new token's text as soon as it is complete (a character split over several
-    byte-fallback tokens is held back until its last byte arrives)."""
-
-    def __init__(self, decode: Callable[[list[int]], str], on_text: Callable[[str], None] | None = None) -> None:
-        self.decode, self.on_text = decode, on_text
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.decode(self.ids)
-        complete = text.rstrip(REPLACEMENT)
-        new = complete[len(self.emitted):] if complete.startswith(self.emitted) else ""
-        if new:
-            self.emitted += new
-            if self.on_text is not None:
-                self.on_text(new)
-        return new
-
-    @property
-    def text(self) -> str:
-        return self.decode(self.ids)
-
-
-class Scorer:
     def __init__(self, model, model_cfg, tokenizer_dir: str, thinking: Thinking | None = None,
                  batch_size: int = 8) -> None:
-        from data_pipeline.tokenizer import load_meta, load_processor
-
-        self.model, self.cfg = model.eval(), model_cfg
-        self.thinking = thinking or Thinking()
-        self.thinking.validate()
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        self.tokenizer_dir = tokenizer_dir
-        self.processor = load_processor(tokenizer_dir)
-        self.eos_id = load_meta(tokenizer_dir).eos_id
-        self.is_ebt = model_cfg.kind == "ebt"
-        self.steps = (self.thinking.steps if self.thinking.steps is not None else system1_steps(model_cfg)) \
-            if self.is_ebt else 0
+        super().__init__(model, model_cfg, tokenizer_dir, thinking)
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, tokenizer: str | None = None, thinking: Thinking | None = None,
@@ -139,21 +54,7 @@ class Scorer:
         scorer.checkpoint = path
         return scorer
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def context_length(self) -> int:
-        return self.cfg.context_length
-
     # ------------------------------------------------------------------------------------------------ text
-    def encode(self, text: str) -> list[int]:
-        return list(self.processor.encode(text))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.processor.decode(list(ids))
-
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of a context and its continuation as the whole text tokenizes (lm-eval's convention:
         trailing spaces of the context belong to the continuation, where the tokenizer puts a word's space)."""
@@ -238,54 +139,3 @@ class Scorer:
         result = self.model.think(inputs.to(device), self.steps, think.samples, think.selection,
                                   starts=starts.to(device))
         return result.logits.float().cpu()
-
-    # ------------------------------------------------------------------------------------------------ text out
-    def generate(self, context: list[int], max_new_tokens: int, *, until: Sequence[str] = (),
-                 temperature: float = 0.0, top_p: float | None = None, seed: int | None = None,
-                 on_text: Callable[[str], None] | None = None) -> tuple[str, int]:
-        """Continue a context: (the text up to the first `until` string or the end of the document, tokens
-        generated). When the context and max_new_tokens do not fit the model's window, the generation budget
-        shrinks first, down to what leaves the context half of the window, then the context is cut from the
-        left. on_text receives each piece of text as soon as it is decoded (streaming). seed: of the EBT's starts
-        and of sampling; None keys it by (thinking.seed, the prompt's tokens), so a prompt's answer does not
-        depend on which requests came before it."""
-        from ebt.inference import generate
-
-        c = self.context_length
-        prompt = [self.eos_id, *context]
-        max_new_tokens = max(1, min(max_new_tokens, c - min(len(prompt), c // 2)))
-        prompt = prompt[-(c - max_new_tokens):]
-        stream = TextStream(self.decode)
-        stops = [s for s in until if s]
-        count = shown = 0
-
-        def on_token(token: torch.Tensor) -> bool:
-            nonlocal count, shown
-            count += 1
-            if int(token[0]) == self.eos_id:
-                return True
-            stream.add(int(token[0]))
-            visible = _before_stop(stream.emitted, stops)
-            if on_text is not None and len(visible) > shown:
-                on_text(visible[shown:])
-                shown = len(visible)
-            return any(stop in stream.emitted for stop in stops)
-
-        if seed is None:
-            key = f"ebt-generate:{self.thinking.seed}".encode()
-            digest = hashlib.blake2b(torch.tensor(prompt).numpy().tobytes(), digest_size=8, key=key).digest()
-            seed = int.from_bytes(digest, "little") >> 1
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        generate(self.model, torch.tensor([prompt], device=self.device), max_new_tokens,
-                 steps=self.steps if self.is_ebt else None, samples=self.thinking.samples,
-                 selection=self.thinking.selection, temperature=temperature, top_p=top_p, generator=generator,
-                 on_token=on_token)
-        text = _before_stop(stream.text, stops)
-        if on_text is not None and len(text) > shown:  # bytes of a character the budget cut off, as decoded
-            on_text(text[shown:])
-        return text, count
-
-
-def _before_stop(text: str, stops: Sequence[str]) -> str:
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return text if cut < 0 else text[:cut]

@@ -13,7 +13,7 @@ Measured here (3xs, batch 8, context 128, K=2, one thread; settled peak RSS and 
 
 tcmalloc is both leaner and faster, so `auto` takes it first. jemalloc returns pages to the kernel and
 faults them back in, which costs 20-35% here. Both allocators keep the overhead over the live tensors about the
-same for every checkpointing policy, which is what lets ebt.planner predict a policy it was not calibrated on.
+same for every checkpointing policy, which is what lets planning/ predict a policy it was not calibrated on.
 Intel's PyTorch CPU launcher preloads one of the two for the same reasons. Debian/Ubuntu packages:
 libtcmalloc-minimal4, libjemalloc2.
 
@@ -29,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-from ebt.planner import host_allocator as loaded_allocator  # one definition: the planner calibrates per allocator
+from planning.host import host_allocator as loaded_allocator  # one definition: the planner calibrates per allocator
 
 CHOICES = ("auto", "tcmalloc", "jemalloc", "system")
 LIBRARIES = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so"),

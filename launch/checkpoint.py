@@ -1,4 +1,4 @@
-"""Atomic, checksummed, multi-rank checkpoints and model loading.
+"""Atomic, checksummed, multi-rank checkpoints, and `ebt export`. Reading a model back is launch/run_dir.py.
 
 Layout of `checkpoints/step_<N>/`:
   model.pt        model state_dict (rank 0; replicated under DDP and ZeRO-1/2)
@@ -32,6 +32,7 @@ import torch
 
 from fsutil import atomic_dir, atomic_write_text, chmod_like_open, fsync_file, fsync_tree, replace_dir, sha256_file
 from launch.cli import RunError
+from launch.run_dir import find_tokenizer, load_model, resolve_checkpoint  # also the public path (README)
 
 MANIFEST = "manifest.json"
 DCP_DIR = "dcp"  # as launch.fsdp.DCP_DIR (not imported: this module must not need torch.distributed)
@@ -40,10 +41,6 @@ STEP_RE = re.compile(r"^step_(\d+)$")
 
 def _noop() -> None:
     return None
-
-
-class CheckpointError(Exception):
-    pass
 
 
 class CheckpointSpaceError(RunError):
@@ -273,144 +270,7 @@ def _load_pt(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-# ---------------------------------------------------------------------------------------------- models
-
-
-def _model_cfg_from_yaml(path: Path):
-    from omegaconf import OmegaConf
-
-    from ebt import ModelConfig
-
-    data = OmegaConf.to_container(OmegaConf.load(path))
-    section = data.get("model", data) if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise ValueError(f"{path}: no model section")
-    return ModelConfig(**section)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, an export dir, a run dir (its newest valid checkpoint) or its checkpoints/ dir."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint or run directory: {path}")
-    if (path / "model.safetensors").is_file() or (path / MANIFEST).is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        if root.is_dir() and any(STEP_RE.match(p.name) for p in root.iterdir()):
-            latest = CheckpointManager(root, keep_last=1).latest_valid()
-            if latest is None:
-                raise FileNotFoundError(f"{path}: no valid checkpoint")
-            return latest
-    raise FileNotFoundError(f"{path}: neither a checkpoint, an export nor a run directory")
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, model_cfg) from a checkpoint dir, an `ebt export` dir, or a run dir (newest valid checkpoint)."""
-    from ebt import build_model
-
-    path = resolve_checkpoint(path)
-    cfg = _model_cfg_from_yaml(path / "config.yaml")
-    model = build_model(cfg)
-    if (path / "model.safetensors").is_file():
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_model as st_load_model
-
-        file = path / "model.safetensors"
-        check_safetensors_file(file)
-        try:
-            with safe_open(str(file), framework="pt") as weights:
-                shapes = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
-            check_weights_match(path, model, shapes)
-            st_load_model(model, str(file), device=str(device))
-        except SafetensorError as error:  # what the size check cannot see, e.g. a bad dtype name in the header
-            raise ValueError(f"{file}: corrupt safetensors file ({str(error).strip().splitlines()[0]})") from None
-    else:
-        problem = verify(path)
-        if problem is not None:
-            raise ValueError(f"checkpoint {path} is unusable: {problem}")
-        if (path / DCP_DIR).is_dir() and not (path / "model.pt").is_file():
-            state = _load_dcp_model(path, model)
-        else:
-            state = _load_pt(path / "model.pt")
-            check_weights_match(path, model, {key: tuple(value.shape) for key, value in state.items()})
-        model.load_state_dict(state)
-    return model.to(device).eval(), cfg
-
-
-def check_safetensors_file(file: Path) -> None:
-    """A one-line ValueError naming `file` and what is wrong unless it is a whole safetensors file: an 8-byte
-    little-endian header length, that many bytes of JSON header, then the tensor bytes up to the largest end of
-    any tensor's data_offsets. safetensors' own error ("incomplete metadata, file not fully covered") names
-    neither the file nor the sizes; a truncated copy is the usual cause."""
-    size = file.stat().st_size
-    bad = f"{file}: truncated or corrupt safetensors file"
-    with open(file, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{bad} ({size} bytes, not even the 8-byte header length)")
-        header_bytes = int.from_bytes(prefix, "little")
-        if 8 + header_bytes > size:  # checked before reading: a garbage length could be terabytes
-            raise ValueError(f"{bad} (header says it is {header_bytes} bytes long, file has {size} bytes)")
-        try:
-            header = json.loads(handle.read(header_bytes))
-            end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
-                      default=0)
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError,
-                ValueError):
-            raise ValueError(f"{bad} (its {header_bytes}-byte header is not a safetensors JSON header)") from None
-    expected = 8 + header_bytes + end
-    if size != expected:
-        raise ValueError(f"{bad} (header says {expected} bytes, file has {size})")
-
-
-def _load_dcp_model(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model weights of a sharded (fsdp) checkpoint, read in this one process without a process group.
-
-    The shards were saved under the names of the model's own parameters, with 0-d ones (alpha) as [1] (FSDP
-    shards dim 0); they are read at the saved shapes and given the model's."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
-    saved = {key.removeprefix("model."): tuple(meta.size) for key, meta in metadata.items()
-             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-    expected = model.state_dict()
-    shapes = {key: tuple(expected[key].shape) if key in expected and shape == (1,) and expected[key].dim() == 0
-              else shape for key, shape in saved.items()}
-    check_weights_match(path, model, shapes)
-    buffers = {key: torch.empty(saved[key], dtype=expected[key].dtype) for key in expected if key in saved}
-    import warnings
-
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": buffers}, checkpoint_id=str(path / DCP_DIR), no_dist=True)
-    return {key: value.reshape(expected[key].shape) for key, value in buffers.items()}
-
-
-def check_weights_match(path: Path, model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
-    """One line naming the first weight whose name or shape differs from what the checkpoint's config.yaml
-    builds (load_state_dict would list every one over many lines). A weight tied to one that is present (the
-    safetensors de-duplication of shared tensors) does not count as missing."""
-    expected = model.state_dict()
-    shared: dict[int, list[str]] = {}
-    for key, tensor in expected.items():
-        shared.setdefault(tensor.data_ptr() or id(tensor), []).append(key)
-    hint = "config.yaml does not describe these weights (edited, or copied from another run?)"
-    for key, tensor in expected.items():
-        want = tuple(tensor.shape)
-        if key in shapes and shapes[key] != want:
-            raise ValueError(f"checkpoint {path}: weight {key!r} has shape {list(shapes[key])} but its config.yaml "
-                             f"builds {list(want)}; {hint}")
-        tied = shared[tensor.data_ptr() or id(tensor)]
-        if key not in shapes and not any(other in shapes for other in tied):
-            missing = sum(1 for k in expected if k not in shapes)
-            raise ValueError(f"checkpoint {path}: weight {key!r} (shape {list(want)}) is missing"
-                             f"{f' (and {missing - 1} more)' if missing > 1 else ''}; {hint}")
-    unexpected = [key for key in shapes if key not in expected]
-    if unexpected:
-        raise ValueError(f"checkpoint {path}: weight {unexpected[0]!r} (shape {list(shapes[unexpected[0]])}) is not "
-                         f"in the model its config.yaml builds"
-                         f"{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; {hint}")
+# ---------------------------------------------------------------------------------------------- export
 
 
 EXPORT_MARKER = ".ebt-export"  # written into every export: what `--force` may replace
@@ -464,7 +324,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, force: bool = Fals
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": dataclasses.asdict(cfg)})))
         # The tokenizer travels with the weights (tokenizer/), so generate and eval need nothing else. A checkpoint
         # whose tokenizer cannot be found is still exported; `ebt export` says so (launch/run_tokenizer.py).
-        from launch.run_tokenizer import copy_tokenizer, find_tokenizer
+        from launch.run_tokenizer import copy_tokenizer
 
         try:
             copy_tokenizer(find_tokenizer(source, model_vocab=cfg.vocab_size), tmp)

@@ -28,6 +28,7 @@ from ebt import ModelConfig
 from ebt.sizes import SIZES
 from fsutil import atomic_write_text
 from launch.allocator import CHOICES as ALLOCATOR_CHOICES
+from launch.run_dir import read_config
 
 T = TypeVar("T")
 
@@ -367,7 +368,8 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 
 
 def load_saved_config(path: Path) -> TrainConfig:
-    return build_config(OmegaConf.to_container(OmegaConf.load(path)))  # type: ignore[arg-type]
+    """The full TrainConfig a run or checkpoint saved (its config.yaml, read by launch/run_dir.py)."""
+    return build_config(read_config(path))
 
 
 # ---------------------------------------------------------------------------------------------- validation

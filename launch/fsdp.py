@@ -23,9 +23,9 @@ The route, measured exact against one process (tests/launch/test_train_parity.py
    parameters the outer backward still needs (pytorch/pytorch#172543; its maintainers point to this switch).
    On this route no FSDP forward runs inside the loop, so the default happens to survive today; the switch
    keeps the route from depending on that.
-4. `reshard()` on every FSDP module after the outer backward, from the trainer. This frees the gathered
-   copies, and the next forward all-gathers the updated shards. Without it the next step computes with the
-   previous step's weights: `unshard()` on a module that is still unsharded does nothing.
+4. `reshard()` on every FSDP module after the outer backward, from launch/strategies.py's FSDPStrategy. This
+   frees the gathered copies, and the next forward all-gathers the updated shards. Without it the next step
+   computes with the previous step's weights: `unshard()` on a module that is still unsharded does nothing.
 
 Gradients are reduce-scattered at the end of every backward (also of each accumulated micro-batch, as ZeRO-2
 does): `set_requires_gradient_sync(False)` would keep a full unsharded gradient per rank, which is what
@@ -34,7 +34,7 @@ sharding is for avoiding.
 What is sharded: parameters, gradients and AdamW's moments live as 1/world shards between steps
 (`state_bytes` measures them on the live tensors). Inside a step the gathered parameters are whole on every
 rank, so a step's peak is activations + the full parameters + full gradients until the reduce-scatter + the
-shards (ebt.planner counts it so).
+shards (planning/ counts it so).
 
 `distributed.fsdp_regather` (RegatheredModel, below) is the functional alternative that keeps parameters
 sharded inside the step too: no FSDP modules, every parameter a Shard(0) DTensor gathered where it is read,
@@ -116,7 +116,7 @@ class ShardedModel:
 def shard_model(model: nn.Module, mesh, bf16: bool = False) -> ShardedModel:
     """Apply the route of the module docstring to `model` in place and return its FSDP modules.
 
-    0-d parameters must already be 1-d (fully_shard shards dim 0: launch.trainer._scalar_params_as_1d)."""
+    0-d parameters must already be 1-d (fully_shard shards dim 0: launch.strategies._scalar_params_as_1d)."""
     from torch.distributed.fsdp import fully_shard
 
     policy = mixed_precision_policy(bf16)

@@ -2,6 +2,7 @@
 
 The checkpoint may be a run dir (its newest valid checkpoint), a checkpoint dir or an `ebt export` dir; the
 tokenizer is the one it was trained with (launch/run_tokenizer.py), so no path beyond the checkpoint is needed.
+The text side is launch/textgen.py (TextModel), the thinking settings ebt/generation.py; nothing here imports eval.
 The text goes to stdout token by token; the throughput goes to stderr at the end, so `> file` keeps only text.
 """
 
@@ -17,9 +18,10 @@ DEFAULT_MAX_NEW_TOKENS = 64
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from eval.scoring import Scorer, Thinking, check_device
+    from ebt.generation import Thinking, check_device
     from launch.checkpoint import load_model, resolve_checkpoint
     from launch.run_tokenizer import find_tokenizer
+    from launch.textgen import TextModel
 
     _check_args(args)
     check_device("--device", args.device)
@@ -35,9 +37,9 @@ def _generate(args: argparse.Namespace) -> int:
     if cfg.kind == "ebt" and cfg.init_logit_std == 0 and thinking.samples > 1:
         print("ebt generate: note: the checkpoint's model.init_logit_std is 0, so all --samples chains start from "
               "the same logits and agree; one sample gives the same text", file=sys.stderr)
-    scorer = Scorer(model, cfg, tokenizer, thinking)
-    prompt = scorer.encode(args.prompt)
-    # The prompt follows the end-of-document token (Scorer.generate), as every document in training does.
+    text_model = TextModel(model, cfg, tokenizer, thinking)
+    prompt = text_model.encode(args.prompt)
+    # The prompt follows the end-of-document token (TextModel.generate), as every document in training does.
     room = cfg.context_length - 1 - len(prompt)
     if room < 1:
         raise ValueError(f"--prompt: {len(prompt)} tokens leave no room in the model's context of "
@@ -53,12 +55,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     show(args.prompt)
     start = time.perf_counter()
-    # The checks above leave Scorer.generate nothing to shrink: it generates `wanted` tokens after the whole prompt.
-    _, count = scorer.generate(prompt, wanted, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    # The checks above leave TextModel.generate nothing to shrink: `wanted` tokens follow the whole prompt.
+    _, count = text_model.generate(prompt, wanted, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                on_text=show)
     seconds = time.perf_counter() - start
     show("\n")
-    how = f"{scorer.steps} thinking steps x {thinking.samples} sample(s)" if cfg.kind == "ebt" else "Transformer++"
+    how = f"{text_model.steps} thinking steps x {thinking.samples} sample(s)" if cfg.kind == "ebt" else "Transformer++"
     ended = " (end of document)" if count < wanted else ""
     print(f"ebt generate: {count} tokens in {seconds:.2f} s: {count / max(seconds, 1e-9):.1f} tokens/s "
           f"({how}, {'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}){ended}",

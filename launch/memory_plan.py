@@ -3,11 +3,11 @@ before the model, the optimizer and the data loader are built.
 
 The per-rank batch (trainer.micro_batch_size x trainer.grad_accum_steps) is what the user fixed: it sets the
 global batch and so the optimisation. `auto` only decides how that batch is computed. It takes the largest
-micro-batch that divides it and whose predicted peak (ebt.planner) fits the budget under some policy, then the
+micro-batch that divides it and whose predicted peak (planning) fits the budget under some policy, then the
 fastest such policy; accumulation makes up the rest. The budget is trainer.memory_budget_gb, else
 model.memory_budget_gb, else the device's capacity minus a margin (on CPU: available memory shared by the
 ranks on the node). Under distributed.strategy=fsdp the prediction is per rank with parameters and optimizer
-state sharded over the world size (ebt.planner.state_bytes).
+state sharded over the world size (planning.state_bytes).
 
 The plan is part of the run. It is written to RUN_DIR/memory_plan.json and reused on resume, so that a
 restart on a node with less free memory continues the same computation bit for bit. An explicitly changed
@@ -54,7 +54,7 @@ def configured_budget_gb(cfg: TrainConfig) -> float | None:
 
 def default_budget_gb(device: torch.device) -> float:
     """The device's capacity minus the planner's margin; CPU memory is shared by the node's ranks."""
-    from ebt.planner import default_budget_bytes
+    from planning import default_budget_bytes
 
     ranks_here = 1 if device.type == "cuda" else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return default_budget_bytes(device) / ranks_here / 1e9
@@ -70,7 +70,7 @@ def shard_world(cfg: TrainConfig) -> int | None:
 
 
 def make_plan(cfg: TrainConfig, device: torch.device) -> MemoryPlan:
-    from ebt.planner import plan
+    from planning import plan
 
     t = cfg.trainer
     per_rank = t.micro_batch_size * t.grad_accum_steps

@@ -92,7 +92,7 @@ def _run_locked(cfg: TrainConfig, log, allow_schedule_change: bool, restart: boo
 
 def preflight(cfg: TrainConfig, ranks_here: int | None = None) -> None:
     """Refuse, before any file is written, a run that cannot start: a runs_dir that cannot hold it, a model
-    vocabulary that is not the tokenizer's, or a step predicted (ebt.planner) not to fit this machine's memory.
+    vocabulary that is not the tokenizer's, or a step predicted (planning) not to fit this machine's memory.
     `ranks_here`: the processes that will share this machine (default: LOCAL_WORLD_SIZE). Last, once the run can
     start, the data is prepared (a no-op once it is) and checked to serve both splits (_check_data)."""
     _check_runs_dir(cfg)
@@ -164,7 +164,7 @@ def _check_memory(cfg: TrainConfig, ranks_here: int | None) -> None:
     all the memory available, not with a budget, and bf16 activations are counted at 2 bytes."""
     if cfg.model.checkpointing == "auto" or cfg.distributed.strategy != "ddp":
         return  # ZeRO shards the optimizer state, which the planner counts whole
-    from ebt import planner
+    import planning
     from launch.distributed import resolve_precision
 
     device = _planning_device()
@@ -172,9 +172,9 @@ def _check_memory(cfg: TrainConfig, ranks_here: int | None) -> None:
     try:
         precision = resolve_precision(cfg.trainer.precision, device.type == "cuda")
         dtype_bytes = 2 if precision == "bf16" else 4
-        predicted = planner.predict_peak_bytes(cfg.model, cfg.model.checkpointing, cfg.trainer.micro_batch_size,
-                                               device, dtype_bytes=dtype_bytes)
-        available = planner.device_capacity_bytes(device) / ranks
+        predicted = planning.predict_peak_bytes(cfg.model, cfg.model.checkpointing, cfg.trainer.micro_batch_size,
+                                                device, dtype_bytes=dtype_bytes)
+        available = planning.device_capacity_bytes(device) / ranks
     except Exception:  # noqa: BLE001 - a config the planner cannot model is left to the run itself
         return
     if predicted > available:
@@ -182,7 +182,7 @@ def _check_memory(cfg: TrainConfig, ranks_here: int | None) -> None:
         raise ValueError(
             f"config key 'model.context_length': a training step at context length {cfg.model.context_length} "
             f"with micro-batch {cfg.trainer.micro_batch_size} (trainer.micro_batch_size) is predicted to peak at "
-            f"{predicted / 1e9:,.1f} GB (ebt.planner, checkpointing {cfg.model.checkpointing}), but only "
+            f"{predicted / 1e9:,.1f} GB (planning, checkpointing {cfg.model.checkpointing}), but only "
             f"{available / 1e9:,.1f} GB of {where} is available; lower model.context_length or "
             "trainer.micro_batch_size, or set model.checkpointing=auto to recompute and split the batch")
 

@@ -1,9 +1,10 @@
 """What differs per model kind: the loss call, the metrics it reports, extra state, and what it can't run on.
 
-The Trainer owns the loop, parallelism and bookkeeping; a TrainModule only knows its model. For both kinds one
-call of the (possibly DDP/DeepSpeed-wrapped) module computes the whole loss: for an EBT that call runs every
-MCMC step, with the inner `autograd.grad(create_graph=True)` w.r.t. the candidates inside it, so the trainer's
-single backward afterwards carries the second-order terms and DDP reduces each gradient exactly once.
+The Trainer owns the loop and bookkeeping, its Strategy (launch/strategies.py) the parallelism; a TrainModule
+only knows its model. For both kinds one call of the (possibly DDP/DeepSpeed-wrapped) module computes the whole
+loss: for an EBT that call runs every MCMC step, with the inner `autograd.grad(create_graph=True)` w.r.t. the
+candidates inside it, so the trainer's single backward afterwards carries the second-order terms and DDP reduces
+each gradient exactly once.
 """
 
 from __future__ import annotations

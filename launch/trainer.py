@@ -1,7 +1,9 @@
 """The generic training loop: steps, accumulation, non-finite handling, and what evaluation and checkpoints save.
 
 Model-kind specifics live in a TrainModule (launch/train_module.py); process setup in launch/distributed.py;
-sharded parameters (distributed.strategy=fsdp) in launch/fsdp.py, driven from here. What happens around the loop
+everything that differs between distributed strategies (wrapping, the micro-step's forward and backward, the
+optimizer step, gradient norms, checkpoint contents) in a Strategy (launch/strategies.py), which the trainer asks
+without naming it. What happens around the loop
 (when to evaluate and checkpoint, metrics.jsonl, wandb, progress, preemption) is in launch/callbacks/: Trainer.fit
 is the loop and calls their hooks.
 Exact resume: everything that shapes a later step is in the checkpoint (weights, optimizer, scheduler, counters,
@@ -28,7 +30,7 @@ import torch
 
 import data_pipeline
 from data_pipeline.loader import global_eval_share
-from ebt import NonFiniteEnergyGradientError, build_model
+from ebt import build_model
 from launch import memory_plan
 from launch.callbacks import PREEMPTED, Callback, default_callbacks
 from launch.callbacks.checkpoint import INTERRUPTED
@@ -39,7 +41,6 @@ from launch.distributed import (
     barrier,
     broadcast_object,
     configure_threads,
-    device_mesh,
     make_accelerator,
     rank_and_world,
     start_heartbeat,
@@ -47,6 +48,7 @@ from launch.distributed import (
 from launch.metrics import peak_flops, training_dtype
 from launch.optim import build_optimizer, build_scheduler
 from launch.signals import PreemptionFlag, TrainingInterrupted
+from launch.strategies import Strategy, check_checkpoint_strategy, make_strategy, strategy_class
 from launch.train_module import make_train_module
 
 
@@ -111,12 +113,11 @@ class Trainer:
         self.heartbeat = start_heartbeat(cfg.distributed.stall_timeout_s, cfg.run_dir)
         self.device = self.accelerator.device
         self.is_main = self.rank == 0
-        self.is_deepspeed = cfg.distributed.strategy == "deepspeed"
-        self.is_fsdp = cfg.distributed.strategy == "fsdp"
-        self.sharded = None  # launch.fsdp.ShardedModel under fsdp
-        self.reshaped_scalars: list[str] = []
         self.run_dir = cfg.run_dir
         self._agree_on_memory_plan()
+        # Wrapping, the micro-step, the optimizer step and checkpoint contents of distributed.strategy; made with
+        # the agreed plan's config.
+        self.strategy: Strategy = make_strategy(self.cfg, self.accelerator, self.rank, self.world)
         self.step = 0
         self.tokens = 0
         self.nonfinite_total = 0
@@ -136,17 +137,54 @@ class Trainer:
             return
         chosen = broadcast_object(self.memory_plan)
         if chosen != self.memory_plan:
-            if self.is_deepspeed and (chosen.micro_batch_size, chosen.grad_accum_steps) != (
+            strategy = strategy_class(self.cfg.distributed.strategy)
+            if strategy.batch_fixed_at_setup and (chosen.micro_batch_size, chosen.grad_accum_steps) != (
                     self.memory_plan.micro_batch_size, self.memory_plan.grad_accum_steps):
                 raise ValueError("config key 'trainer.memory_budget_gb': ranks planned different micro-batches "
                                  f"(rank 0: {chosen.micro_batch_size}, rank {self.rank}: "
-                                 f"{self.memory_plan.micro_batch_size}) and DeepSpeed has fixed its batch "
-                                 "already; set trainer.memory_budget_gb so every rank plans the same")
+                                 f"{self.memory_plan.micro_batch_size}) and {strategy.label} has "
+                                 "fixed its batch already; set trainer.memory_budget_gb so every rank plans the "
+                                 "same")
             self.memory_plan = chosen
             self.cfg = memory_plan.apply(self.user_cfg, chosen)
         self.log(chosen.describe())
         if self.is_main:
             memory_plan.save_plan(self.run_dir, chosen)
+
+    # ------------------------------------------------------------------------------------------------ strategy
+    # What the strategy holds, read by the rest of the trainer, tests and benchmarks.
+    @property
+    def model(self) -> Any:
+        """What the loss is called on: the strategy's wrapper (DDP, the DeepSpeed engine) or the model itself."""
+        return self.strategy.model
+
+    @property
+    def optimizer(self) -> Any:
+        return self.strategy.optimizer
+
+    @property
+    def trained_parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters the optimizer updates (the sharded DTensors where the strategy shards)."""
+        return self.strategy.trained_parameters
+
+    @property
+    def reshaped_scalars(self) -> list[str]:
+        return self.strategy.reshaped_scalars
+
+    @property
+    def sharded(self) -> Any:
+        """launch.fsdp's ShardedModel or RegatheredModel where the strategy shards, else None."""
+        return self.strategy.sharded
+
+    @property
+    def is_deepspeed(self) -> bool:
+        """For tests and benchmarks that treat the engine specially; the trainer never branches on it."""
+        return self.strategy.name == "deepspeed"
+
+    @property
+    def is_fsdp(self) -> bool:
+        """For tests and benchmarks; the trainer never branches on it."""
+        return self.strategy.name == "fsdp"
 
     # ------------------------------------------------------------------------------------------------ setup
     def log(self, msg: str) -> None:
@@ -155,7 +193,7 @@ class Trainer:
 
     def setup(self) -> None:
         if self.device.type == "cpu":
-            from ebt.planner import host_allocator
+            from planning.host import host_allocator
 
             self.log(f"host allocator: {host_allocator()}")  # launch/allocator.py: it sets CPU peak memory
         self.setup_data()
@@ -168,8 +206,8 @@ class Trainer:
             save_config(self.user_cfg, self.run_dir / "config.yaml")
 
     def setup_model(self) -> None:
-        """Model, optimizer, scheduler, wrapped for DDP or DeepSpeed or sharded by FSDP; same initial weights on
-        every rank."""
+        """Model, optimizer, scheduler, parallelized and wrapped by the strategy; same initial weights on every
+        rank."""
         cfg = self.cfg
         seed_everything(cfg.trainer.seed)  # same seed everywhere: identical initial weights without a broadcast
         # build_model applies cfg.model's activation checkpointing once (ebt.checkpointing.apply_checkpointing).
@@ -177,31 +215,12 @@ class Trainer:
         model = build_model(cfg.model)
         self.raw_model = model
         self.module = make_train_module(cfg.model, cfg.trainer.seed)
-        if self.is_fsdp:
-            from launch import fsdp
-
-            # fully_shard shards dim 0, so 0-d parameters (alpha) become [1] for the run, as under DeepSpeed.
-            self.reshaped_scalars = _scalar_params_as_1d(model)
-            model.to(self.device)
-            mesh = device_mesh(self.device)
-            if cfg.distributed.fsdp_regather:
-                self.sharded = fsdp.regather_model(model, mesh)
-            else:
-                self.sharded = fsdp.shard_model(model, mesh, bf16=self.accelerator.mixed_precision == "bf16")
-        # The parameters the optimizer updates: under fsdp the sharded DTensors, which are the module's
-        # attributes only between steps (while gathered, FSDP swaps in the unsharded copies).
-        self.trained_parameters = dict(model.named_parameters())
-        # Under fsdp the optimizer must see the sharded (DTensor) parameters that fully_shard put in place.
+        # As torchtitan's parallelize_fn: parallelism that changes the parameters (sharding) goes on the built
+        # model before the optimizer sees its parameters; the wrappers (DDP, the DeepSpeed engine) after.
+        self.strategy.parallelize(model)
         optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(optimizer, cfg)
-        if self.is_fsdp:
-            self.model, self.optimizer = model, optimizer
-        elif self.is_deepspeed:
-            self.reshaped_scalars = _scalar_params_as_1d(model)
-            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        else:
-            self.model = self.accelerator.prepare_model(model)
-            self.optimizer = optimizer
+        self.strategy.wrap(model, optimizer)
         self.model.train()
         t = cfg.trainer
         self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * cfg.model.context_length
@@ -245,25 +264,11 @@ class Trainer:
             raise ValueError(f"config key 'checkpoint.resume': {self.run_dir} already holds checkpoints; "
                              "set checkpoint.resume=true to continue it or pick a new name=")
         saved = config_to_dict(load_saved_config(path / "config.yaml"))
-        saved_strategy = saved.get("distributed", {}).get("strategy", "ddp")
-        if (saved_strategy == "fsdp") != self.is_fsdp:
-            raise ValueError(f"config key 'distributed.strategy': the checkpoints in {self.run_dir} were saved "
-                             f"under {saved_strategy!r}, whose {'sharded ' if saved_strategy == 'fsdp' else ''}"
-                             f"files {cfg.distributed.strategy!r} cannot load; resume with "
-                             f"distributed.strategy={saved_strategy}")
+        check_checkpoint_strategy(saved.get("distributed", {}).get("strategy", "ddp"), self.strategy, self.run_dir)
         saved_world = self.ckpt.saved_world_size(path)
         check_resume_compatible(saved, self.user_cfg, self.run_dir, world_changed=saved_world != self.world)
         trainer_state = self.ckpt.load_shared(path, "trainer")
-        if self.is_deepspeed:
-            self.model.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
-        elif self.is_fsdp:
-            from launch.fsdp import DCP_DIR, load_sharded
-
-            load_sharded(path / DCP_DIR, self.raw_model, self.optimizer)  # DCP reshards to this world size
-        else:
-            self.raw_model.load_state_dict(self.ckpt.load_shared(path, "model"))
-            self.optimizer.load_state_dict(self.ckpt.load_shared(path, "optimizer"))
+        self.strategy.load_state(self.ckpt, path)  # weights and optimizer state, in the strategy's files
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         self.step = trainer_state["step"]
         self.tokens = trainer_state["tokens"]
@@ -315,72 +320,10 @@ class Trainer:
         value (a NaN loss gives NaN gradients, and every rank's hooks and gradient all-reduce stay matched), and
         train_step's one host read per optimizer step then skips the update everywhere. A forward that raised
         NonFiniteEnergyGradientError has no loss: a zero loss that still touches every parameter stands in.
+        The strategy runs it (launch/strategies.py; one whose optimizer step cannot be withheld decides on the
+        host per micro-step instead).
         """
-        accum = self.cfg.trainer.grad_accum_steps
-        if self.is_fsdp:
-            return self._fsdp_forward_backward(tokens, accum, **model_kwargs)
-        sync = contextlib.nullcontext()
-        if not self.is_deepspeed and not last_micro and self.world > 1:
-            sync = self.accelerator.no_sync(self.model)
-        with sync:
-            loss, metrics, finite = self._forward_loss(tokens, **model_kwargs)
-            # DeepSpeed owns its optimizer step and cannot be told to skip it, so a non-finite loss must not reach
-            # its gradients: the host decides per micro-step (one sync each, on this path only).
-            if loss is None or (self.is_deepspeed and not bool(finite)):
-                loss = sum(p.sum() for p in self.raw_model.parameters()) * 0.0
-            if self.is_deepspeed:
-                self.model.backward(loss)
-                if not last_micro:
-                    self.model.step()  # DeepSpeed counts micro-steps; it updates only at the boundary
-            else:
-                (loss / accum).backward()
-        return metrics, finite
-
-    def _forward_loss(self, tokens: torch.Tensor,
-                      **model_kwargs: Any) -> tuple[torch.Tensor | None, dict, torch.Tensor]:
-        """One call of the wrapped module under autocast: (loss, metrics, finite), `finite` a 0-d bool on the
-        device: the loss and every inner gradient finite (an EBT's forward reports the latter as
-        metrics["nonfinite"] instead of raising). A NonFiniteEnergyGradientError raised on the way anyway (outside
-        the model's forward, which converts its own) is (None, {}, False)."""
-        try:
-            with self.accelerator.autocast():
-                loss, metrics = self.module.loss(self.model, tokens, **model_kwargs)
-        except NonFiniteEnergyGradientError:
-            return None, {}, torch.zeros((), dtype=torch.bool, device=self.device)
-        finite = torch.isfinite(loss.detach()).all()
-        inner = metrics.pop("nonfinite", None)
-        if inner is not None:
-            finite = finite & ~inner
-        return loss, metrics, finite
-
-    def _fsdp_forward_backward(self, tokens: torch.Tensor, accum: int,
-                               **model_kwargs: Any) -> tuple[dict, torch.Tensor]:
-        """One micro-batch under fsdp: forward (the root hook gathers every block), backward (FSDP
-        reduce-scatters the gradients at its end), then reshard every FSDP module (launch/fsdp.py, step 4).
-
-        The loss is backwarded whatever its value, as in the other strategies: FSDP's reduce-scatter runs from a
-        hook on the model's output, so every rank backwards its own output, and a NaN there only makes NaN
-        gradients, which train_step's one host read then skips everywhere. A substitute loss would not carry
-        that hook; the EBT's forward therefore turns an inner-gradient error raised inside it into a zero loss
-        that does (EnergyBasedTransformer.forward). An error raised outside the forward leaves this rank without
-        an output: with one rank the micro-batch is just dropped, with several the ranks' collectives could not
-        match, so it is an error."""
-        # fsdp_regather gathers each weight where it is read and re-gathers saved ones in the backward, inside
-        # this context; the FSDP2 route needs none.
-        step = self.sharded.step() if hasattr(self.sharded, "step") else contextlib.nullcontext()
-        with step:
-            loss, metrics, finite = self._forward_loss(tokens, **model_kwargs)
-            if loss is None:
-                self.sharded.abort_step()
-                if self.world > 1:
-                    raise RuntimeError(
-                        f"rank {self.rank}: NonFiniteEnergyGradientError raised outside the model's forward under "
-                        "fsdp; this rank has no output to backward, so the ranks' reduce-scatters cannot match "
-                        "(raised inside the forward it becomes a skipped step)")
-            else:
-                (loss / accum).backward()
-                self.sharded.reshard()
-        return metrics, finite
+        return self.strategy.forward_backward(self.module, tokens, last_micro, **model_kwargs)
 
     @property
     def _collective_device(self) -> torch.device:
@@ -395,71 +338,23 @@ class Trainer:
         values to read in the same transfer (train_step's all-reduced metric sums), left in self.step_report.
         The clipped norm is computed on the device before the decision, so the update runs unless skipping or
         the norm is not finite. Returns (grad_norm, updated); grad_norm is nan for a skipped step."""
-        clip = self.cfg.optim.clip_grad_norm
         report = torch.zeros(0, dtype=torch.float64) if report is None else report
-        if self.is_deepspeed:
-            # DeepSpeed owns the update (clipping per its config, set from optim.clip_grad_norm); a non-finite
-            # loss was already replaced by a zero loss on its rank, so the step cannot be withheld here, and
-            # its norm is a host value of its own.
-            self.model.step()
-            norm = self.model.get_global_grad_norm()
-            norm = float(norm) if norm is not None else float("nan")
-            skipping, *self.step_report = torch.cat([torch.as_tensor(skip, dtype=torch.float64).reshape(1).to(
-                report.device), report.to(torch.float64)]).tolist()
-            return norm, not skipping and math.isfinite(norm)
-        total = torch.nn.utils.clip_grad_norm_(list(self.trained_parameters.values()), clip if clip > 0 else math.inf)
-        if self.is_fsdp:
-            from launch.fsdp import full_tensor
-
-            total = full_tensor(total)  # the norm over every rank's shards (a DTensor under fsdp)
-        total = total.detach().to(torch.float64).reshape(1)
-        flag = skip.to(torch.float64) if torch.is_tensor(skip) else torch.full((), float(skip), dtype=torch.float64)
-        # The step's one host read (on CUDA a device sync): whether to skip, the norm and the report together.
-        skipping, norm, *self.step_report = torch.cat(
-            [flag.reshape(1).to(total.device), total, report.to(total.device, torch.float64)]).tolist()
-        updated = not skipping and math.isfinite(norm)
-        if updated:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return (float("nan") if skipping else norm), updated
+        norm, updated, self.step_report = self.strategy.optimizer_step(skip, report)
+        return norm, updated
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
-        """Every parameter's full (reduced) gradient; collective under DeepSpeed and fsdp. For tests and
-        debugging."""
-        out = {}
-        for name, param in self.trained_parameters.items():
-            if self.is_deepspeed:
-                from deepspeed.utils import safe_get_full_grad
-
-                grad = safe_get_full_grad(param)
-            elif self.is_fsdp:
-                from launch.fsdp import full_tensor
-
-                grad = None if param.grad is None else full_tensor(param.grad)
-            else:
-                grad = param.grad
-            if grad is not None and name in self.reshaped_scalars:
-                grad = grad.reshape(())
-            keep = grad is not None and grad.dtype == torch.float64  # fp64 tests compare to 1e-12
-            out[name] = None if grad is None else (grad.detach() if keep else grad.detach().float()).cpu().clone()
-        return out
+        """Every parameter's full (reduced) gradient in the model's own shapes; collective where the strategy
+        shards or partitions gradients. For tests and debugging."""
+        return self.strategy.full_gradients()
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
-        """Every parameter, whole, in the model's own shapes (collective under fsdp). For tests and debugging."""
-        from launch.fsdp import full_tensor
-
-        out = {}
-        for name, param in self.trained_parameters.items():
-            value = full_tensor(param.detach())
-            value = value.reshape(()) if name in self.reshaped_scalars else value
-            out[name] = (value if value.dtype == torch.float64 else value.float()).cpu().clone()
-        return out
+        """Every parameter, whole, in the model's own shapes (collective where sharded). For tests and
+        debugging."""
+        return self.strategy.full_parameters()
 
     def state_bytes(self) -> dict[str, int]:
         """This rank's bytes of parameters, gradients and optimizer state, measured on the live tensors."""
-        from launch.fsdp import state_bytes
-
-        return state_bytes(list(self.trained_parameters.values()), self.optimizer)
+        return self.strategy.state_bytes()
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum_steps micro-batches, with one host read (optimizer_step's).
@@ -536,9 +431,8 @@ class Trainer:
         cfg = self.cfg
         self.raw_model.eval()
         nll, count = 0.0, 0
-        # Under fsdp validation calls model.loss directly (no forward hook gathers): gather for the evaluation.
-        gathered = self.sharded.gathered() if self.sharded is not None else contextlib.nullcontext()
-        with gathered, torch.random.fork_rng(devices=[]):
+        # Validation calls model.loss directly, so no forward hook gathers sharded parameters: the strategy does.
+        with self.strategy.gathered(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.trainer.seed + 17)
             whole = data_pipeline.build_eval_loader(
                 cfg.data, split="val", context_length=cfg.model.context_length,
@@ -559,49 +453,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ save
     def save_checkpoint(self) -> Path:
-        # Under ZeRO-1/2 every rank holds the full weights too, so this check is the same on every rank; under
-        # fsdp each rank checks its shards and the ranks agree.
-        if self.is_fsdp:
-            from launch.fsdp import all_finite
-
-            finite = all_finite(list(self.trained_parameters.values()))
-        else:
-            finite = all(bool(torch.isfinite(p).all()) for p in self.raw_model.parameters())
-        if not finite:
+        # The same answer on every rank (each checks what it holds; sharded ranks agree).
+        if not self.strategy.all_finite():
             raise NonFiniteAbort(f"refusing to checkpoint non-finite weights at step {self.step}")
         shared: dict[str, Any] = {
             "trainer": {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
                         "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
                         "wandb_id": self.wandb_id, "global_batch": self.global_batch},
         }
-        if not self.is_fsdp:  # fsdp: the sharded model and optimizer go to DCP files written by every rank
-            shared["model"] = self.model_state_dict()
-        if not (self.is_deepspeed or self.is_fsdp):
-            shared["optimizer"] = self.optimizer.state_dict()
+        # The weights and optimizer state, as the strategy keeps them: entries of the shared file, and the
+        # DeepSpeed engine or DCP writer that saves the rest (with its size estimate for a full disk's message).
+        strategy_shared, strategy_save = self.strategy.save_parts()
+        shared.update(strategy_shared)
         per_rank = {"rng": rng_state(), "data": self.loader.state_dict(),
                     "module": self.module.state_dict(self.raw_model)}
         from omegaconf import OmegaConf
 
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(self.user_cfg)))
-        sharded_save = None
-        if self.is_fsdp:
-            from launch.fsdp import save_sharded
-
-            def sharded_save(directory: Path) -> None:
-                save_sharded(directory, self.raw_model, self.optimizer)
-
-        return self.ckpt.save(self.step, shared, per_rank, config_yaml,
-                              deepspeed_engine=self.model if self.is_deepspeed else None, sharded_save=sharded_save,
-                              other_bytes=self._sharded_state_bytes if self.is_deepspeed or self.is_fsdp else None)
-
-    def _sharded_state_bytes(self) -> int:
-        """What DeepSpeed or DCP write for this rank, estimated as its parameters and optimizer moments (asked only
-        for the message of a full disk, so an estimate that cannot be made is 0)."""
-        try:
-            held = self.state_bytes()
-        except Exception:  # noqa: BLE001 - a wrapped optimizer whose state this cannot read
-            return 0
-        return held["params"] + held["optimizer"]
+        return self.ckpt.save(self.step, shared, per_rank, config_yaml, **strategy_save)
 
     def _all_sum(self, values: list[float]) -> list[float]:
         """`values` summed over the ranks: the checkpoint manager's agreement on a full disk."""
@@ -613,11 +482,8 @@ class Trainer:
         return t.micro_batch_size * t.grad_accum_steps * self.world
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's weights in its own shapes (see _scalar_params_as_1d)."""
-        state = self.raw_model.state_dict()
-        for name in self.reshaped_scalars:
-            state[name] = state[name].reshape(())
-        return state
+        """The model's weights in its own shapes (launch.strategies._scalar_params_as_1d)."""
+        return self.strategy.model_state_dict()
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -687,20 +553,7 @@ class Trainer:
         if self.heartbeat is not None:
             # After the barrier (a rank stopped before it is still caught), before the group and rank 0's store go.
             self.heartbeat.stop()
-        self.model = self.optimizer = None
-        self.accelerator = None
+        self.strategy.release()
+        self.strategy.accelerator = self.accelerator = None
         gc.collect()
         torch.distributed.destroy_process_group()
-
-
-def _scalar_params_as_1d(model: torch.nn.Module) -> list[str]:
-    """DeepSpeed 0.19.8 broadcasts each parameter as `p.data.view(torch.uint8)`, which fails for 0-dim tensors
-    (the EBT's alpha). Give them shape [1] for the whole DeepSpeed run: they broadcast against the same tensors,
-    and restoring the shape later would break DeepSpeed's gradient hooks, which record the shape they saw.
-    Returns their names so checkpoints can store the model's own shapes."""
-    names = []
-    for name, p in model.named_parameters():
-        if p.dim() == 0:
-            p.data = p.data.reshape(1)
-            names.append(name)
-    return names

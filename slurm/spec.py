@@ -149,7 +149,7 @@ class RunPlan:
     # resolved config is deliberately not used: a trainer release that adds a config field with a default
     # would otherwise make every finished run look changed.
     inputs: dict[str, Any] = field(default_factory=dict)
-    # GPU runs: the memory plan per GPU model (ebt.planner.GpuPlan, or the error line when it does not fit) and
+    # GPU runs: the memory plan per GPU model (planning.GpuPlan, or the error line when it does not fit) and
     # the GPU model the run's config was planned for.
     gpu_plans: dict[str, Any] = field(default_factory=dict)
     planned_for: str | None = None
@@ -323,9 +323,10 @@ class SweepSpec:
 
     def _gpu_plans(self, name: str, size: str | None, cfg: Any, resources: Resources,
                    per_rank: int) -> tuple[dict[str, Any], str]:
-        """The memory plan on an H100 80GB and an H200 141GB (ebt.planner.plan_cuda), plus the spec's own target
+        """The memory plan on an H100 80GB and an H200 141GB (planning.plan_cuda, through the on-disk plan cache
+        planning/cache.py: a plan is traced once per machine, with progress on stderr), plus the spec's own target
         (resources.gpu_mem_gb, default 80); a run that fits no micro-batch on its target is refused."""
-        from ebt.planner import GPU_CAPACITY_BYTES, plan_cuda
+        from planning import GPU_CAPACITY_BYTES, cached_plan_cuda
 
         targets = dict(GPU_CAPACITY_BYTES)
         target_gb = resources.gpu_mem_gb if resources.gpu_mem_gb is not None else DEFAULT_GPU_MEM_GB
@@ -337,7 +338,7 @@ class SweepSpec:
         plans: dict[str, Any] = {}
         for gpu, capacity in targets.items():
             try:
-                plans[gpu] = plan_cuda(cfg.model, per_rank, capacity, gpu, strategy, world)
+                plans[gpu] = cached_plan_cuda(cfg.model, per_rank, capacity, gpu, strategy, world)
             except ValueError as error:
                 plans[gpu] = str(error)
         if isinstance(plans[target], str):

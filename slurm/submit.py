@@ -199,7 +199,7 @@ MEMORY_HEADER = ["size", "kind", "strategy", "ranks", "per-rank batch", "GPU", "
 
 
 def print_memory_plans(plans: list[RunPlan], out: Callable[[str], None]) -> None:
-    """One row per (size, kind, GPU model) of the GPU runs: what ebt.planner.plan_cuda chose; `*` marks the GPU
+    """One row per (size, kind, GPU model) of the GPU runs: what planning.plan_cuda chose; `*` marks the GPU
     the runs' configs were planned for (resources.gpu_mem_gb)."""
     rows, seen = [], set()
     for p in plans:
@@ -222,7 +222,7 @@ def print_memory_plans(plans: list[RunPlan], out: Callable[[str], None]) -> None
                                       chosen.policy + chunk,
                                       f"{chosen.predicted_peak_gb:.1f} GB of {chosen.capacity_gb:.1f} GB"])
     if rows:
-        print_table(MEMORY_HEADER, rows, out, title="memory plans per GPU (ebt.planner, bf16 autocast, fp32 "
+        print_table(MEMORY_HEADER, rows, out, title="memory plans per GPU (planning, bf16 autocast, fp32 "
                     "weights + AdamW; * = planned for)")
 
 

@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -11,6 +13,11 @@ sys.path.insert(0, HELPERS)  # lets tests import shared helpers such as ebt_orac
 # The CPU peak-FLOPs calibration (launch/metrics.py) persists per machine; tests keep it out of the user's cache.
 PEAK_CACHE = os.path.join(tempfile.gettempdir(), f"ebt-test-peak-flops-{os.getuid()}.json")
 os.environ.setdefault("EBT_PEAK_FLOPS_CACHE", PEAK_CACHE)
+# GPU memory plans (planning/cache.py) are cached on disk; tests plan into a directory of their own, new each session,
+# so a stale entry can never stand in for what the planner computes now.
+PLAN_CACHE = tempfile.mkdtemp(prefix="ebt-test-plans-")
+atexit.register(shutil.rmtree, PLAN_CACHE, ignore_errors=True)
+os.environ.setdefault("EBT_PLAN_CACHE", PLAN_CACHE)
 # Worker scripts (a test file run by torchrun) and subprocesses find the helpers the same way.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HELPERS, os.environ.get("PYTHONPATH")) if p)
 

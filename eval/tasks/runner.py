@@ -53,12 +53,10 @@ class TaskSettings:
 def thinking_cells(settings: TaskSettings, model_cfg) -> list[tuple[int | None, int, str]]:
     """(steps, samples, selection) to evaluate: one cell for a Transformer++; for an EBT every steps x samples,
     with every selection where there are several samples to select from."""
-    from eval.scoring import system1_steps
-
     if model_cfg.kind != "ebt":
         return [(None, 1, "none")]
     cells = []
-    for steps in settings.steps or [system1_steps(model_cfg)]:
+    for steps in settings.steps or [model_cfg.eval_steps]:
         for samples in settings.samples:
             for selection in settings.selections if samples > 1 else ["none"]:
                 cells.append((steps, samples, selection))
@@ -80,7 +78,7 @@ def run_task_eval(checkpoint: str | Path, task_name: str, data: str | None, sett
 
     from ebt.flops import parameter_count
     from eval.evaluate import EvalProgress, _run_name
-    from eval.scoring import Scorer, Thinking, check_device, system1_steps
+    from eval.scoring import Scorer, Thinking, check_device
     from eval.sweep_data import EVAL_SCHEMA
     from launch.checkpoint import load_model, resolve_checkpoint
     from launch.run_tokenizer import find_tokenizer
@@ -114,7 +112,7 @@ def run_task_eval(checkpoint: str | Path, task_name: str, data: str | None, sett
     report = {
         "schema": EVAL_SCHEMA, "checkpoint": str(path), "run": _run_name(path), "kind": model_cfg.kind,
         "size": model_cfg.size, "n_params": parameter_count(model_cfg),
-        "mcmc_steps": system1_steps(model_cfg) if is_ebt else None, "settings": dataclasses.asdict(settings),
+        "mcmc_steps": model_cfg.eval_steps if is_ebt else None, "settings": dataclasses.asdict(settings),
         "sources": [],
         "tasks": [{"task": task_name, "data": data or f"hf:{task.hub.describe()}", "description": task.description,
                    "metric_names": list(task.metric_names), "cells": cells}],

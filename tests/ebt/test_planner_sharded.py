@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import pytest
 
-from ebt import ModelConfig, planner
+from ebt import ModelConfig
 from ebt.flops import parameter_count
 from launch import memory_plan
 from launch.config import build_config
+from planning import host
+from planning import search as planner
 
 
 @pytest.fixture(autouse=True)
 def default_calibration(monkeypatch, tmp_path):
     # A calibration saved by benchmarks/planner.py on this machine must not move the budgets below.
-    monkeypatch.setattr(planner, "CALIBRATION_FILE", tmp_path / "no-calibration.json")
+    monkeypatch.setattr(host, "CALIBRATION_FILE", tmp_path / "no-calibration.json")
 
 
 # Parameter-heavy for its activations (vocab 8192 at width 64): the sharded state decides what fits.

@@ -6,9 +6,8 @@ import dataclasses
 import pytest
 
 from ebt import ModelConfig
-from ebt.planner import (
+from planning import (
     Calibration,
-    _options_fastest_first,
     choose,
     choose_policy,
     plan,
@@ -16,6 +15,7 @@ from ebt.planner import (
     tensor_peak_bytes,
     traced_tensor_peak_bytes,
 )
+from planning.search import _options_fastest_first
 
 CPU_EXACT = Calibration(base_bytes=0.0, factor=1.0)
 
@@ -97,7 +97,7 @@ def test_trainer_mfu_counts_model_flops_whatever_the_policy():
 def test_cuda_mode_matches_a_direct_bf16_autocast_trace(policy, kind):
     """The CUDA plan's tensors (bf16 autocast activations, fp32 gradients and weight casts, fp32 weights + AdamW)
     rescaled from the tiny replica equal a direct trace of the target under CPU bf16 autocast (same op lists)."""
-    from ebt.planner import cuda_peak, traced_autocast_peak_bytes
+    from planning import cuda_peak, traced_autocast_peak_bytes
 
     cfg = ModelConfig(kind=kind, vocab_size=160, context_length=32, dim=32, n_layers=2, n_heads=2, mcmc_steps=2,
                       checkpointing=policy)
@@ -110,7 +110,7 @@ def test_cuda_mode_matches_a_direct_bf16_autocast_trace(policy, kind):
 
 def test_cuda_plan_shards_state_under_fsdp_and_refuses_what_cannot_fit():
     from ebt.flops import parameter_count
-    from ebt.planner import cuda_peak, plan_cuda
+    from planning import cuda_peak, plan_cuda
 
     cfg = ModelConfig.from_size("4xs", vocab_size=2048, context_length=64, mcmc_steps=2, checkpointing="auto")
     params = parameter_count(cfg)

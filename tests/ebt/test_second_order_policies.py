@@ -93,7 +93,20 @@ def test_generic_checkpoint_implementation_matches_too():
 
 
 def test_auto_resolves_to_a_policy_with_identical_gradients():
-    compare(["auto"], steps=2, memory_budget_gb=64.0)
+    """"auto" is resolved before the model is built (planning.resolve_checkpointing), never by the model: the
+    resolved policy computes what "none" computes, and a model handed an unresolved "auto" refuses to train."""
+    from ebt.checkpointing import UnresolvedCheckpointingError
+    from planning import resolve_checkpointing
+
+    unresolved = tiny_model(mcmc_steps=2, checkpointing="auto", memory_budget_gb=64.0)
+    resolved = resolve_checkpointing(unresolved.cfg, 3)
+    assert resolved.checkpointing in ("none", "block", "mcmc_step", "block+mcmc_step")
+    compare([f"{resolved.checkpointing}/{resolved.remat_chunk}"], steps=2, memory_budget_gb=64.0)
+    tokens = torch.randint(0, 11, (3, 7))
+    with pytest.raises(UnresolvedCheckpointingError, match=r"^model.checkpointing: 'auto' is resolved before"):
+        unresolved.loss(tokens)
+    with torch.no_grad():  # no second-order graph to checkpoint: evaluation runs plain steps
+        assert torch.isfinite(unresolved.loss(tokens)[0])
 
 
 class _Saved:

@@ -156,3 +156,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- CLI errors
+
+
+def one_error_line(capfd, code: int, *fragments: str) -> str:
+    """The single stderr line of a failed command; it must contain every fragment."""
+    _out, err = capfd.readouterr()
+    assert code not in (0, None), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def run_cli(capfd, argv: list[str], *fragments: str) -> str:
+    """`ebt ARGV` in this process, which must fail with one stderr line holding every fragment."""
+    from launch.cli import main
+
+    return one_error_line(capfd, main(argv), *fragments)
+
+
+def tiny_model_raw(tmp_path: Path, data: dict) -> dict:
+    """A tiny training config over `data` (no session corpus needed), with runs under tmp_path."""
+    return {
+        "name": "tiny", "runs_dir": str(tmp_path / "runs"),
+        "model": {"kind": "ebt", "dim": 32, "n_layers": 1, "n_heads": 2, "context_length": 16, "mcmc_steps": 2},
+        "data": {"cache_dir": str(tmp_path / "cache"), "vocab_size": 512, "tokenizer_max_sentences": 2000,
+                 "num_proc": 1, "progress": False, **data},
+        "trainer": {"max_steps": 2, "micro_batch_size": 2, "eval_batches": 1},
+        "checkpoint": {"every": 0},
+        "logging": {"wandb": False, "progress": False},
+    }

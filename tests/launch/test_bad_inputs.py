@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 from data_support import tiny  # noqa: F401 - session fixture
-from train_support import data_section, env, file_tree, free_port, read_rows, tiny_raw, write_config
+from train_support import (
+    data_section,
+    env,
+    file_tree,
+    free_port,
+    read_rows,
+    run_cli,
+    tiny_model_raw,
+    tiny_raw,
+    write_config,
+)
 
 from launch.cli import main
 
@@ -24,32 +34,10 @@ REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "train" / "quickstart.yaml"
 
 
-def one_error_line(capfd, code: int, *fragments: str) -> str:
-    """The single stderr line of a failed command; it must contain every fragment."""
-    _out, err = capfd.readouterr()
-    assert code not in (0, None), err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
-def run_cli(capfd, argv: list[str], *fragments: str) -> str:
-    return one_error_line(capfd, main(argv), *fragments)
 
 
-def tiny_model_raw(tmp_path: Path, data: dict) -> dict:
-    """A tiny training config over `data` (no session corpus needed), with runs under tmp_path."""
-    return {
-        "name": "tiny", "runs_dir": str(tmp_path / "runs"),
-        "model": {"kind": "ebt", "dim": 32, "n_layers": 1, "n_heads": 2, "context_length": 16, "mcmc_steps": 2},
-        "data": {"cache_dir": str(tmp_path / "cache"), "vocab_size": 512, "tokenizer_max_sentences": 2000,
-                 "num_proc": 1, "progress": False, **data},
-        "trainer": {"max_steps": 2, "micro_batch_size": 2, "eval_batches": 1},
-        "checkpoint": {"every": 0},
-        "logging": {"wandb": False, "progress": False},
-    }
 
 
 # ---------------------------------------------------------------------------------------------- ebt train
@@ -203,7 +191,8 @@ def test_export_files_follow_the_umask(tmp_path, capfd):
 
 
 def test_weights_that_do_not_match_their_config_name_the_checkpoint_and_key(tmp_path, capfd):
-    from launch.checkpoint import CheckpointManager, load_model
+    from launch.checkpoint import CheckpointManager
+    from launch.run_dir import load_model
 
     export = _export_dir(tmp_path / "export", _tiny_model_cfg())
     config = export / "config.yaml"

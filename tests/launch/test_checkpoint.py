@@ -10,8 +10,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ebt import ModelConfig, build_model
-from launch.checkpoint import CheckpointManager, load_model, verify
+from launch.checkpoint import CheckpointManager, verify
 from launch.cli import main as cli_main
+from launch.run_dir import load_model
 
 
 def tiny_model_cfg(kind: str = "ebt") -> ModelConfig:

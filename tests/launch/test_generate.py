@@ -13,8 +13,8 @@ from scoring_support import trained_runs
 
 from data_pipeline.tokenizer import load_meta, load_processor
 from ebt.inference import generate
-from launch.checkpoint import load_model, resolve_checkpoint
 from launch.cli import main
+from launch.run_dir import load_model, resolve_checkpoint
 
 
 @pytest.mark.parametrize("kind", ["ebt", "transformer"])
@@ -93,7 +93,7 @@ def test_an_export_carries_the_tokenizer_and_generates_the_same_text(tmp_path, c
 
 def test_the_run_dir_keeps_a_copy_of_its_tokenizer():
     from launch.config import load_saved_config
-    from launch.run_tokenizer import find_tokenizer
+    from launch.run_dir import find_tokenizer
 
     run = trained_runs()["ebt"]
     cfg = load_saved_config(run / "config.yaml")

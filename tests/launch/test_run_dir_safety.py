@@ -16,22 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from train_support import file_tree, kill_group, read_rows, start_train, tiny_raw, write_config
+from train_support import file_tree, kill_group, read_rows, run_cli, start_train, tiny_raw, write_config
 
 from launch.cli import main
 from launch.run_lock import RunLockedError, holder, lock_paths, run_lock
-
-
-def one_line(capfd, code: int, *fragments: str) -> str:
-    """The single stderr line of a failed command; it must contain every fragment."""
-    _out, err = capfd.readouterr()
-    assert code not in (0, None), err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
 
 # ---------------------------------------------------------------------------------------------- ebt export
 
@@ -58,7 +46,7 @@ def test_export_onto_a_directory_of_the_users_files_is_refused_and_keeps_them(tm
     (out / "important.txt").write_text("do not lose me\n")
     (out / "sub" / "data.csv").write_text("a,b\n1,2\n")
     before = file_tree(tmp_path)
-    one_line(capfd, main(["export", str(source), str(out), *force]), "ebt export: error: ", str(out), "important.txt")
+    run_cli(capfd, ["export", str(source), str(out), *force], "ebt export: error: ", str(out), "important.txt")
     assert file_tree(tmp_path) == before
     assert (out / "important.txt").read_text() == "do not lose me\n"
 
@@ -69,7 +57,7 @@ def test_export_onto_a_regular_file_is_refused_and_keeps_it(tmp_path, capfd, for
     out = tmp_path / "weights"
     out.write_text("the user's file\n")
     before = file_tree(tmp_path)
-    one_line(capfd, main(["export", str(source), str(out), *force]), "ebt export: error: ", str(out),
+    run_cli(capfd, ["export", str(source), str(out), *force], "ebt export: error: ", str(out),
              "not a directory")
     assert file_tree(tmp_path) == before  # no hidden `.weights.old.*` beside it either
 
@@ -83,7 +71,7 @@ def test_a_previous_export_is_replaced_only_with_force_and_only_when_it_holds_no
     assert marker["source"] == str(source.resolve()) and marker["exported"]
 
     before = file_tree(tmp_path)
-    one_line(capfd, main(["export", str(source), str(out)]), "ebt export: error: ", str(out), "--force")
+    run_cli(capfd, ["export", str(source), str(out)], "ebt export: error: ", str(out), "--force")
     assert file_tree(tmp_path) == before
 
     assert main(["export", str(source), str(out), "--force"]) == 0
@@ -93,7 +81,7 @@ def test_a_previous_export_is_replaced_only_with_force_and_only_when_it_holds_no
 
     (out / "notes.txt").write_text("mine\n")  # a file the export did not write: --force does not take it
     before = file_tree(tmp_path)
-    one_line(capfd, main(["export", str(source), str(out), "--force"]), "ebt export: error: ", str(out), "notes.txt")
+    run_cli(capfd, ["export", str(source), str(out), "--force"], "ebt export: error: ", str(out), "notes.txt")
     assert file_tree(tmp_path) == before
 
 
@@ -178,7 +166,7 @@ def test_a_second_trainer_on_a_running_run_dir_is_refused_in_one_line_naming_the
             # Plain, --restart (which must not move a running run aside) and the --nproc launcher (refused before
             # it starts ranks that would wait for a refused rank 0).
             for extra in ([], ["--restart"], ["--nproc", "2"]):
-                one_line(capfd, main(["train", str(config), *extra]), "ebt train: error: ", str(run_dir),
+                run_cli(capfd, ["train", str(config), *extra], "ebt train: error: ", str(run_dir),
                          f"pid {proc.pid} on host {socket.gethostname()}")
                 assert file_tree(tmp_path) == before
         finally:
@@ -222,7 +210,7 @@ def test_a_run_dir_with_no_checkpoint_that_verifies_is_refused_until_restart_mov
     capfd.readouterr()
     before = file_tree(tmp_path)
     run_tree = file_tree(run_dir)
-    one_line(capfd, main(["train", str(config)]), "ebt train: error: ", str(run_dir), "no manifest", "--restart")
+    run_cli(capfd, ["train", str(config)], "ebt train: error: ", str(run_dir), "no manifest", "--restart")
     assert file_tree(tmp_path) == before
 
     assert main(["train", str(config), "--restart"]) == 0
@@ -242,7 +230,7 @@ def test_metrics_without_any_checkpoint_are_refused_too(tmp_path, monkeypatch, c
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 3, "tokens": 192, "loss": 6.0}) + "\n")
     before = file_tree(tmp_path)
-    one_line(capfd, main(["train", str(config)]), "ebt train: error: ", "metrics.jsonl up to step 3", "--restart")
+    run_cli(capfd, ["train", str(config)], "ebt train: error: ", "metrics.jsonl up to step 3", "--restart")
     assert file_tree(tmp_path) == before
 
 

@@ -22,7 +22,8 @@ from train_support import (
     write_config,
 )
 
-from launch.checkpoint import load_model, verify
+from launch.checkpoint import verify
+from launch.run_dir import load_model
 
 pytestmark = pytest.mark.slow
 

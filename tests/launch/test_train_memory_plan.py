@@ -11,10 +11,11 @@ import shutil
 import pytest
 from train_support import read_rows, tiny_raw, training_rows
 
-from ebt import planner
 from launch import memory_plan
 from launch.config import build_config
 from launch.train import run_training
+from planning import host
+from planning import search as planner
 
 STEPS = 6
 
@@ -28,7 +29,7 @@ def auto_raw(tmp_path, **trainer) -> dict:
 @pytest.fixture(autouse=True)
 def default_calibration(monkeypatch, tmp_path):
     # A calibration saved by benchmarks/planner.py on this machine must not move the budgets below.
-    monkeypatch.setattr(planner, "CALIBRATION_FILE", tmp_path / "no-calibration.json")
+    monkeypatch.setattr(host, "CALIBRATION_FILE", tmp_path / "no-calibration.json")
 
 
 def budget_for_micro_batch_two(cfg) -> float:

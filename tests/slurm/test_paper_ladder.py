@@ -23,9 +23,10 @@ NODES = {"small": 1, "medium": 1, "large": 2, "xl": 4}
 
 @pytest.fixture(autouse=True)
 def no_saved_calibration(monkeypatch, tmp_path):
-    from ebt import planner
+    from planning import host
 
-    monkeypatch.setattr(planner, "CALIBRATION_FILE", tmp_path / "no-calibration.json")
+    monkeypatch.setattr(host, "CALIBRATION_FILE", tmp_path / "no-calibration.json")
+    monkeypatch.setenv("EBT_PLAN_CACHE", str(tmp_path / "plans"))  # planned afresh, never from ~/.cache
 
 
 def test_dry_run_renders_every_size_with_gpu_resources_and_memory_plan(tmp_path, capsys):

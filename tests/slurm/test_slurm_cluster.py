@@ -262,7 +262,7 @@ def test_two_node_ddp_matches_one_rank_across_a_preemption(sweep_env, data_overr
         # The all-reduced gradient equals the one-rank gradient: same norm before clipping, same loss.
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5, abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
-    from launch.checkpoint import load_model
+    from launch.run_dir import load_model
 
     m2, _ = load_model(root / "runs" / run / "checkpoints" / f"step_{steps}")
     m1, _ = load_model(root / "ref" / "one-rank" / "checkpoints" / f"step_{steps}")
