@@ -21,6 +21,7 @@ wrong on one path and can outlive the group:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -231,18 +232,26 @@ class Heartbeat:
         self._counts: dict[int, bytes | None] = dict.fromkeys(self.peers)
         self._where: dict[int, tuple[str, int]] = {}  # rank -> (host, pid): who to kill on a stall
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
         self._store = _heartbeat_store(self.period)
 
     def start(self) -> Heartbeat:
         self._store.set(f"{self._prefix}where/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
         for r in range(self.world):  # every counter exists from here on, so multi_get never waits for one
             self._store.add(f"{self._prefix}{r}", 0)
-        threading.Thread(target=self._beat, name="ebt-heartbeat", daemon=True).start()
-        threading.Thread(target=self._watch, name="ebt-heartbeat-watch", daemon=True).start()
+        self._threads = [threading.Thread(target=self._beat, name="ebt-heartbeat", daemon=True),
+                         threading.Thread(target=self._watch, name="ebt-heartbeat-watch", daemon=True)]
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop both threads and wait for them (at most one period plus one store timeout), so that no thread is
+        left inside a store call when the store or the interpreter goes away."""
         self._stop.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=self.period + max(2.0, 2 * self.period))
 
     def _beat(self) -> None:
         keys = [f"{self._prefix}{r}" for r in self.peers]
@@ -307,9 +316,26 @@ class Heartbeat:
 def start_heartbeat(timeout_s: float, run_dir: str | Path) -> Heartbeat | None:
     """A started Heartbeat when several ranks run and timeout_s > 0 (distributed.stall_timeout_s), else None."""
     rank, world = rank_and_world()
+    global _RUNNING_HEARTBEAT
+    if _RUNNING_HEARTBEAT is not None:
+        # One per process: a process that builds another Trainer without closing the last (the parity tests build
+        # one per case) must not leave threads beating into a store behind it.
+        _RUNNING_HEARTBEAT.stop()
     if world < 2 or timeout_s <= 0:
         return None
-    return Heartbeat(timeout_s, rank, world, run_dir).start()
+    _RUNNING_HEARTBEAT = Heartbeat(timeout_s, rank, world, run_dir).start()
+    return _RUNNING_HEARTBEAT
+
+
+_RUNNING_HEARTBEAT: Heartbeat | None = None
+
+
+@atexit.register
+def _stop_running_heartbeat() -> None:
+    """Join the heartbeat's threads before the interpreter tears down: a daemon thread inside a TCPStore call at
+    exit aborts the process ("terminate called without an active exception", seen in a 2-rank parity test)."""
+    if _RUNNING_HEARTBEAT is not None:
+        _RUNNING_HEARTBEAT.stop()
 
 
 def _heartbeat_store(period: float):
