@@ -3,7 +3,7 @@
 Shapes are one xxs layer of the training benchmark (batch 8, 6 heads, 256 candidates over 256 real keys, head
 width 64), fp32, one thread. Reports the median CPU time of the three passes and the bytes the forward leaves
 saved for backward (what a policy without checkpointing holds per layer and step). Implementations:
-ebt/experimental/attention_impls.py; the fastest correct one is the default in ebt/attention.py.
+benchmarks/experimental/attention_impls.py; the fastest correct one is the default in ebt/attention.py.
 
     python -m benchmarks.attention
 """
@@ -17,8 +17,8 @@ import time
 import torch
 
 from benchmarks.common import write_results
+from benchmarks.experimental.attention_impls import IMPLEMENTATIONS
 from ebt.attention import visibility_bias
-from ebt.experimental.attention_impls import IMPLEMENTATIONS
 
 
 def second_order_pass(fn, tensors, bias) -> None:

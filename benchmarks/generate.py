@@ -9,6 +9,10 @@ falls on every setting alike. The EBT at its trained steps (ModelConfig.eval_ste
 Transformer++ (issue 23's target: within 2x).
 
     python -m benchmarks.generate            # writes benchmarks/results/generate.json and the README table
+    python -m benchmarks.generate --baseline-tree /tmp/before   # also an earlier checkout, rounds interleaved
+
+With --baseline-tree each round runs the two trees in fresh child processes (one round each, the order
+alternating between rounds), so a before/after comparison shares the machine's load; the table then shows both.
 """
 
 from __future__ import annotations
@@ -55,7 +59,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--no-write", action="store_true", help="print the JSON only")
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="a checkout of an earlier commit (git archive REV | tar -x -C DIR): measure both trees, "
+                             "rounds interleaved, and write the before/after table")
     args = parser.parse_args()
+    if args.baseline_tree is not None:
+        compare(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as `ebt generate` does
@@ -109,6 +119,73 @@ def main() -> None:
         f"EBT greedy at its trained {trained} steps: **{greedy:.2f}x** Transformer++'s tokens/s (issue 23's target: "
         ">= 0.5x). The 0.88x of 2026-12-01 compared `ebt generate` runs (text decoding and streaming included), "
         "not the models alone.",
+    ]
+    write_results("generate", payload, "\n".join(lines))
+
+
+def compare(args: argparse.Namespace) -> None:
+    """This tree against --baseline-tree: per round one child process per tree (order alternating), then the
+    median of each setting's per-round rates."""
+    import json
+
+    from benchmarks.common import run_isolated
+
+    child = ["benchmarks.generate", "--rounds", "1", "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+             str(args.new_tokens), "--no-write"] + (["--threads", str(args.threads)] if args.threads else [])
+    trees = {"before": args.baseline_tree.resolve(), "after": None}
+    rates: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
+    last: dict[str, dict] = {}
+    load_start = os.getloadavg()
+    for round_index in range(args.rounds):
+        for label in (("before", "after") if round_index % 2 == 0 else ("after", "before")):
+            result = run_isolated(child, tree=trees[label])
+            last[label] = result
+            for row in result["rows"]:
+                rates[label].setdefault(row["setting"], []).extend(row["rounds"])
+    load_end = os.getloadavg()
+    median = {label: {name: statistics.median(values) for name, values in by.items()} for label, by in rates.items()}
+    trained = last["after"]["trained_steps"]
+    greedy = f"EBT, {trained} step(s) x 1 sample(s)"
+    # Paired per round (the two trees ran back to back): robust to a round the machine's load slowed.
+    paired = {name: statistics.median(a / b for a, b in zip(rates["after"][name], rates["before"][name],
+                                                             strict=True)) for name in median["after"]}
+    rows = [{"setting": name, "before_tokens_per_s": median["before"][name], "after_tokens_per_s": value,
+             "speedup": paired[name], "before_best": max(rates["before"][name]),
+             "after_best": max(rates["after"][name]),
+             "after_ratio_to_transformer": value / median["after"]["Transformer++"],
+             "before_rounds": rates["before"][name], "after_rounds": rates["after"][name]}
+            for name, value in median["after"].items()]
+    ratio = {label: median[label][greedy] / median[label]["Transformer++"] for label in median}
+    info = last["after"]
+    payload = {
+        "size": info["size"], "context": info["context"], "vocab": info["vocab"], "trained_steps": trained,
+        "prompt_tokens": info["prompt_tokens"], "new_tokens": args.new_tokens, "rounds": args.rounds,
+        "threads": info["threads"], "baseline_tree": str(args.baseline_tree), "load_average_start": list(load_start),
+        "load_average_end": list(load_end), "cpu_count": os.cpu_count(),
+        "ebt_greedy_trained_ratio": {"before": ratio["before"], "after": ratio["after"]}, "rows": rows,
+    }
+    print(json.dumps(payload))
+    if args.no_write:
+        return
+    lines = [
+        f"## Generation (`python -m benchmarks.generate --baseline-tree DIR`): quickstart size ({info['size']}, "
+        f"context {info['context']}, vocab {info['vocab']}), random weights, greedy, batch 1, "
+        f"{info['prompt_tokens']}-token prompt, {args.new_tokens} new tokens, {info['threads']} thread(s)",
+        "",
+        f"Before: {args.baseline_tree.name} (the tree before issue 23's one-loop change); after: this tree. Median "
+        f"of {args.rounds} rounds, each round one child process per tree, order alternating. Load average at the "
+        f"start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, at the end {load_end[0]:.2f} / "
+        f"{load_end[1]:.2f} / {load_end[2]:.2f} (1 / 5 / 15 min, {os.cpu_count()} cores).",
+        "",
+        "| setting | before tokens/s (best) | after tokens/s (best) | after / before, paired by round | "
+        "after: EBT / Transformer++ |",
+        "|---|---|---|---|---|",
+        *(f"| {row['setting']} | {row['before_tokens_per_s']:.1f} ({row['before_best']:.1f}) | "
+          f"{row['after_tokens_per_s']:.1f} ({row['after_best']:.1f}) | {row['speedup']:.2f}x | "
+          f"{row['after_ratio_to_transformer']:.2f}x |" for row in rows),
+        "",
+        f"EBT greedy at its trained {trained} steps: **{ratio['after']:.2f}x** Transformer++'s tokens/s (before: "
+        f"{ratio['before']:.2f}x; issue 23's target: >= 0.5x).",
     ]
     write_results("generate", payload, "\n".join(lines))
 

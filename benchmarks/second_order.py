@@ -38,16 +38,16 @@ def measure_one(args: argparse.Namespace) -> dict:
     model = build_model(cfg).train()
     compile_s = None
     if impl == "generic":
-        from ebt.experimental.step_runners import use_step_impl
+        from benchmarks.experimental.step_runners import use_step_impl
 
         use_step_impl(model, "generic")
     elif impl == "jvp":
-        from ebt.experimental.compiled import make_jvp_step_runner
-        from ebt.experimental.step_runners import use_step_runner
+        from benchmarks.experimental.compiled import make_jvp_step_runner
+        from benchmarks.experimental.step_runners import use_step_runner
 
         use_step_runner(model, make_jvp_step_runner(model.energy_model))
     elif impl == "compiled":
-        from ebt.experimental.compiled import enable_compiled_inner_gradient
+        from benchmarks.experimental.compiled import enable_compiled_inner_gradient
 
         enable_compiled_inner_gradient(model)
     alpha = [p for n, p in model.named_parameters() if "alpha" in n]

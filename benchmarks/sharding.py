@@ -80,6 +80,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from launch.config import build_config
+    from launch.strategies import DeepSpeedStrategy
     from launch.trainer import Trainer
     from planning import predict_peak_bytes
 
@@ -109,9 +110,10 @@ def worker(args: argparse.Namespace) -> None:
         start, cpu_start = time.perf_counter(), time.process_time()
         _, finite = trainer.forward_backward(tokens, last_micro=True, step=step)
         if step == args.warmup:  # gradients present, optimizer state from the previous steps
-            state = (_deepspeed_state_bytes(trainer.model) if trainer.is_deepspeed else trainer.state_bytes())
+            state = (_deepspeed_state_bytes(trainer.model) if isinstance(trainer.strategy, DeepSpeedStrategy)
+                     else trainer.state_bytes())
         norm, updated = trainer.optimizer_step(skip=not finite)
-        trainer.scheduler.step()
+        trainer.step += 1  # the LR follows the step (launch/schedule.py)
         torch.distributed.barrier()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)

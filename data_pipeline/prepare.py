@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from fsutil import atomic_dir, exclusive_lock
+from fsutil.progress import Progress
 
 from .sources import Source, document_is_val
 from .tokenizer import TokenizerMeta, load_meta, load_processor, model_path
@@ -33,6 +33,7 @@ from .tokenizer import TokenizerMeta, load_meta, load_processor, model_path
 FORMAT = "ebt-shards/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+PROGRESS_PREFIX = "data: "  # before each plain progress line (fsutil/progress.py), on stderr
 _BATCH_BYTES = 1 << 18  # documents per task: big enough to amortise IPC, small enough to keep workers busy
 
 _worker_state: dict[str, Any] = {}
@@ -220,7 +221,9 @@ def _write(source: Source, tokenizer_dir: str, meta: TokenizerMeta, work: str, *
     raw = {split: open(os.path.join(work, f"raw_{split}.bin"), "wb") for split in SPLITS}
     lengths: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     init_args = (tokenizer_dir, meta.eos_id, dtype.name, val_fraction)
-    bar = tqdm(desc="tokenize", unit="tok", unit_scale=True, disable=not progress, leave=False)
+    # Token counts jump by a batch of documents at a time and the total is unknown: plain lines come by time.
+    display = Progress(enabled=progress, prefix=PROGRESS_PREFIX, transient=True).__enter__()
+    bar = display.add("tokenize", unit="tok", si=True, every=0)
     try:
         for tokens, doc_lengths, is_val in _encoded(source.documents(), num_proc, init_args):
             ends = np.cumsum(doc_lengths)
@@ -230,9 +233,10 @@ def _write(source: Source, tokenizer_dir: str, meta: TokenizerMeta, work: str, *
                     picked = np.concatenate([tokens[s:e] for s, e in zip(starts[mask], ends[mask], strict=True)])
                     raw[split].write(picked.tobytes())
                     lengths[split].append(doc_lengths[mask])
-            bar.update(len(tokens))
+            display.advance(bar, len(tokens))
     finally:
-        bar.close()
+        display.finish(bar)
+        display.__exit__(None, None, None)
         for handle in raw.values():
             handle.close()
     tokenize_s = time.perf_counter() - start
@@ -278,8 +282,8 @@ def _write_split(work: str, split: str, doc_lengths: np.ndarray, dtype: np.dtype
     doc_iter = iter(order)
     carry: np.ndarray | None = None  # tail of a document that spilled over a shard boundary
     written = 0
-    with tqdm(total=total, desc=f"write {split}", unit="tok", unit_scale=True, disable=not progress,
-              leave=False) as bar:
+    with Progress(enabled=progress, prefix=PROGRESS_PREFIX, transient=True) as display:
+        bar = display.add(f"write {split}", total, unit="tok", si=True)
         while written < total:
             size = min(shard_tokens, total - written)
             name = f"{split}_{len(info['shards']):05d}.npy"
@@ -297,6 +301,6 @@ def _write_split(work: str, split: str, doc_lengths: np.ndarray, dtype: np.dtype
             del out
             info["shards"].append({"file": name, "tokens": size})
             written += size
-            bar.update(size)
+            display.advance(bar, size)
     del raw
     return info

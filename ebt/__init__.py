@@ -13,7 +13,7 @@ per-token step sizes, repeated landscapes, replay picks). Metrics are 0-d tensor
 host sync inside a step; `float()` them to report). Under DDP call the wrapped module once per backward:
 forward == loss, except that a non-finite inner gradient is reported as metrics["nonfinite"] (a device flag)
 instead of raising NonFiniteEnergyGradientError, so a training step needs no host read to decide.
-`build_model` applies cfg.checkpointing (ebt.checkpointing.apply_checkpointing); ebt.experimental holds the
+`build_model` applies cfg.checkpointing (ebt.checkpointing.apply_checkpointing); benchmarks.experimental holds the
 measured alternatives (compiled inner gradient, attention implementations, step runners), not the default.
 The options of the thinking loop reproduce the authors' code flag by flag (ebt.config;
 docs/reference-differences.md; ebt.convert loads their weights).

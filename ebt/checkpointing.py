@@ -14,7 +14,7 @@ Policies (gradients are identical under all of them; tests/ebt/test_second_order
   the step's inputs: the state and the step size (the real stream's keys/values and the parameters are
   shared by every step and alive anyway). Its backward recomputes the step with create_graph=True and runs
   the outer vector-Jacobian product through it, so one step's second-order graph is live at a time.
-  Compared with wrapping the step in torch.utils.checkpoint (ebt.experimental's `generic_step_runner`, kept
+  Compared with wrapping the step in torch.utils.checkpoint (benchmarks.experimental's `generic_step_runner`, kept
   for the benchmark), the forward builds no double-backward graph at all and no saved-tensor hooks run.
   With cfg.remat_chunk = n > 0 both passes run n sequences at a time (sequences never interact in the
   candidate stream), so only one chunk's second-order graph is ever live: at xxs, context 256, batch 8,
@@ -261,7 +261,7 @@ def apply_checkpointing(
     the module docstring; resolve it before building with `planning.resolve_checkpointing`). remat_chunk:
     sequences per "mcmc_step" recompute chunk (0: the whole micro-batch). step_runner: runs every second-order
     MCMC step in place of the policy's (None: RematerialisedStep under "mcmc_step" policies, plain steps
-    otherwise); ebt.experimental passes its measured alternatives here.
+    otherwise); benchmarks.experimental passes its measured alternatives here.
     """
     if policy_name == "auto":
         model.checkpoint_policy = None

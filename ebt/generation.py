@@ -1,5 +1,6 @@
 """How a checkpoint thinks when it scores or generates text, in tensors (no tokenizer): the Thinking settings,
-the prefix-keyed starting candidates, the prompt-keyed generation seed and the --device check.
+the prompt-keyed sampling seed and the --device check. The chains' starts are ebt/starts.py's prefix-keyed draw
+(what `think` and `generate` use by default).
 
 launch/textgen.py puts the tokenizer around these for `ebt generate`, and eval/scoring.py's `Scorer` (the
 log-likelihoods of `ebt eval --task` and the lm-eval adapter) builds on that; both sit above the model, so
@@ -58,23 +59,9 @@ class Thinking:
         return self.steps if self.steps is not None else model_cfg.eval_steps
 
 
-def prefix_keyed_starts(inputs: Sequence[int], seed: int, sample: int, vocab_size: int, std: float,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Initial logits [L, V] of chain `sample` for input tokens [L]: row t keyed by (seed, sample, inputs[:t+1])."""
-    if std == 0:
-        return torch.zeros(len(inputs), vocab_size, dtype=dtype)
-    digest = hashlib.blake2b(digest_size=8, key=f"ebt-score:{seed}:{sample}".encode())
-    rows = torch.empty(len(inputs), vocab_size, dtype=dtype)
-    for position, token in enumerate(inputs):
-        digest.update(int(token).to_bytes(4, "little"))
-        generator = torch.Generator().manual_seed(int.from_bytes(digest.copy().digest(), "little") >> 1)
-        torch.randn(vocab_size, generator=generator, dtype=dtype, out=rows[position])
-    return rows.mul_(std)
-
-
 def prompt_seed(prompt: Sequence[int], seed: int) -> int:
-    """A generation seed keyed by (seed, the prompt's tokens), so a prompt's answer does not depend on which
-    requests came before it."""
+    """A sampling seed keyed by (seed, the prompt's tokens), so a prompt's sampled answer does not depend on
+    which requests came before it (the starts are keyed by the prefix already)."""
     key = f"ebt-generate:{seed}".encode()
     digest = hashlib.blake2b(torch.tensor(prompt).numpy().tobytes(), digest_size=8, key=key).digest()
     return int.from_bytes(digest, "little") >> 1

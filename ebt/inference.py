@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ebt.mcmc import StepRule, ThinkingLoop, candidate, inner_gradient
+from ebt.mcmc import NonFiniteMonitor, ThinkingLoop, candidate, run_mcmc
+from ebt.starts import PrefixKeys, prefix_keyed_starts
 from ebt.validation import check_positive_int, check_tokens
 
 SELECTIONS = ("min", "max", "max_gap")
@@ -33,11 +34,6 @@ class ThinkResult:
         return self.energies.gather(1, index).squeeze(1).mean(dim=(0, 2))
 
 
-def _energy(energy_fn, state: torch.Tensor, landscape: int, rule: StepRule) -> torch.Tensor:
-    with torch.no_grad():
-        return energy_fn(candidate(state, rule), landscape)
-
-
 def descend(
     energy_fn: Callable[[torch.Tensor, int], torch.Tensor],
     starts: torch.Tensor,
@@ -51,49 +47,43 @@ def descend(
     noise_first_step_only: bool = False,
     bound: float | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    score_final: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Energy descent without a graph; returns final states and energies [steps + 1, ...].
+    """System 2's descent, without a graph: final states and energies [steps + 1, ...] ([steps, ...] without
+    score_final). The steps are ebt.mcmc.run_mcmc's; this only plans the landscapes and scores the final point.
 
     Step n runs on landscape min(n, trained_landscapes - 1), so steps past the trained ones reuse the last
     trained landscape; energies[n] is step n's input energy there, and energies[steps] scores the final point on
-    the last trained landscape, as the reference does, so samples are compared on one landscape.
+    the last trained landscape, as the reference does, so samples are compared on one landscape (a caller with
+    one sample and no use for energies skips it: score_final=False saves an energy evaluation).
     noise: Langevin std, placed as loop.langevin_placement says (only at the first step with
-    noise_first_step_only, the reference's infer_langevin_first_step).
+    noise_first_step_only, the reference's infer_langevin_first_step), drawn from `generator`.
     accept_lower: a token keeps its current state unless the proposal's energy, on the same landscape, is
     strictly lower, so its energy never rises along the chain.
+    A non-finite inner gradient raises NonFiniteEnergyGradientError after the loop (one host read per call,
+    not one per step).
     """
     loop = ThinkingLoop() if loop is None else loop
-    step_size = step_size.detach()
-    bound = bound.detach() if torch.is_tensor(bound) else bound
     last = trained_landscapes - 1
     state = starts.detach()
-    energies = []
+    energies: list[torch.Tensor] = []
+    if steps > 0:
+        def draw(_: int, like: torch.Tensor) -> torch.Tensor:
+            return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
-    def draw(like: torch.Tensor) -> torch.Tensor:
-        return noise * torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
-
-    for step in range(steps):
-        landscape = min(step, last)
-        rule = loop.rule(step)
-        noisy = noise > 0 and (step == 0 or not noise_first_step_only)
-        if noisy and loop.langevin_placement == "input":
-            state = state + draw(state)
-        base, grad, energy = inner_gradient(energy_fn, state, landscape, rule, bound, create_graph=False)
-        energy = energy.detach()
+        monitor = NonFiniteMonitor()
+        trajectory = run_mcmc(
+            energy_fn, state, [min(n, last) for n in range(steps)], step_size.detach(), create_graph=False,
+            loop=loop, noise_std=noise, noise=draw, noise_first_step_only=noise_first_step_only,
+            bound=bound.detach() if torch.is_tensor(bound) else bound, accept_lower=accept_lower,
+            keep_states=False, monitor=monitor,
+        )
+        monitor.raise_if_nonfinite()
+        state, energies = trajectory.logits[-1].detach(), trajectory.energies
+    if score_final:
         with torch.no_grad():
-            proposal = base.detach() - step_size * grad
-            if rule.candidate_clamp > 0:
-                proposal = proposal.clamp(-rule.candidate_clamp, rule.candidate_clamp)
-            if noisy and loop.langevin_placement == "after_update":
-                proposal = proposal + draw(proposal)
-        if accept_lower:
-            accept = _energy(energy_fn, proposal, landscape, rule) < energy
-            state = torch.where(accept[..., None], proposal, state.detach())
-        else:
-            state = proposal
-        energies.append(energy)
-    energies.append(_energy(energy_fn, state, last, loop.rule(steps)))
-    return state, torch.stack(energies)
+            energies.append(energy_fn(candidate(state, loop.rule(steps)), last))
+    return state, torch.stack(energies) if energies else state.new_empty((0, *state.shape[:-1]))
 
 
 def inference_step_size(model, alpha_override: float = 0.0) -> torch.Tensor:
@@ -133,10 +123,14 @@ def think(
     starts: torch.Tensor | None = None,
     alpha_override: float = 0.0,
     noise_first_step_only: bool = False,
+    *,
+    seed: int = 0,
 ) -> ThinkResult:
     """Refine candidates for every position of tokens [B, S] with `samples` chains of `steps` steps each.
 
-    `starts` [B, samples, S, V] gives the chains' initial logits; by default they are drawn from `generator`.
+    `starts` [B, samples, S, V] gives the chains' initial logits; by default chain m at position t starts from
+    ebt.starts' draw keyed by (seed, m, tokens[:, :t+1]), so a position's prediction depends on its prefix only
+    and sample m is the same chain whatever `samples` is. `generator` draws the Langevin noise.
     alpha_override and noise_first_step_only are the reference's infer_ebt_override_alpha and
     infer_langevin_first_step (see `descend` and `inference_step_size`).
     """
@@ -147,11 +141,9 @@ def think(
     if selection not in SELECTIONS:
         raise ValueError(f"selection: unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
     batch, length = tokens.shape
-    like = model.alpha_raw
     if starts is None:
-        # Sample m's start is the m-th draw, so samples=1 reproduces the first chain of samples=M exactly.
-        draws = [model.initial_logits((batch, length, cfg.vocab_size), like, generator) for _ in range(samples)]
-        starts = torch.stack(draws, dim=1)
+        starts = prefix_keyed_starts(tokens, seed, samples, cfg.vocab_size, cfg.init_logit_std,
+                                     model.alpha_raw.dtype)
     elif tuple(starts.shape) != (batch, samples, length, cfg.vocab_size):
         expected = (batch, samples, length, cfg.vocab_size)
         raise ValueError(f"starts: expected shape {expected}, got {tuple(starts.shape)}")
@@ -205,10 +197,14 @@ def generate(
     temperature: float = 0.0,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    seed: int = 0,
     on_token: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> torch.Tensor:
     """Extend prompt [B, P] by max_new_tokens; the real stream is cached and extended one token at a time.
 
+    steps: thinking steps per token (None: ModelConfig.eval_steps, as `ebt generate`). Chain m of the position
+    after a text starts from ebt.starts' draw keyed by (seed, m, the text so far), the start `think` gives that
+    position; `generator` only samples tokens (temperature > 0).
     on_token: called with each new token [B] as soon as it is chosen, for streaming; returning True stops the
     generation there (the tokens so far are returned). It only observes, so the tokens are those generated
     without it.
@@ -220,32 +216,39 @@ def generate(
         raise ValueError(f"max_new_tokens: prompt + {max_new_tokens} exceeds context_length {cfg.context_length}")
     if cfg.kind == "transformer":
         return _generate_transformer(model, prompt, max_new_tokens, temperature, top_p, generator, on_token)
-    steps = cfg.mcmc_steps if steps is None else steps
+    steps = cfg.eval_steps if steps is None else steps
+    check_positive_int("steps", steps, minimum=0)
     energy_model = model.energy_model
     last = cfg.mcmc_steps - 1
     step_keys = sorted({min(n, last) for n in range(steps)} | {last}) if not cfg.caches_context else [0]
     contexts = {k: energy_model.context(prompt.repeat_interleave(samples, 0), k) for k in step_keys}
+    keys = PrefixKeys(prompt, seed, samples)
+    step_size, bound, dtype = model.alpha.detach(), model.grad_bound(), model.alpha_raw.dtype
+    batch = prompt.shape[0]
+    rows = torch.arange(batch, device=prompt.device)
     tokens = prompt
     for _ in range(max_new_tokens):
-        last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
+        candidate_index = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
 
-        def energy_fn(probs: torch.Tensor, step: int, contexts=contexts, last=last) -> torch.Tensor:
+        def energy_fn(probs: torch.Tensor, step: int, contexts=contexts, index=candidate_index) -> torch.Tensor:
             context = contexts[step if step in contexts else 0]
-            return energy_model.candidate_energies(context, probs, step, candidate_index=last)
+            return energy_model.candidate_energies(context, probs, step, candidate_index=index)
 
-        starts = torch.stack(
-            [model.initial_logits((tokens.shape[0], 1, cfg.vocab_size), model.alpha_raw, generator)
-             for _ in range(samples)], dim=1,
-        ).flatten(0, 1)
-        logits, energies = descend(energy_fn, starts, steps, model.alpha, trained_landscapes=cfg.mcmc_steps,
-                                   loop=model.thinking_loop, bound=model.grad_bound())
-        energies = energies.view(steps + 1, tokens.shape[0], samples, 1).permute(1, 2, 0, 3)
-        chosen = select_samples(energies, selection)[:, 0]
-        logits = logits.view(tokens.shape[0], samples, cfg.vocab_size)[torch.arange(tokens.shape[0]), chosen]
+        starts = keys.starts(cfg.vocab_size, cfg.init_logit_std, dtype)[:, None]  # [B * samples, 1, V]
+        # With one chain nothing is selected, so its final point needs no energy (one evaluation per token).
+        logits, energies = descend(energy_fn, starts, steps, step_size, trained_landscapes=cfg.mcmc_steps,
+                                   loop=model.thinking_loop, bound=bound, score_final=samples > 1)
+        logits = logits.view(batch, samples, cfg.vocab_size)
+        if samples > 1:
+            energies = energies.view(steps + 1, batch, samples, 1).permute(1, 2, 0, 3)
+            logits = logits[rows, select_samples(energies, selection)[:, 0]]
+        else:
+            logits = logits[:, 0]
         next_token = sample_token(logits, temperature, top_p, generator)
         tokens = torch.cat((tokens, next_token[:, None]), dim=1)
         if on_token is not None and on_token(next_token):
             break
+        keys.extend(next_token)
         new = next_token[:, None].repeat_interleave(samples, 0)
         contexts = {k: energy_model.extend_context(ctx, new, k) for k, ctx in contexts.items()}
     return tokens

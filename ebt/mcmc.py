@@ -1,5 +1,9 @@
 """The thinking loop: gradient descent on the energy over the candidates of every position.
 
+`run_mcmc` is the ONE descent loop: training runs it with its graph (second order), System 2
+(ebt.inference.descend: `think`, `generate`, `ebt eval`) without one, with per-step landscapes, first-step-only
+noise and accept-lower; no other module implements a step.
+
 A chain's state y [B, S, V] is mapped to the candidate the energy reads, x = phi(y) (a softmax, or the identity
 when normalisation is off for that step), and moved against the energy of its landscape l (the step
 conditioning of time_embed/adaln; one landscape may run several steps):
@@ -80,7 +84,7 @@ class StepRule:
 
 # (energy_fn, state, step_size, landscape, rule, bound, monitor) -> (new state, energy); must equal
 # mcmc_step(..., create_graph=True, monitor=monitor). ebt.checkpointing's runner rematerialises the step in the
-# outer backward; ebt.experimental holds measured alternatives.
+# outer backward; benchmarks.experimental holds measured alternatives.
 StepRunner = Callable[
     [EnergyFn, torch.Tensor, torch.Tensor, int, StepRule, Bound, "NonFiniteMonitor | None"],
     tuple[torch.Tensor, torch.Tensor],
@@ -193,15 +197,24 @@ def run_mcmc(
     loop: ThinkingLoop = ThinkingLoop(),
     noise_std: float | torch.Tensor = 0.0,
     noise: NoiseFn | None = None,
+    noise_first_step_only: bool = False,
     bound: Bound = None,
+    accept_lower: bool = False,
+    keep_states: bool = True,
     step_runner: StepRunner | None = None,
     monitor: NonFiniteMonitor | None = None,
 ) -> Trajectory:
     """Run one step per entry of `landscapes` (an int n: landscapes 0..n-1) from `init_state` [B, S, V].
 
+    The one descent loop: training's (second-order, every option of the reference) and System 2's
+    (ebt.inference.descend: no graph, per-step landscapes, accept-lower) are this loop with different options.
     create_graph: keep the steps differentiable (second-order training); with loop.truncate only the last one
     is, while earlier steps still pass first-order gradient to alpha and the chain unless loop.detach_steps.
-    `step_size` is alpha, or alpha per token [B, S, 1]; `noise` draws the Langevin noise of each step.
+    `step_size` is alpha, or alpha per token [B, S, 1]; `noise` draws the Langevin noise of each step (at every
+    step, or only the first with noise_first_step_only, the reference's infer_langevin_first_step).
+    accept_lower (no graph only): a token keeps its step's input unless the proposal's energy, on the same
+    landscape, is strictly lower (one more energy per step), so its energy never rises along the chain.
+    keep_states: False keeps only the final state in trajectory.logits (System 2 reads nothing else).
     step_runner: runs each second-order step in place of `mcmc_step` (same result); ebt.checkpointing uses it
     to rematerialise a step's graph during the outer backward.
     monitor: collects the inner gradients' finiteness on the device (None: a non-finite one raises at once).
@@ -209,24 +222,33 @@ def run_mcmc(
     plan = list(range(landscapes)) if isinstance(landscapes, int) else list(landscapes)
     if not plan:
         raise ValueError("steps: must be >= 1, got 0")
+    if accept_lower and create_graph:
+        raise ValueError("accept_lower: only for a descent without a graph (System 2), not for training")
     noisy = noise is not None and (torch.is_tensor(noise_std) or noise_std > 0)
     trajectory = Trajectory(landscapes=plan)
     state = init_state
     for index, landscape in enumerate(plan):
         rule = loop.rule(index)
         second_order = create_graph and (not loop.truncate or index == len(plan) - 1)
+        noisy_step = noisy and (index == 0 or not noise_first_step_only)
         if loop.detach_steps:
             state = state.detach()
-        if noisy and loop.langevin_placement == "input":
+        if noisy_step and loop.langevin_placement == "input":
             state = state + noise_std * noise(index, state)
         trajectory.last_input = state
         if second_order and step_runner is not None:
-            state, energy = step_runner(energy_fn, state, step_size, landscape, rule, bound, monitor)
+            new, energy = step_runner(energy_fn, state, step_size, landscape, rule, bound, monitor)
         else:
-            state, energy = mcmc_step(energy_fn, state, step_size, landscape, rule, bound,
-                                      create_graph=second_order, monitor=monitor)
-        if noisy and loop.langevin_placement == "after_update":
-            state = state + noise_std * noise(index, state)
-        trajectory.logits.append(state)
+            new, energy = mcmc_step(energy_fn, state, step_size, landscape, rule, bound,
+                                    create_graph=second_order, monitor=monitor)
+        if noisy_step and loop.langevin_placement == "after_update":
+            new = new + noise_std * noise(index, new)
+        if accept_lower:
+            with torch.no_grad():
+                accept = energy_fn(candidate(new, rule), landscape) < energy  # [B, S]
+                new = torch.where(accept[..., None], new, state)
+        state = new
+        if keep_states or index == len(plan) - 1:
+            trajectory.logits.append(state)
         trajectory.energies.append(energy.detach())
     return trajectory

@@ -115,10 +115,6 @@ class EnergyBasedTransformer(nn.Module):
             context = self.energy_model.context(tokens)
         return ContextEnergy(self.energy_model, tokens, context, self.remat_chunk)
 
-    def initial_logits(self, shape: tuple[int, ...], like: torch.Tensor, generator=None) -> torch.Tensor:
-        noise = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
-        return noise * self.cfg.init_logit_std
-
     def landscape_plan(self, training: bool, draws: Draws) -> list[int]:
         """The landscape of every step one forward runs (see ModelConfig.landscape_repeats)."""
         cfg = self.cfg
@@ -159,7 +155,7 @@ class EnergyBasedTransformer(nn.Module):
 
         A non-finite inner gradient does not raise here: metrics["nonfinite"] is a 0-d bool on the device, which
         the trainer reads with its one host read per optimizer step. An inner-gradient error raised inside the
-        forward anyway (a step runner that checks on the host, ebt.experimental's) becomes a zero loss over every
+        forward anyway (a step runner that checks on the host, benchmarks.experimental's) becomes a zero loss over every
         parameter with that flag set, so this rank's backward still runs every hook and collective (DDP's
         all-reduce, FSDP's reduce-scatter) that the other ranks' backwards run; the step is then skipped."""
         try:
@@ -172,8 +168,9 @@ class EnergyBasedTransformer(nn.Module):
              check_finite: bool = True):
         """Mean CE over the thinking steps for tokens [B, S+1]; returns (loss, metrics).
 
-        init_logits [B, S, V]: the chains' starts (default: N(0, init_logit_std^2) from the global RNG).
-        draws: the source of every other random number (ebt.draws.Draws).
+        init_logits [B, S, V]: the chains' starts (default: draws.starts, N(0, init_logit_std^2) from the global
+        RNG as the reference draws them; the trainer passes ebt.starts' keyed ones).
+        draws: the source of every random number the forward draws itself (ebt.draws.Draws).
         metrics: 0-d detached tensors on the model's device (loss, ce, ppl, ce_step_<k>, alpha, energy_gap),
         converted by whoever reports them, plus the host counts replayed and mcmc_steps (floats).
         check_finite: raise NonFiniteEnergyGradientError if an inner gradient was NaN/inf (one host read after
@@ -188,7 +185,7 @@ class EnergyBasedTransformer(nn.Module):
         fresh = tokens.shape[0]
         length = tokens.shape[1] - 1
         if init_logits is None:
-            init_logits = self.initial_logits((fresh, length, cfg.vocab_size), self.alpha_raw)
+            init_logits = draws.starts((fresh, length, cfg.vocab_size), self.alpha_raw, cfg.init_logit_std)
         else:
             check_candidates("init_logits", init_logits, fresh, length, cfg.vocab_size)
         fresh_tokens, replayed = tokens, 0
@@ -269,6 +266,6 @@ class EnergyBasedTransformer(nn.Module):
     def think(self, tokens: torch.Tensor, steps: int, samples: int = 1, selection: str = "min",
               accept_lower: bool = False, noise: float = 0.0, generator: torch.Generator | None = None,
               starts: torch.Tensor | None = None, alpha_override: float = 0.0,
-              noise_first_step_only: bool = False):
+              noise_first_step_only: bool = False, *, seed: int = 0):
         return think(self, tokens, steps, samples, selection, accept_lower, noise, generator, starts,
-                     alpha_override, noise_first_step_only)
+                     alpha_override, noise_first_step_only, seed=seed)

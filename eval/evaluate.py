@@ -2,7 +2,7 @@
 
 Every grid cell starts a sequence from the same initial candidates, so differences between cells are paired
 comparisons, not start noise, and the whole grid is reproducible for a seed. Sample m of a sequence starts from
-a draw keyed by (seed, m, the sequence's tokens) (launch.train_module.eval_starts: a counter-based draw computed
+a draw keyed by (seed, m, the sequence's tokens) (ebt.starts.eval_starts: a counter-based draw computed
 on the device, the same on CPU and GPU), so the
 one-sample cells reuse the first chain of the many-sample cells, results do not depend on --batch-size, and
 at --seed 0 the System-1 cell scores each sequence from the start the trainer's validation gives it: on the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from ebt.inference import SELECTIONS
 from eval.perplexity import EnergySums, TokenNLL
 from eval.sweep_data import EVAL_SCHEMA
 from fsutil import atomic_write_text
+from fsutil.progress import Progress
 
 DEFAULT_SAMPLES = (1, 2, 4)
 
@@ -108,8 +108,8 @@ def _batch_generator(seed: int, batch_index: int, device: str | torch.device = "
 
 def _starts(batch: torch.Tensor, model_cfg, seed: int, samples: int, dtype: torch.dtype) -> torch.Tensor:
     """Initial candidates [B, samples, S, V] of a CPU batch [B, S+1]: sample m of each sequence keyed by
-    (seed, m, the sequence), as the trainer's validation keys sample 0 (launch.train_module.eval_starts)."""
-    from launch.train_module import eval_starts
+    (seed, m, the sequence), as the trainer's validation keys sample 0 (ebt.starts.eval_starts)."""
+    from ebt.starts import eval_starts
 
     shape = (batch.shape[0], samples, batch.shape[1] - 1, model_cfg.vocab_size)
     if model_cfg.init_logit_std == 0:
@@ -308,101 +308,40 @@ def _resolve_samples(settings: EvalSettings, model_cfg) -> EvalSettings:
     return settings
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class EvalProgress:
-    """Progress of `ebt eval` on stderr: a rich bar with elapsed time and ETA on a terminal; elsewhere (a Slurm
-    log, a pipe, a file) a plain line every total/lines_per_source batches (every lines_per_source batches when
-    the total is unknown), after `interval_s` seconds without one, and at the end of each source, so a log shows
-    how far an evaluation got and when it will end.
+    """Progress of `ebt eval` and the downstream tasks on stderr, through the one progress helper
+    (fsutil/progress.py): a rich bar with elapsed time and ETA on a terminal (gone when done: the tables follow);
+    elsewhere (a Slurm log, a pipe, a file) a plain "ebt eval: ..." line every total/lines_per_source batches
+    (every lines_per_source batches when the total is unknown), after `interval_s` seconds without one, and at
+    the end of each source.
 
     Units are grid cells of one batch (`advance` per cell, as evaluate_batches calls it); lines count batches.
     """
 
     def __init__(self, enabled: bool = True, stream=None, lines_per_source: int = 10,
-                 interval_s: float = 60.0) -> None:
-        self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stderr
-        self.live = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
-        self.lines_per_source, self.interval_s = lines_per_source, interval_s
-        self._bar = None
-        self._tasks: dict[int, dict[str, Any]] = {}
+                 interval_s: float = 60.0, force_terminal: bool | None = None) -> None:
+        self.display = Progress(stream=stream, enabled=enabled, force_terminal=force_terminal, prefix="ebt eval: ",
+                                lines=lines_per_source, interval_s=interval_s, transient=True)
+        self.enabled, self.live = enabled, self.display.live
 
     def __enter__(self) -> EvalProgress:
-        if self.live:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=Console(file=self.stream), transient=True)
-            self._bar.__enter__()
+        self.display.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+        self.display.__exit__(*exc)
 
     def start(self, name: str, total_batches: int | None, cells_per_batch: int, unit: str = "batches") -> int:
         """A new source of `total_batches` batches (None: unknown; `unit` names them in the lines, e.g.
         "examples" for a downstream task); returns its task id."""
-        if not self.enabled:
-            return -1
-        if self._bar is not None:
-            total = None if total_batches is None else total_batches * cells_per_batch
-            return self._bar.add_task(name, total=total)
-        task = len(self._tasks)
-        every = max(1, -(-total_batches // self.lines_per_source)) if total_batches else self.lines_per_source
-        now = time.monotonic()
-        self._tasks[task] = {"name": name, "total": total_batches, "cells": cells_per_batch, "units": 0,
-                             "every": every, "start": now, "last": now, "printed": 0, "unit": unit}
-        return task
+        return self.display.add(name, total_batches, unit=unit, scale=cells_per_batch)
 
     def advance(self, task: int, advance: int = 1) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.advance(task, advance)
-            return
-        state = self._tasks.get(task)
-        if state is None:
-            return
-        before = state["units"] // state["cells"]
-        state["units"] += advance
-        batches = state["units"] // state["cells"]
-        now = time.monotonic()
-        if batches > before and (batches % state["every"] == 0 or now - state["last"] >= self.interval_s):
-            self._line(state, batches, now)
+        self.display.advance(task, advance)
 
     def finish(self, task: int) -> None:
         """The end of a source: a last line unless the last batch already printed one."""
-        if not self.enabled:
-            return
-        state = self._tasks.get(task)
-        if state is not None and state["units"] // state["cells"] != state["printed"]:
-            self._line(state, state["units"] // state["cells"], time.monotonic())
-
-    def _line(self, state: dict[str, Any], batches: int, now: float) -> None:
-        elapsed = now - state["start"]
-        total = state["total"]
-        if total:
-            eta = elapsed / batches * (total - batches) if batches else float("nan")
-            text = (f"{batches}/{total} {state['unit']} ({100 * batches / total:.0f}%), {_clock(elapsed)} elapsed, "
-                    f"ETA {_clock(eta) if eta == eta else '?'}")
-        else:
-            text = f"{batches} {state['unit']}, {_clock(elapsed)} elapsed"
-        print(f"ebt eval: {state['name']}: {text}", file=self.stream, flush=True)
-        state["last"], state["printed"] = now, batches
+        self.display.finish(task)
 
 
 def _run_name(path: Path) -> str:

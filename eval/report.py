@@ -31,6 +31,7 @@ from eval.scaling import (
 )
 from eval.sweep_data import EVAL_SCHEMA, KINDS, Exclusion, RunRecord, gather, read_metrics, screen
 from fsutil import atomic_write_files
+from fsutil.progress import Progress
 
 AXES = {"N": "n_params", "D": "tokens", "C": "flops"}
 AXIS_NAMES = {"N": "parameters", "D": "tokens", "C": "FLOPs"}
@@ -112,10 +113,8 @@ def _fit_all(kept: list[RunRecord], loss_column: str, n_boot: int, seed: int, ci
                              f"among {len(rows)} runs (needs 3; add budgets/sizes to the sweep grid)")
                 continue
             jobs.append((axis, kind, x, y))
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"fitting ({n_boot} bootstrap draws each)", total=len(jobs))
+    with Progress(enabled=progress, prefix="ebt report: ", transient=True) as bar:
+        task = bar.add(f"fitting ({n_boot} bootstrap draws each)", len(jobs), unit="fits")
         for i, (axis, kind, x, y) in enumerate(jobs):
             fit = fits[axis][kind] = fit_power_law(x, y, n_boot=n_boot, seed=seed + i, ci_level=ci_level,
                                                    label=f"{kind}/L({axis})")
@@ -124,6 +123,7 @@ def _fit_all(kept: list[RunRecord], loss_column: str, n_boot: int, seed: int, ci
                              f"decrease with {AXIS_NAMES[axis]} in these runs, so the fit is degenerate "
                              "(train longer, or check the runs)")
             bar.advance(task)
+        bar.finish(task)
     return fits, points
 
 

@@ -10,7 +10,8 @@ Conventions:
 - A sequence longer than the context is cut from the left, keeping the tokens nearest to what is scored.
 - For an EBT, the log-probability of token t+1 is the log-softmax of the thinking loop's final logits at
   position t (`model.think`), with `steps` steps and `samples` chains (kept per token by `selection`).
-  Chain m at position t starts from logits keyed by (seed, m, the tokens 0..t it sees), so a position's
+  Chain m at position t starts from logits keyed by (seed, m, the tokens 0..t it sees) (ebt/starts.py, the
+  draw `ebt generate` starts the same position from), so a position's
   prediction depends only on its visible prefix, like a causal LM's: the same prefix gets the same
   distribution in every request and batch, and a continuation's score does not depend on what follows it.
 """
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-# Thinking, check_device and prefix_keyed_starts live beside the model (ebt/generation.py), text generation in
-# launch/textgen.py; they are imported here from below, for the tasks, the adapter and their tests.
-from ebt.generation import Thinking, check_device, prefix_keyed_starts
+# Thinking and check_device live beside the model (ebt/generation.py), the keyed starts in ebt/starts.py, text
+# generation in launch/textgen.py; they are imported here from below, for the tasks, the adapter and their tests.
+from ebt.generation import Thinking, check_device
+from ebt.starts import prefix_keyed_starts
 from launch.textgen import TextModel
 
 __all__ = ["Scorer", "Thinking", "check_device", "prefix_keyed_starts"]
@@ -43,9 +45,9 @@ class Scorer(TextModel):
     @classmethod
     def load(cls, checkpoint: str | Path, *, tokenizer: str | None = None, thinking: Thinking | None = None,
              device: str = "cpu", batch_size: int = 8) -> Scorer:
-        """From a run dir, checkpoint dir or export dir; the tokenizer is found as launch/run_tokenizer.py says."""
+        """From a run dir, checkpoint dir or export dir; the tokenizer is found as launch/run_dir.py says."""
         from launch.checkpoint import load_model, resolve_checkpoint
-        from launch.run_tokenizer import find_tokenizer
+        from launch.run_dir import find_tokenizer
 
         path = resolve_checkpoint(checkpoint)
         model, cfg = load_model(path, device=device)
@@ -129,13 +131,8 @@ class Scorer(TextModel):
         if not self.is_ebt:
             logits, _ = self.model.logits(inputs.to(device))
             return logits.float().cpu()
-        cfg, think = self.cfg, self.thinking
-        dtype = self.model.alpha_raw.dtype
-        starts = torch.zeros(inputs.shape[0], think.samples, inputs.shape[1], cfg.vocab_size, dtype=dtype)
-        for row, tokens in enumerate(rows):
-            for sample in range(think.samples):
-                starts[row, sample, :len(tokens)] = prefix_keyed_starts(tokens, think.seed, sample, cfg.vocab_size,
-                                                                        cfg.init_logit_std, dtype)
-        result = self.model.think(inputs.to(device), self.steps, think.samples, think.selection,
-                                  starts=starts.to(device))
+        think = self.thinking
+        # Chain m at position t starts from ebt.starts' draw keyed by (seed, m, tokens[:t+1]) (think's default):
+        # the right padding after a row never reaches its real positions.
+        result = self.model.think(inputs.to(device), self.steps, think.samples, think.selection, seed=think.seed)
         return result.logits.float().cpu()

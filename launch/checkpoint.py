@@ -5,7 +5,8 @@ Layout of `checkpoints/step_<N>/`:
   optimizer.pt    optimizer state (rank 0, DDP; DeepSpeed keeps its partitions under deepspeed/)
   dcp/            fsdp only, instead of model.pt and optimizer.pt: every rank's shards of the model and the
                   optimizer, written by torch.distributed.checkpoint (DCP); loadable at any world size
-  trainer.pt      step/token counters, scheduler, failure counters, wandb id, global batch
+  trainer.pt      step/token counters, failure counters, wandb id, global batch (no LR scheduler: the LR is a
+                  function of config and step, launch/schedule.py; an older file's "scheduler" is ignored)
   rank_<r>.pt     per rank: RNG states (python, numpy, torch CPU/CUDA), data-loader state, EBT replay buffer
   config.yaml     the resolved training config
   manifest.json   sha256 and size of every file above (DCP's included), written LAST
@@ -170,11 +171,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------------ load
     def load_shared(self, path: Path, name: str) -> Any:
-        return _load_pt(path / f"{name}.pt")
+        return load_pt(path / f"{name}.pt")
 
     def load_rank(self, path: Path, rank: int | None = None) -> Any:
         """This rank's per-rank state, or another rank's (a resharded resume, see launch/trainer.py)."""
-        return _load_pt(path / f"rank_{self.rank if rank is None else rank}.pt")
+        return load_pt(path / f"rank_{self.rank if rank is None else rank}.pt")
 
     def saved_world_size(self, path: Path) -> int:
         return int(json.loads((path / MANIFEST).read_text())["world_size"])
@@ -265,7 +266,8 @@ def _save_pt(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _load_pt(path: Path) -> Any:
+def load_pt(path: Path) -> Any:
+    """A .pt file this package wrote (a checkpoint's shared, per-rank or model file), onto the CPU."""
     # weights_only=False: our own files hold numpy RNG state and plain Python objects.
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -323,8 +325,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, force: bool = Fals
 
         (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": dataclasses.asdict(cfg)})))
         # The tokenizer travels with the weights (tokenizer/), so generate and eval need nothing else. A checkpoint
-        # whose tokenizer cannot be found is still exported; `ebt export` says so (launch/run_tokenizer.py).
-        from launch.run_tokenizer import copy_tokenizer
+        # whose tokenizer cannot be found is still exported; `ebt export` says so (launch/run_dir.py).
+        from launch.run_dir import copy_tokenizer
 
         try:
             copy_tokenizer(find_tokenizer(source, model_vocab=cfg.vocab_size), tmp)

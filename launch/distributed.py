@@ -33,10 +33,14 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from launch.config import TrainConfig
+
+if TYPE_CHECKING:
+    from launch.strategies import Strategy
 
 
 def configure_threads() -> None:
@@ -87,7 +91,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     return ds
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig, strategy: type[Strategy]):
+    """The Accelerator for `strategy` (a launch.strategies class, asked before any Strategy exists: the
+    Accelerate plugin that selects its back end, and whether it needs a process group for a single process)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -97,25 +103,18 @@ def make_accelerator(cfg: TrainConfig):
         InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.timeout_s)),
         DistributedDataParallelKwargs(find_unused_parameters=cfg.distributed.find_unused_parameters),
     ]
-    plugin = None
-    if cfg.distributed.strategy == "deepspeed":
-        from accelerate.utils import DeepSpeedPlugin
-
-        if "WORLD_SIZE" not in os.environ:
-            _single_process_rendezvous()
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world))
-    elif cfg.distributed.strategy == "fsdp" and "WORLD_SIZE" not in os.environ:
-        # fully_shard needs a process group even for one process (a 1-rank mesh; resuming a sharded checkpoint
-        # on one machine is a supported case). Accelerate sets one up once the torch variables are there.
+    if strategy.needs_process_group and "WORLD_SIZE" not in os.environ:
+        # Accelerate (or DeepSpeed under it) sets up the group once the torch variables are there.
         _single_process_rendezvous()
-    # Accelerate only switches to DeepSpeed when cpu=False (on a CPU-only machine DeepSpeed then picks gloo
-    # itself); for DDP, cpu=True is what makes it set up a gloo process group on CPU.
-    cpu = not use_cuda and plugin is None
+    backend_kwargs = strategy.accelerator_kwargs(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    # Accelerate only switches to a plugin's back end (DeepSpeed) when cpu=False (on a CPU-only machine DeepSpeed
+    # then picks gloo itself); for DDP, cpu=True is what makes it set up a gloo process group on CPU.
+    cpu = not use_cuda and not backend_kwargs
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=handlers,
-                              deepspeed_plugin=plugin, step_scheduler_with_optimizer=False)
-    if cfg.distributed.strategy == "fsdp" and not torch.distributed.is_initialized():
-        # Accelerate leaves a single GPU without a process group; the sharded model needs one.
+                              step_scheduler_with_optimizer=False, **backend_kwargs)
+    if strategy.needs_process_group and not torch.distributed.is_initialized():
+        # Accelerate leaves a single GPU without a process group; the sharded model needs one. (Under DeepSpeed
+        # the group is up by now: deepspeed.init_distributed ran inside Accelerator, measured for one CPU process.)
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
                                              timeout=timedelta(seconds=cfg.distributed.timeout_s))
     return accelerator

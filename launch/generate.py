@@ -1,7 +1,7 @@
 """`ebt generate`: continue a prompt with a trained EBT or Transformer++, streaming the text as it is produced.
 
 The checkpoint may be a run dir (its newest valid checkpoint), a checkpoint dir or an `ebt export` dir; the
-tokenizer is the one it was trained with (launch/run_tokenizer.py), so no path beyond the checkpoint is needed.
+tokenizer is the one it was trained with (launch/run_dir.py), so no path beyond the checkpoint is needed.
 The text side is launch/textgen.py (TextModel), the thinking settings ebt/generation.py; nothing here imports eval.
 The text goes to stdout token by token; the throughput goes to stderr at the end, so `> file` keeps only text.
 """
@@ -20,7 +20,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from ebt.generation import Thinking, check_device
     from launch.checkpoint import load_model, resolve_checkpoint
-    from launch.run_tokenizer import find_tokenizer
+    from launch.run_dir import find_tokenizer
     from launch.textgen import TextModel
 
     _check_args(args)

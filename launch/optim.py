@@ -1,4 +1,7 @@
-"""AdamW with parameter groups: decayed weights, un-decayed norms/biases, and the EBT step size alpha."""
+"""AdamW with parameter groups: decayed weights, un-decayed norms/biases, and the EBT step size alpha.
+
+The groups' LRs over training are launch/schedule.py's (set before every optimizer step); there is no scheduler
+object."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import torch
 from torch import nn
 
 from launch.config import TrainConfig
-from launch.schedule import WarmupCosine
+from launch.schedule import group_peak_lr
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -15,7 +18,6 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     alpha (any parameter named *alpha*): LR x model.alpha_lr_mult and no decay; decaying a step size toward 0
     would fight the MCMC. Norm gains and biases (1-D tensors): no decay unless optim.decay_norms_and_biases.
     """
-    peak = cfg.peak_lr
     decay, no_decay, alpha = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -27,9 +29,10 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         else:
             decay.append(param)
     groups = [
-        {"name": "decay", "params": decay, "lr": peak, "weight_decay": cfg.optim.weight_decay},
-        {"name": "no_decay", "params": no_decay, "lr": peak, "weight_decay": 0.0},
-        {"name": "alpha", "params": alpha, "lr": peak * cfg.model.alpha_lr_mult, "weight_decay": 0.0},
+        {"name": "decay", "params": decay, "lr": group_peak_lr(cfg, "decay"),
+         "weight_decay": cfg.optim.weight_decay},
+        {"name": "no_decay", "params": no_decay, "lr": group_peak_lr(cfg, "no_decay"), "weight_decay": 0.0},
+        {"name": "alpha", "params": alpha, "lr": group_peak_lr(cfg, "alpha"), "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
 
@@ -38,7 +41,3 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     o = cfg.optim
     return torch.optim.AdamW(param_groups(model, cfg), betas=tuple(o.betas), eps=o.eps)
 
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    fn = WarmupCosine(cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.min_lr_scale)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [fn] * len(optimizer.param_groups))

@@ -2,11 +2,11 @@
 
 - A finished run (its metrics end with the final validation row at trainer.max_steps) is reported and left
   alone: no model is built, nothing is evaluated again, nothing is written.
-- Resuming keeps the checkpoint's LR schedule state (LambdaLR stores the schedule's total and warm-up steps
-  and the base LRs), so a changed trainer.max_steps, optim.warmup_steps, optim.min_lr_scale or optim.lr would
-  otherwise be silently ignored, or, for max_steps, train past the point where the old schedule ended. Such a
-  change is refused, naming the key (old -> new), unless it is accepted explicitly (--allow-schedule-change),
-  and then `apply_schedule` makes the new schedule the one that runs.
+- The LR is a function of the config and the step (launch/schedule.py), so a changed trainer.max_steps,
+  optim.warmup_steps, optim.min_lr_scale or optim.lr would silently bend the rest of the run onto another
+  schedule than the one it started on. Such a change is refused, naming the key (old -> new), unless it is
+  accepted explicitly (--allow-schedule-change); then the new values are simply the ones the LR is computed
+  from, from the resumed step on (the LR so far is history).
 - Checkpoints saved by another number of processes are refused with the count: the trainer would find none of
   them usable, start over and prune them.
 - A run dir with checkpoints or metrics but no checkpoint that verifies is refused too (it would start over and
@@ -189,25 +189,3 @@ def final_line(row: dict[str, Any]) -> str:
     return (f"validation perplexity: {ppl:.3f} (loss {row['val_loss']:.4f}) after {row['step']} steps, "
             f"{row['tokens']:,} tokens")
 
-
-def apply_schedule(trainer, cfg: TrainConfig) -> None:
-    """After a resume that accepted a schedule change: the scheduler follows cfg from the resumed step on.
-
-    LambdaLR restored the old WarmupCosine settings and base LRs from the checkpoint; here both are replaced
-    by cfg's and the optimizer's LRs set to the new schedule's value at the current step, so the next update
-    uses the new schedule. The LR so far (already applied) is history and stays as it was."""
-    from launch.optim import param_groups
-    from launch.schedule import WarmupCosine
-
-    scheduler = trainer.scheduler
-    schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.min_lr_scale)
-    scheduler.lr_lambdas = [schedule] * len(scheduler.lr_lambdas)
-    peaks = [group["lr"] for group in param_groups(trainer.raw_model, cfg)]
-    groups = scheduler.optimizer.param_groups
-    if len(peaks) != len(groups):
-        raise RuntimeError(f"optimizer has {len(groups)} parameter groups, the config builds {len(peaks)}")
-    scheduler.base_lrs = peaks
-    lrs = [peak * schedule(scheduler.last_epoch) for peak in peaks]
-    for group, peak, lr in zip(groups, peaks, lrs, strict=True):
-        group["initial_lr"], group["lr"] = peak, lr
-    scheduler._last_lr = lrs  # what get_last_lr() (the trainer's logged lr) reports for the next step

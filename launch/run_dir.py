@@ -1,10 +1,11 @@
-"""A run read back: what a path names, its saved config, its tokenizer and its model.
+"""A run dir's files: what a path names, its saved config, its tokenizer (kept beside the weights, found again)
+and its model.
 
 Every command that reads a trained model (`ebt generate`, `ebt eval`, `ebt export`, the lm-eval adapter, the
 benchmarks) and the resume path read it through here. Three kinds of directory hold a model:
 
   run dir         `runs/<name>/`: config.yaml (the full TrainConfig), checkpoints/step_<N>/, tokenizer/ (a copy
-                  of the tokenizer it trained with, launch/run_tokenizer.py)
+                  of the tokenizer it trained with, `keep_run_tokenizer`)
   checkpoint dir  `<run dir>/checkpoints/step_<N>/`: manifest, weights (model.pt or dcp/) and config.yaml, the
                   full TrainConfig (launch/checkpoint.py writes and verifies it)
   export dir      `ebt export`'s output: model.safetensors, config.yaml (the model section only), tokenizer/
@@ -13,13 +14,22 @@ benchmarks) and the resume path read it through here. Three kinds of directory h
 model section), `data_config` (the data section, which an export does not keep), `find_tokenizer` and
 `load_model`. `read_config` is the one reader of a config.yaml; launch.config.load_saved_config builds the full
 TrainConfig from it.
+
+The data pipeline keeps a tokenizer under `<data.cache_dir>/tokenizers/spm<V>-<hash>/`, a name derived from the
+data config and relative to the directory training ran in, so a run dir alone would not say where its tokenizer
+is. `ebt train` therefore copies it into `<run dir>/tokenizer/` (`keep_run_tokenizer`) and `ebt export` into
+`<export>/tokenizer/` (`copy_tokenizer`; two small files); `find_tokenizer` looks there first, then at what the
+data config derives.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from fsutil import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +38,7 @@ if TYPE_CHECKING:
     from ebt import ModelConfig
 
 CONFIG_FILE = "config.yaml"
-KEPT_DIR = "tokenizer"  # <run dir>/tokenizer and <export dir>/tokenizer (launch/run_tokenizer.py writes them)
+KEPT_DIR = "tokenizer"  # <run dir>/tokenizer and <export dir>/tokenizer (copy_tokenizer writes them)
 
 
 # ---------------------------------------------------------------------------------------------- where
@@ -153,13 +163,41 @@ def _kept_or_derived(checkpoint: Path) -> str:
     return derived
 
 
+def copy_tokenizer(source: str, out_dir: Path) -> Path:
+    """Copy a tokenizer's two files into out_dir/tokenizer (atomically: a temp dir renamed into place)."""
+    from data_pipeline.tokenizer import META_FILE, MODEL_FILE
+
+    dest = out_dir / KEPT_DIR
+    with atomic_dir(dest) as tmp:
+        for name in (MODEL_FILE, META_FILE):
+            shutil.copyfile(Path(source) / name, tmp / name)
+    return dest
+
+
+def keep_run_tokenizer(cfg) -> Path | None:
+    """Copy the tokenizer a TrainConfig trains with into its run dir, unless the same one is there already.
+
+    Called by rank 0 once the data is prepared; returns the copy (None when the tokenizer is not on disk)."""
+    from data_pipeline.api import tokenizer_dir
+    from data_pipeline.sources import build_source
+    from data_pipeline.tokenizer import load_meta, tokenizer_exists
+
+    source = cfg.data.tokenizer or tokenizer_dir(cfg.data, build_source(cfg.data))
+    if not tokenizer_exists(source):
+        return None
+    kept = cfg.run_dir / KEPT_DIR
+    if tokenizer_exists(str(kept)) and load_meta(str(kept)).model_sha256 == load_meta(source).model_sha256:
+        return kept
+    return copy_tokenizer(source, cfg.run_dir)
+
+
 # ---------------------------------------------------------------------------------------------- model
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(model, model_cfg) from a checkpoint dir, an `ebt export` dir, or a run dir (newest valid checkpoint)."""
     from ebt import build_model
-    from launch.checkpoint import DCP_DIR, _load_pt, verify
+    from launch.checkpoint import DCP_DIR, load_pt, verify
 
     path = resolve_checkpoint(path)
     cfg = model_config(path)
@@ -184,7 +222,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         if (path / DCP_DIR).is_dir() and not (path / "model.pt").is_file():
             state = _load_dcp_model(path, model)
         else:
-            state = _load_pt(path / "model.pt")
+            state = load_pt(path / "model.pt")
             check_weights_match(path, model, {key: tuple(value.shape) for key, value in state.items()})
         model.load_state_dict(state)
     return model.to(device).eval(), cfg

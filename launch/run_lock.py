@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.cli import UserError
+from launch.slurm_jobs import is_active, slurm_job_id, slurm_states
 
 
 class RunLockedError(UserError):
@@ -37,15 +38,6 @@ def lock_paths(run_dir: Path | str) -> tuple[Path, Path]:
     """(lock file, holder record), beside the run dir."""
     run_dir = Path(os.path.abspath(run_dir))
     return run_dir.with_name(f".{run_dir.name}.lock"), run_dir.with_name(f".{run_dir.name}.lock.json")
-
-
-def slurm_job_id() -> str | None:
-    """This job's id as squeue and sacct name it: `<array job>_<task>` for an array task (its SLURM_JOB_ID is
-    another number, unknown to the sweep's records), else SLURM_JOB_ID. A requeued job keeps it."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array and task:
-        return f"{array}_{task}"
-    return os.environ.get("SLURM_JOB_ID") or None
 
 
 def describe(info: dict[str, Any] | None) -> str:
@@ -89,8 +81,6 @@ def _why_gone(info: dict[str, Any]) -> str | None:
         return None
     if job == slurm_job_id():
         return f"it was this Slurm job ({job}) before its requeue"
-    from slurm.state import is_active, slurm_states  # Slurm only: imports submitit
-
     state = slurm_states([str(job)]).get(str(job), "UNKNOWN")
     return None if is_active(state) else f"Slurm job {job} has ended ({state})"
 
@@ -194,4 +184,4 @@ def run_lock(run_dir: Path | str, command: str = "ebt train") -> Iterator[None]:
         _remove_if_empty(made)
 
 
-__all__ = ["RunLockedError", "check_not_running", "describe", "holder", "lock_paths", "run_lock", "slurm_job_id"]
+__all__ = ["RunLockedError", "check_not_running", "describe", "holder", "lock_paths", "run_lock"]

@@ -3,6 +3,9 @@
 Trainer (launch/trainer.py) runs the loop, the bookkeeping and evaluation; it asks its Strategy, and never names
 one. A Strategy owns, for its back end:
 
+- the process setup it needs, asked of its class before the Accelerator exists (launch/distributed.py's
+  make_accelerator): `accelerator_kwargs` (DeepSpeed's plugin) and `needs_process_group` (a group even for one
+  process);
 - wrapping: `parallelize(model)` before the optimizer is built (FSDP2 shards the parameters in place, as
   torchtitan's parallelize_fn does), then `wrap(model, optimizer)` after (Accelerate's prepare for DDP and
   DeepSpeed);
@@ -36,7 +39,7 @@ from torch import nn
 
 from ebt import NonFiniteEnergyGradientError
 from launch.config import TrainConfig
-from launch.distributed import device_mesh
+from launch.distributed import deepspeed_config, device_mesh
 
 
 def _scalar_params_as_1d(model: nn.Module) -> list[str]:
@@ -63,6 +66,15 @@ class Strategy:
     # Whether the back end fixed the micro-batch and accumulation when the accelerator was made (before the memory
     # plans of the ranks were compared), so that a different plan on rank 0 cannot be adopted any more.
     batch_fixed_at_setup: ClassVar[bool] = False
+    # Whether the back end needs a torch process group even when one process runs (a plain `python`/`ebt train`):
+    # make_accelerator then sets up a world of one. DDP runs a single process as a plain module.
+    needs_process_group: ClassVar[bool] = False
+
+    @classmethod
+    def accelerator_kwargs(cls, cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+        """Keyword arguments of Accelerator that select this back end (a plugin); asked before the Accelerator
+        exists, with the process group's world size. Empty here: Accelerate's own DDP (or no wrapping by it)."""
+        return {}
 
     def __init__(self, cfg: TrainConfig, accelerator: Any, rank: int, world: int) -> None:
         self.cfg = cfg
@@ -85,7 +97,8 @@ class Strategy:
         self.trained_parameters = dict(model.named_parameters())
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """After the optimizer (and the scheduler on it) is built: wrap them for the back end."""
+        """After the optimizer is built: wrap it and the model for the back end (no LR scheduler: the trainer
+        sets the LR on the optimizer's param groups before each step, launch/schedule.py)."""
         raise NotImplementedError
 
     def release(self) -> None:
@@ -255,10 +268,24 @@ class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     label = "DeepSpeed"
     batch_fixed_at_setup = True  # the DeepSpeed config's batch arithmetic is written when the accelerator is made
+    # DeepSpeed has no single-process path: without the torch.distributed variables it falls back to MPI
+    # discovery (launch/distributed.py's _single_process_rendezvous).
+    needs_process_group = True
+
+    @classmethod
+    def accelerator_kwargs(cls, cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+        from accelerate.utils import DeepSpeedPlugin
+
+        return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size))}
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.reshaped_scalars = _scalar_params_as_1d(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # The engine steps an LR scheduler of its own in step() when it has one (a "scheduler" section in the
+        # DeepSpeed file); on top of launch/schedule.py's LR it would change every update's LR.
+        if getattr(self.model, "lr_scheduler", None) is not None:
+            raise ValueError(f"config key 'distributed.deepspeed_config': {self.cfg.distributed.deepspeed_config} "
+                             "has a \"scheduler\" section; remove it (the LR schedule is optim.*'s)")
 
     def forward_backward(self, module: Any, tokens: torch.Tensor, last_micro: bool,
                          **model_kwargs: Any) -> tuple[dict, torch.Tensor]:
@@ -305,6 +332,9 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
     label = "FSDP"
     sharded_checkpoint = True
+    # fully_shard needs a process group even for one process (a 1-rank mesh; resuming a sharded checkpoint on one
+    # machine is a supported case).
+    needs_process_group = True
 
     def parallelize(self, model: nn.Module) -> None:
         from launch import fsdp

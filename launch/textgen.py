@@ -80,8 +80,9 @@ class TextModel:
         generated). When the context and max_new_tokens do not fit the model's window, the generation budget
         shrinks first, down to what leaves the context half of the window, then the context is cut from the
         left. on_text receives each piece of text as soon as it is decoded (streaming). seed: of the EBT's starts
-        and of sampling; None keys it by (thinking.seed, the prompt's tokens), so a prompt's answer does not
-        depend on which requests came before it."""
+        (ebt/starts.py: keyed by (seed, chain, the text so far)) and of sampling; None: thinking.seed for the
+        starts, and sampling keyed by (thinking.seed, the prompt's tokens), so a prompt's answer does not depend
+        on which requests came before it."""
         from ebt.inference import generate
 
         c = self.context_length
@@ -104,13 +105,13 @@ class TextModel:
                 shown = len(visible)
             return any(stop in stream.emitted for stop in stops)
 
-        if seed is None:
-            seed = prompt_seed(prompt, self.thinking.seed)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        start_seed = self.thinking.seed if seed is None else seed
+        sampling_seed = prompt_seed(prompt, self.thinking.seed) if seed is None else seed
+        generator = torch.Generator(device=self.device).manual_seed(sampling_seed)
         generate(self.model, torch.tensor([prompt], device=self.device), max_new_tokens,
                  steps=self.steps if self.is_ebt else None, samples=self.thinking.samples,
                  selection=self.thinking.selection, temperature=temperature, top_p=top_p, generator=generator,
-                 on_token=on_token)
+                 seed=start_seed, on_token=on_token)
         text = _before_stop(stream.text, stops)
         if on_text is not None and len(text) > shown:  # bytes of a character the budget cut off, as decoded
             on_text(text[shown:])

@@ -48,8 +48,8 @@ def run_training(cfg: TrainConfig, log=None, allow_schedule_change: bool = False
 
 def _run_locked(cfg: TrainConfig, log, allow_schedule_change: bool, restart: bool, rank0: bool) -> dict[str, Any]:
     from launch.distributed import lost_rank_error
-    from launch.resume import apply_schedule, check_resume, finished, move_aside, schedule_changes
-    from launch.run_tokenizer import keep_run_tokenizer
+    from launch.resume import check_resume, finished, move_aside, schedule_changes
+    from launch.run_dir import keep_run_tokenizer
     from launch.trainer import Trainer
 
     # Under --restart no rank reads the old run: rank 0 moves it aside below (it may not verify at all).
@@ -69,10 +69,9 @@ def _run_locked(cfg: TrainConfig, log, allow_schedule_change: bool, restart: boo
     try:
         trainer.setup()
         if trainer.is_main:
-            keep_run_tokenizer(cfg)  # <run dir>/tokenizer: generate and eval find it there (launch/run_tokenizer.py)
+            keep_run_tokenizer(cfg)  # <run dir>/tokenizer: generate and eval find it there (launch/run_dir.py)
         changes = schedule_changes(saved.config, cfg) if saved is not None else []
-        if changes and trainer.step == saved.step:
-            apply_schedule(trainer, cfg)
+        if changes and trainer.step == saved.step:  # the LR follows cfg's values from here (launch/schedule.py)
             trainer.log("LR schedule changed on resume (--allow-schedule-change): "
                         + ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes))
         result = trainer.fit()
@@ -329,7 +328,7 @@ def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from launch.checkpoint import export_model, resolve_checkpoint
-    from launch.run_tokenizer import KEPT_DIR, find_tokenizer
+    from launch.run_dir import KEPT_DIR, find_tokenizer
 
     out = export_model(args.checkpoint, args.out, force=args.force)
     if (Path(out) / KEPT_DIR).is_dir():

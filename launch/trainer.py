@@ -6,9 +6,10 @@ optimizer step, gradient norms, checkpoint contents) in a Strategy (launch/strat
 without naming it. What happens around the loop
 (when to evaluate and checkpoint, metrics.jsonl, wandb, progress, preemption) is in launch/callbacks/: Trainer.fit
 is the loop and calls their hooks.
-Exact resume: everything that shapes a later step is in the checkpoint (weights, optimizer, scheduler, counters,
+Exact resume: everything that shapes a later step is in the checkpoint (weights, optimizer, counters,
 per-rank RNG streams, data-loader position, replay buffer), evaluation runs under a forked RNG so it never
-shifts the training stream, and metrics.jsonl is cut back to the checkpoint's step on restart.
+shifts the training stream, and metrics.jsonl is cut back to the checkpoint's step on restart. The LR is no
+state: launch/schedule.py computes it from (cfg, step) before every optimizer step.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from launch.distributed import (
     start_heartbeat,
 )
 from launch.metrics import peak_flops, training_dtype
-from launch.optim import build_optimizer, build_scheduler
+from launch.optim import build_optimizer
+from launch.schedule import apply_lr
 from launch.signals import PreemptionFlag, TrainingInterrupted
 from launch.strategies import Strategy, check_checkpoint_strategy, make_strategy, strategy_class
 from launch.train_module import make_train_module
@@ -105,7 +107,7 @@ class Trainer:
         # the loader all take the planned micro-batch (launch/memory_plan.py).
         self.memory_plan = memory_plan.resolve(cfg, _planning_device(), resuming=cfg.checkpoint.resume)
         self.cfg = cfg = memory_plan.apply(cfg, self.memory_plan)
-        self.accelerator = make_accelerator(cfg)
+        self.accelerator = make_accelerator(cfg, strategy_class(cfg.distributed.strategy))
         # From the process group, not the Accelerator: on the CPU DeepSpeed path its counts say one process while
         # the gloo group has them all (rank_and_world says what was measured).
         self.rank, self.world = rank_and_world()
@@ -176,16 +178,6 @@ class Trainer:
         """launch.fsdp's ShardedModel or RegatheredModel where the strategy shards, else None."""
         return self.strategy.sharded
 
-    @property
-    def is_deepspeed(self) -> bool:
-        """For tests and benchmarks that treat the engine specially; the trainer never branches on it."""
-        return self.strategy.name == "deepspeed"
-
-    @property
-    def is_fsdp(self) -> bool:
-        """For tests and benchmarks; the trainer never branches on it."""
-        return self.strategy.name == "fsdp"
-
     # ------------------------------------------------------------------------------------------------ setup
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -206,7 +198,7 @@ class Trainer:
             save_config(self.user_cfg, self.run_dir / "config.yaml")
 
     def setup_model(self) -> None:
-        """Model, optimizer, scheduler, parallelized and wrapped by the strategy; same initial weights on every
+        """Model and optimizer, parallelized and wrapped by the strategy; same initial weights on every
         rank."""
         cfg = self.cfg
         seed_everything(cfg.trainer.seed)  # same seed everywhere: identical initial weights without a broadcast
@@ -219,7 +211,9 @@ class Trainer:
         # model before the optimizer sees its parameters; the wrappers (DDP, the DeepSpeed engine) after.
         self.strategy.parallelize(model)
         optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(optimizer, cfg)
+        # The torch optimizer under any wrapper, whose param groups every update reads its LR from. The object,
+        # not its list: load_state_dict (a resume) replaces the list.
+        self.torch_optimizer = optimizer
         self.strategy.wrap(model, optimizer)
         self.model.train()
         t = cfg.trainer
@@ -269,7 +263,7 @@ class Trainer:
         check_resume_compatible(saved, self.user_cfg, self.run_dir, world_changed=saved_world != self.world)
         trainer_state = self.ckpt.load_shared(path, "trainer")
         self.strategy.load_state(self.ckpt, path)  # weights and optimizer state, in the strategy's files
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        # trainer_state["scheduler"] of an older checkpoint is ignored: the LR is recomputed from (cfg, step).
         self.step = trainer_state["step"]
         self.tokens = trainer_state["tokens"]
         self.nonfinite_total = trainer_state["nonfinite_total"]
@@ -287,7 +281,7 @@ class Trainer:
     def _resume_resharded(self, path: Path, saved_world: int, saved_global_batch: int | None) -> None:
         """The per-rank state of a sharded checkpoint saved with another number of ranks.
 
-        Exact: weights, optimizer state, scheduler, counters, and the data position (global: every rank saved
+        Exact: weights, optimizer state, counters, and the data position (global: every rank saved
         the same one, and the new ranks split the rest of the same epoch permutation). Rank r < the saved world
         also keeps rank r's RNG streams and replay buffer; a new rank starts its own RNG stream (seeded in
         setup_model) with an empty buffer, and the buffers of ranks beyond the new world are dropped. With the
@@ -337,8 +331,10 @@ class Trainer:
         skip: True, or a 0-d device flag (train_step's "some rank had a non-finite micro-batch"). report: device
         values to read in the same transfer (train_step's all-reduced metric sums), left in self.step_report.
         The clipped norm is computed on the device before the decision, so the update runs unless skipping or
-        the norm is not finite. Returns (grad_norm, updated); grad_norm is nan for a skipped step."""
+        the norm is not finite. Returns (grad_norm, updated); grad_norm is nan for a skipped step. The update
+        uses cfg's LR at self.step (launch/schedule.py), left in self.lr for the metrics row."""
         report = torch.zeros(0, dtype=torch.float64) if report is None else report
+        self.lr = apply_lr(self.torch_optimizer.param_groups, self.cfg, self.step)  # the one place the LR is set
         norm, updated, self.step_report = self.strategy.optimizer_step(skip, report)
         return norm, updated
 
@@ -385,13 +381,11 @@ class Trainer:
         ctrl_c = torch.full((), 1.0 if self.preempt.interrupted else 0.0, dtype=torch.float64, device=device)
         vec = all_reduce_sum(torch.stack([*sums.values(), *counts.values(), bad, preempt, ctrl_c]))
         n = len(keys)
-        lr = self.scheduler.get_last_lr()[0]
         grad_norm, updated = self.optimizer_step(skip=vec[2 * n] > 0, report=vec)
         values = self.step_report  # vec, read by optimizer_step's transfer
         self.preempt_agreed = values[2 * n + 1] > 0
         self.preempt.interrupt_agreed = values[2 * n + 2] > 0
         skipped = not updated
-        self.scheduler.step()
         self.step += 1
         self.tokens += self.tokens_per_step
         row: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
@@ -401,7 +395,7 @@ class Trainer:
                 row[key] = values[i] / count if count else float("nan")
         ce = row.pop("ce")
         row["ppl"] = math.exp(min(ce, 700.0)) if math.isfinite(ce) else float("nan")
-        row.update(lr=lr, grad_norm=grad_norm, skipped=skipped)
+        row.update(lr=self.lr, grad_norm=grad_norm, skipped=skipped)
         if skipped:
             self.nonfinite_total += 1
             self.nonfinite_in_row += 1
@@ -457,8 +451,8 @@ class Trainer:
         if not self.strategy.all_finite():
             raise NonFiniteAbort(f"refusing to checkpoint non-finite weights at step {self.step}")
         shared: dict[str, Any] = {
-            "trainer": {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
-                        "nonfinite_total": self.nonfinite_total, "nonfinite_in_row": self.nonfinite_in_row,
+            "trainer": {"step": self.step, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total,
+                        "nonfinite_in_row": self.nonfinite_in_row,
                         "wandb_id": self.wandb_id, "global_batch": self.global_batch},
         }
         # The weights and optimizer state, as the strategy keeps them: entries of the shared file, and the

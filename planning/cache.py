@@ -9,9 +9,10 @@ Writes are atomic (fsutil); a damaged or unreadable entry is planned again, and 
 (a read-only home) only costs the next run the same time. Deleting the directory is always safe.
 
 A plan that is not cached traces tiny replicas (seconds per size on a small CPU); each one is announced before
-it starts and timed when it ends: a rich spinner on a terminal, plain lines otherwise (logs, CI, a login node's
-nohup), so that a cold `ebt sweep submit --dry-run` never looks hung. Progress goes to stdout, with the report
-it belongs to (the grid, the memory plans, the scripts): stderr stays the one line of an error.
+it starts and timed when it ends (fsutil/progress.py's `status`): a rich spinner on a terminal, plain lines
+otherwise (logs, CI, a login node's nohup), so that a cold `ebt sweep submit --dry-run` never looks hung.
+Progress goes to stdout, with the report it belongs to (the grid, the memory plans, the scripts): stderr stays
+the one line of an error.
 """
 
 from __future__ import annotations
@@ -20,16 +21,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ebt.config import ModelConfig
 from fsutil import atomic_write_json
+from fsutil.progress import status
 from planning.gpu import GpuPlan, plan_cuda
 from planning.host import DEFAULT_MARGIN
 
@@ -81,23 +79,6 @@ def _write(path: Path, key: dict, result: GpuPlan | str) -> None:
         pass  # no cache here: the next run plans again
 
 
-@contextmanager
-def progress(message: str) -> Iterator[None]:
-    """Announce a long step on stdout: a rich spinner on a terminal, a start and an end line otherwise."""
-    start = time.perf_counter()
-    if sys.stdout.isatty():
-        from rich.console import Console
-
-        console = Console()
-        with console.status(message + " ..."):
-            yield
-        console.print(f"{message}: done in {time.perf_counter() - start:.1f} s", highlight=False)
-        return
-    print(f"{message} ...", flush=True)
-    yield
-    print(f"{message}: done in {time.perf_counter() - start:.1f} s", flush=True)
-
-
 def cached_plan_cuda(cfg: ModelConfig, per_rank_batch: int, capacity_bytes: float, gpu: str = "gpu",
                      strategy: str = "ddp", world: int = 1, margin: float = DEFAULT_MARGIN,
                      label: str | None = None) -> GpuPlan:
@@ -109,7 +90,7 @@ def cached_plan_cuda(cfg: ModelConfig, per_rank_batch: int, capacity_bytes: floa
     result = _read(path, key)
     if result is None:
         name = label or cfg.size or f"width {cfg.dim}"
-        with progress(f"planning memory: {name} {cfg.kind} on {gpu} ({strategy} x{world}, {per_rank_batch} "
+        with status(f"planning memory: {name} {cfg.kind} on {gpu} ({strategy} x{world}, {per_rank_batch} "
                       "sequences per rank; cached afterwards)"):
             try:
                 result = plan_cuda(cfg, per_rank_batch, capacity_bytes, gpu, strategy, world, margin)

@@ -8,6 +8,7 @@
 <sweep_dir>/submitit/                  submitit pickles and job logs
 
 Every JSON file is replaced atomically; submissions hold an exclusive lock on the sweep dir.
+A Slurm job's state comes from launch/slurm_jobs.py, which the run lock asks too.
 """
 
 from __future__ import annotations
@@ -15,18 +16,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from submitit.slurm.slurm import SlurmInfoWatcher
-
 from fsutil import atomic_write_json, exclusive_lock, read_jsonl
-
-# Slurm states in which a job still owns the run: do not submit it again.
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
-                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "SPECIAL_EXIT"}
+from launch.slurm_jobs import slurm_states
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
@@ -100,37 +94,6 @@ class SweepState:
 
 
 # ---------------------------------------------------------------------------------------------- job states
-def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """State of each job id ("123" or "123_4"): the controller's view (squeue, which keeps ended jobs for
-    MinJobAge) wins over accounting (sacct). A job neither knows is LOST: an array task cancelled while pending
-    leaves no record at all. When the controller cannot be asked, the state is UNKNOWN (never resubmitted)."""
-    if not job_ids:
-        return {}
-    base_ids = sorted({j.split("_")[0] for j in job_ids})
-    watcher = SlurmInfoWatcher()
-    states: dict[str, str] = {}
-    controller_ok = False
-    if shutil.which("sacct") is not None:
-        try:
-            out = subprocess.run(["sacct", "-X", "--parsable2", "-o", "JobID,State", *[f"-j{b}" for b in base_ids]],
-                                 capture_output=True, text=True, timeout=60)
-            for jid, info in watcher.read_info(out.stdout).items():
-                states[jid] = info.get("State", "UNKNOWN").split()[0]
-        except (subprocess.SubprocessError, OSError):
-            pass
-    if shutil.which("squeue") is not None:
-        try:
-            out = subprocess.run(["squeue", "-h", "-a", "-r", "-t", "all", "-o", "%i|%T"], capture_output=True,
-                                 text=True, timeout=60)
-            controller_ok = out.returncode == 0
-            for jid, info in watcher.read_info("JobID|State\n" + out.stdout).items():
-                if jid.split("_")[0] in base_ids:
-                    states[jid] = info["State"]
-        except (subprocess.SubprocessError, OSError):
-            pass
-    return {j: states.get(j, "LOST" if controller_ok else "UNKNOWN") for j in job_ids}
-
-
 def local_state(entry: dict[str, Any]) -> str:
     """A local-executor job: its controller pid on this host, and submitit's result pickle."""
     folder = Path(entry.get("folder", ""))
@@ -177,6 +140,3 @@ def run_states(state: SweepState, plans: list[Any]) -> dict[str, str]:
             out[plan.name] = sl.get(str(entry["job_id"]), "UNKNOWN")
     return out
 
-
-def is_active(state_name: str) -> bool:
-    return state_name in ACTIVE_STATES or state_name in ("UNKNOWN", "RUNNING")

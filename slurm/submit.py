@@ -22,10 +22,12 @@ from typing import Any
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
+from fsutil.progress import Progress
 from launch.run_lock import describe, holder
+from launch.slurm_jobs import is_active
 from slurm.job import TrainJob
 from slurm.spec import RunPlan, SweepSpec, first_difference, plan_fingerprint
-from slurm.state import SweepState, is_active, run_states
+from slurm.state import SweepState, run_states
 
 
 class SubmitError(ValueError):
@@ -324,19 +326,18 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
 
 
 def _wait_local(jobs: list[tuple[RunPlan, Any]], state: SweepState, out: Callable[[str], None], keep: int) -> None:
-    """Block until at most `keep` local jobs are still running, with a progress bar over finished runs."""
-    from rich.progress import Progress
-
+    """Block until at most `keep` local jobs are still running, with progress over finished runs (on stderr: a
+    bar on a terminal, plain lines in a log; stdout keeps the submit report)."""
     def running() -> list[tuple[RunPlan, Any]]:
         return [(p, j) for p, j in jobs if not j.done()]
 
     total = len(jobs)
-    with Progress(transient=True) as progress:
-        task = progress.add_task("local runs", total=total)
+    with Progress(prefix="ebt sweep: ", transient=True) as progress:
+        task = progress.add("local runs", total, unit="runs finished", completed=total - len(running()))
         while len(running()) > keep:
-            progress.update(task, completed=total - len(running()))
+            progress.update(task, total - len(running()))
             time.sleep(1.0)
-        progress.update(task, completed=total - len(running()))
+        progress.update(task, total - len(running()))
     for plan, job in jobs:
         if job.done() and state.result(plan.name) is None and not getattr(job, "_reported", False):
             job._reported = True

@@ -42,12 +42,7 @@ LAYERS = {
 NOT_IMPORTABLE = {"tests"}  # by any package (benchmarks sit on top and may import every layer)
 
 # (importing module, imported package): an upward import that is intended, with the reason.
-EXCEPTIONS = {
-    ("launch/run_lock.py", "slurm"): (
-        "a run lock held by a Slurm job on another host is judged stale only when Slurm says the job has ended "
-        "(slurm.state.slurm_states, which needs submitit); imported lazily, on that path only"
-    ),
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:

@@ -81,7 +81,7 @@ def run_task_eval(checkpoint: str | Path, task_name: str, data: str | None, sett
     from eval.scoring import Scorer, Thinking, check_device
     from eval.sweep_data import EVAL_SCHEMA
     from launch.checkpoint import load_model, resolve_checkpoint
-    from launch.run_tokenizer import find_tokenizer
+    from launch.run_dir import find_tokenizer
 
     task = get_task(task_name)
     settings.validate()

@@ -38,10 +38,12 @@ def test_selection_picks_the_named_sample(selection):
 
 
 def test_think_with_zero_steps_returns_the_starting_logits():
+    from ebt.starts import prefix_keyed_starts
+
     model = tiny_model()
     tokens = torch.randint(0, 11, (2, 6))
-    result = model.think(tokens, steps=0, generator=torch.Generator().manual_seed(3))
-    start = model.initial_logits((2, 6, 11), model.alpha_raw, torch.Generator().manual_seed(3))
+    result = model.think(tokens, steps=0, generator=torch.Generator().manual_seed(3), seed=3)
+    start = prefix_keyed_starts(tokens, 3, 1, 11, model.cfg.init_logit_std, model.alpha_raw.dtype)[:, 0]
     assert torch.equal(result.logits, start)
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from benchmarks.experimental.attention_impls import IMPLEMENTATIONS
 from ebt.attention import visibility_bias
-from ebt.experimental.attention_impls import IMPLEMENTATIONS
 
 
 def inputs(batch=2, heads=2, candidates=5, real=6, head_dim=4, offset=1):

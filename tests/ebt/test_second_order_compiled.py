@@ -4,8 +4,8 @@ import torch
 from ebt_factories import tiny_model
 from test_second_order_policies import assert_same, loss_and_grads
 
-from ebt.experimental.compiled import enable_compiled_inner_gradient, make_jvp_step_runner
-from ebt.experimental.step_runners import use_step_runner
+from benchmarks.experimental.compiled import enable_compiled_inner_gradient, make_jvp_step_runner
+from benchmarks.experimental.step_runners import use_step_runner
 
 
 def pair(**overrides):

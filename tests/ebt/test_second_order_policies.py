@@ -6,9 +6,9 @@ import pytest
 import torch
 from ebt_factories import tiny_model
 
+from benchmarks.experimental.step_runners import use_step_impl
 from ebt import ModelConfig
 from ebt.checkpointing import parse_policy
-from ebt.experimental.step_runners import use_step_impl
 
 # "policy/n": recompute n sequences at a time (cfg.remat_chunk); the test batch has 3 sequences.
 POLICIES = ["block", "mcmc_step", "block+mcmc_step", "mcmc_step/1", "block+mcmc_step/2"]

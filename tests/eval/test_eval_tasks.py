@@ -132,8 +132,7 @@ def test_ebt_log_likelihood_is_the_log_softmax_of_the_final_thinking_logits(scor
     assert cfg.init_logit_std > 0  # the starts matter
     for steps, samples in ((0, 1), (3, 2)):
         thinking = Thinking(steps=steps, samples=samples, seed=4)
-        starts = torch.stack([prefix_keyed_starts(tokens[:-1], 4, m, cfg.vocab_size, cfg.init_logit_std)
-                              for m in range(samples)])[None]
+        starts = prefix_keyed_starts(inputs, 4, samples, cfg.vocab_size, cfg.init_logit_std)
         logits = scorer.model.think(inputs, steps, samples, "min", starts=starts).logits[0]
         logprobs = torch.log_softmax(logits.double(), -1)
         n = len(continuation)

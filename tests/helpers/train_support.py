@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -105,6 +106,36 @@ def training_rows(run_dir: Path) -> list[dict]:
             continue
         out.append({k: v for k, v in row.items() if k in TRAIN_KEYS or k.startswith("ce_step_")})
     return out
+
+
+def cached_reference_runs(
+    tmp_path_factory,
+    raw_for: Callable[[int], dict],
+    train: Callable[[Path, Path, str, int], subprocess.CompletedProcess],
+    max_steps: int,
+    check_rows: Callable[[list[dict]], None] | None = None,
+) -> Callable[[int], tuple[Path, Path, list[dict]]]:
+    """What a module-scoped `reference` fixture returns: get(nproc) -> (work dir, config path, training rows) of an
+    uninterrupted run with that many ranks, trained once per rank count and cached.
+
+    `raw_for(nproc)` is the run's raw config; `train(work, config, "name=ref", nproc)` runs it to the end in
+    `work`. Every run must succeed with one row per step up to `max_steps` (and pass `check_rows`)."""
+    cache: dict[int, tuple[Path, Path, list[dict]]] = {}
+
+    def get(nproc: int) -> tuple[Path, Path, list[dict]]:
+        if nproc not in cache:
+            work = tmp_path_factory.mktemp(f"ref{nproc}")
+            config = write_config(work, raw_for(nproc))
+            done = train(work, config, "name=ref", nproc)
+            assert done.returncode == 0, done.stdout + done.stderr
+            rows = training_rows(work / "runs" / "ref")
+            assert [r["step"] for r in rows] == list(range(1, max_steps + 1))
+            if check_rows is not None:
+                check_rows(rows)
+            cache[nproc] = (work, config, rows)
+        return cache[nproc]
+
+    return get
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> int:

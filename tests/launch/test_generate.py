@@ -55,7 +55,7 @@ def expected_text(run, prompt: str, new: int, seed: int = 0, **kwargs) -> str:
     ids = [eos, *processor.encode(prompt)]
     steps = cfg.mcmc_steps if cfg.kind == "ebt" else None
     out = generate(model, torch.tensor([ids]), new, steps=steps, generator=torch.Generator().manual_seed(seed),
-                   **kwargs)[0, len(ids):].tolist()
+                   seed=seed, **kwargs)[0, len(ids):].tolist()
     if eos in out:
         out = out[:out.index(eos)]
     return processor.decode(out)

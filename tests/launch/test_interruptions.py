@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
-from train_support import env, run_train, tiny_raw, training_rows, wait_for_step, write_config
+from train_support import (
+    cached_reference_runs,
+    env,
+    run_train,
+    tiny_raw,
+    training_rows,
+    wait_for_step,
+    write_config,
+)
 
 from launch import checkpoint, signals
 from launch.checkpoint import CheckpointManager, verify
@@ -46,24 +54,18 @@ def error_lines(err: str) -> list[str]:
     return [line for line in err.strip().splitlines() if not line.startswith(NPROC_NOTE)]
 
 
+def train_quietly(work: Path, config: Path, name: str, nproc: int) -> subprocess.CompletedProcess:
+    """`ebt train --nproc N` to the end, under quiet_env."""
+    args = [sys.executable, "-m", "launch.cli", "train", str(config), name, "--nproc", str(nproc)]
+    return subprocess.run(args, cwd=work, env=quiet_env(), capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Uninterrupted runs per rank count, computed once: (work dir, config, rows)."""
-    cache: dict[int, tuple] = {}
-
-    def get(nproc: int):
-        if nproc not in cache:
-            work = tmp_path_factory.mktemp(f"ref{nproc}")
-            config = write_config(work, tiny_raw(trainer={"max_steps": MAX_STEPS}, checkpoint={"every": 4}))
-            args = [sys.executable, "-m", "launch.cli", "train", str(config), "name=ref", "--nproc", str(nproc)]
-            done = subprocess.run(args, cwd=work, env=quiet_env(), capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stdout + done.stderr
-            rows = training_rows(work / "runs" / "ref")
-            assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
-            cache[nproc] = (work, config, rows)
-        return cache[nproc]
-
-    return get
+    return cached_reference_runs(
+        tmp_path_factory, lambda nproc: tiny_raw(trainer={"max_steps": MAX_STEPS}, checkpoint={"every": 4}),
+        train_quietly, MAX_STEPS)
 
 
 @pytest.mark.slow

@@ -149,8 +149,8 @@ def test_the_training_forward_flags_a_nonfinite_inner_gradient_without_a_host_re
 def test_an_inner_gradient_error_raised_inside_the_forward_becomes_a_flagged_zero_loss():
     from ebt_factories import tiny_model
 
+    from benchmarks.experimental.step_runners import use_step_runner
     from ebt import NonFiniteEnergyGradientError
-    from ebt.experimental.step_runners import use_step_runner
 
     def raising(*args, **kwargs):
         raise NonFiniteEnergyGradientError("non-finite dE/dlogits at MCMC step 0")

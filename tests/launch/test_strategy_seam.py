@@ -48,3 +48,14 @@ def test_one_strategy_per_config_value():
         assert issubclass(cls, Strategy)
         for hook in ("wrap", "forward_backward", "save_parts", "load_state"):
             assert getattr(cls, hook) is not getattr(Strategy, hook), f"{cls.__name__} lacks {hook}"
+
+
+def test_process_setup_asks_the_strategy_class_not_the_config_value():
+    """make_accelerator takes the Accelerate plugin and the need for a process group from the Strategy class."""
+    from launch.distributed import make_accelerator
+
+    assert "distributed.strategy" not in inspect.getsource(make_accelerator)
+    assert {cls: cls.needs_process_group for cls in STRATEGIES.values()} == {
+        DDPStrategy: False, DeepSpeedStrategy: True, FSDPStrategy: True}
+    assert DDPStrategy.accelerator_kwargs(None, 1) == FSDPStrategy.accelerator_kwargs(None, 1) == {}
+    assert DeepSpeedStrategy.accelerator_kwargs.__func__ is not Strategy.accelerator_kwargs.__func__  # its plugin

@@ -13,7 +13,7 @@ from train_support import tiny_raw
 from ebt import NonFiniteEnergyGradientError
 from launch.config import build_config
 from launch.optim import param_groups
-from launch.schedule import WarmupCosine
+from launch.schedule import warmup_cosine
 from launch.trainer import NonFiniteAbort, Trainer
 
 
@@ -100,7 +100,9 @@ def test_param_groups_and_schedule():
     cfg.optim.decay_norms_and_biases = True
     assert "no_decay" not in {g["name"] for g in param_groups(model, cfg)}
 
-    sched = WarmupCosine(warmup_steps=10, total_steps=110, min_lr_scale=0.1)
+    def sched(step):
+        return warmup_cosine(step, warmup_steps=10, total_steps=110, min_lr_scale=0.1)
+
     assert sched(0) == pytest.approx(1 / 11) and sched(9) == pytest.approx(10 / 11)
     assert sched(10) == pytest.approx(1.0)
     assert sched(60) == pytest.approx(0.55)  # half-way down the cosine: (1 + 0.1) / 2

@@ -82,6 +82,7 @@ def worker(strategy: str, zero_stage: int | None, out: str) -> None:
 
     from ebt import build_model
     from launch.config import build_config
+    from launch.strategies import DeepSpeedStrategy
     from launch.trainer import Trainer, seed_everything
 
     BatchDraws = batch_draws_class()
@@ -117,7 +118,7 @@ def worker(strategy: str, zero_stage: int | None, out: str) -> None:
                 scales[name] = float(param.grad.abs().max())
             results[recipe or kind] = {"diffs": diffs, "scales": scales}
         trainer.accelerator.wait_for_everyone()
-        if trainer.is_deepspeed:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
             # Accelerate keeps one DeepSpeed plugin per process; reset its singletons for the next engine.
             from accelerate.state import AcceleratorState, GradientState
 
@@ -178,7 +179,8 @@ def fsdp_worker(dtype_name: str, mutation: str, out: str, only: str, regather: b
     import launch.fsdp
     from ebt import build_model
     from launch.config import build_config
-    from launch.optim import build_optimizer, build_scheduler
+    from launch.optim import build_optimizer
+    from launch.schedule import apply_lr
     from launch.trainer import Trainer, seed_everything
 
     dtype = getattr(torch, dtype_name)
@@ -218,14 +220,12 @@ def fsdp_worker(dtype_name: str, mutation: str, out: str, only: str, regather: b
         seed_everything(cfg.trainer.seed)
         reference = build_model(m)
         ref_optimizer = build_optimizer(reference, cfg)
-        ref_scheduler = build_scheduler(ref_optimizer, cfg)
         initial = {k: v.detach().clone() for k, v in reference.named_parameters()}
         # fp32 runs are judged against the exact answer: an fp64 replica of the 1-process reference (the same
         # fp32 initial weights and inputs, widened exactly), stepped alongside (assert_fsdp_parity says why).
         truth = copy.deepcopy(reference).double() if dtype == torch.float32 else None
         if truth is not None:
             truth_optimizer = build_optimizer(truth, cfg)
-            truth_scheduler = build_scheduler(truth_optimizer, cfg)
         gen = torch.Generator().manual_seed(123)
         share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         case: dict = {"grad_diffs": {}, "grad_scales": {}}
@@ -260,16 +260,16 @@ def fsdp_worker(dtype_name: str, mutation: str, out: str, only: str, regather: b
                 grad_bytes = trainer.state_bytes()["grads"]
             norm, updated = trainer.optimizer_step(skip=False)
             assert updated, f"{name}: step {step + 1} not applied (grad norm {norm})"
-            trainer.scheduler.step()
+            trainer.step += 1  # the trainer's LR follows its step (launch/schedule.py)
             ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.optim.clip_grad_norm)
+            apply_lr(ref_optimizer.param_groups, cfg, step)
             ref_optimizer.step()
             ref_optimizer.zero_grad(set_to_none=True)
-            ref_scheduler.step()
             if truth is not None:
                 torch.nn.utils.clip_grad_norm_(truth.parameters(), cfg.optim.clip_grad_norm)
+                apply_lr(truth_optimizer.param_groups, cfg, step)
                 truth_optimizer.step()
                 truth_optimizer.zero_grad(set_to_none=True)
-                truth_scheduler.step()
             case.setdefault("norms", []).append([norm, float(ref_norm)])
         live = trainer.state_bytes()
         weights = trainer.full_parameters()  # collective

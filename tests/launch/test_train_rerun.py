@@ -10,9 +10,9 @@ import pytest
 from train_support import file_tree, read_rows, tiny_raw, write_config
 
 import launch.trainer
-from launch.callbacks.progress import _Progress
+from launch.callbacks.progress import TrainingProgress
 from launch.cli import main
-from launch.schedule import WarmupCosine
+from launch.schedule import warmup_cosine
 
 STEPS = 4
 LR = 1.0e-3
@@ -69,7 +69,12 @@ def test_an_accepted_schedule_change_trains_on_with_the_new_schedule(finished_ru
     rows = [r for r in read_rows(run_dir) if not r.get("final")]
     assert [r["step"] for r in rows] == list(range(1, more + 1))
     # A row's lr is the one its update used: step s updates with the schedule at s - 1, here the new one's.
-    new, old = WarmupCosine(2, more, 0.1), WarmupCosine(2, STEPS, 0.1)
+    def new(step):
+        return warmup_cosine(step, 2, more, 0.1)
+
+    def old(step):
+        return warmup_cosine(step, 2, STEPS, 0.1)
+
     for row in rows[STEPS:]:
         assert row["lr"] == pytest.approx(LR * new(row["step"] - 1), rel=1e-9)
     assert new(STEPS) != pytest.approx(old(STEPS))  # the old schedule would have kept the floor
@@ -101,7 +106,7 @@ def test_nproc_says_that_it_multiplies_the_global_batch():
 
 def test_progress_writes_a_line_every_tenth_of_the_run_when_not_a_terminal():
     stream = io.StringIO()
-    with _Progress(enabled=True, total=40, start=0, stream=stream) as progress:
+    with TrainingProgress(enabled=True, total=40, start=0, stream=stream) as progress:
         for step in range(1, 41):
             progress.update(step, {"loss": 5.0 - step / 10, **({"val_ppl": 123.4} if step == 20 else {})})
     lines = stream.getvalue().splitlines()
@@ -112,7 +117,7 @@ def test_progress_writes_a_line_every_tenth_of_the_run_when_not_a_terminal():
 
 def test_progress_also_writes_after_a_quiet_interval_and_resumes_mid_run():
     stream = io.StringIO()
-    with _Progress(enabled=True, total=1000, start=500, stream=stream, interval_s=0.0) as progress:
+    with TrainingProgress(enabled=True, total=1000, start=500, stream=stream, interval_s=0.0) as progress:
         progress.update(501, {"loss": 1.0})
     assert stream.getvalue().startswith("train: step 501/1000 (50%)")
 
@@ -124,12 +129,12 @@ class FakeTerminal(io.StringIO):
 
 def test_progress_is_a_bar_on_a_terminal_and_silent_when_disabled():
     terminal = FakeTerminal()
-    with _Progress(enabled=True, total=10, start=0, stream=terminal) as progress:
-        assert progress._bar is not None
+    with TrainingProgress(enabled=True, total=10, start=0, stream=terminal) as progress:
+        assert progress.live  # a rich bar, not plain lines
         progress.update(10, {"loss": 1.0})
     assert "train: step" not in terminal.getvalue()
     quiet = io.StringIO()
-    with _Progress(enabled=False, total=10, start=0, stream=quiet) as progress:
+    with TrainingProgress(enabled=False, total=10, start=0, stream=quiet) as progress:
         progress.update(10, {"loss": 1.0})
     assert quiet.getvalue() == ""
 

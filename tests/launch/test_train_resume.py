@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from train_support import (
+    cached_reference_runs,
     kill_group,
     read_rows,
     run_train,
@@ -37,24 +38,16 @@ def resume_raw(nproc: int) -> dict:
     return tiny_raw(model=model, trainer=trainer, checkpoint={"every": 4, "keep_last": 3})
 
 
+def no_step_skipped(rows: list[dict]) -> None:
+    assert all(not r["skipped"] for r in rows)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Uninterrupted runs, per rank count, computed once: (work dir, config path, rows)."""
-    cache: dict[int, tuple] = {}
-
-    def get(nproc: int):
-        if nproc not in cache:
-            work = tmp_path_factory.mktemp(f"ref{nproc}")
-            config = write_config(work, resume_raw(nproc))
-            done = run_train(work, config, "name=ref", nproc=nproc)
-            assert done.returncode == 0, done.stdout + done.stderr
-            rows = training_rows(work / "runs" / "ref")
-            assert [r["step"] for r in rows] == list(range(1, MAX_STEPS + 1))
-            assert all(not r["skipped"] for r in rows)
-            cache[nproc] = (work, config, rows)
-        return cache[nproc]
-
-    return get
+    return cached_reference_runs(
+        tmp_path_factory, resume_raw, lambda work, config, name, nproc: run_train(work, config, name, nproc=nproc),
+        MAX_STEPS, check_rows=no_step_skipped)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

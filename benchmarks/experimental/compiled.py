@@ -13,7 +13,8 @@ aot_autograd compiles that (first-order) backward, which is the second-order ter
   the full gradient (d/dlogits, d/dparams, d/dcontext of sum E) along the cotangent, instead of a double
   backward through a retained graph. benchmarks/second_order.py measures it against RematerialisedStep.
 
-Both are handed to a model with ebt.experimental.step_runners.use_step_runner (apply_checkpointing underneath).
+Both are handed to a model with benchmarks.experimental.step_runners.use_step_runner (apply_checkpointing
+underneath).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from benchmarks.experimental.step_runners import use_step_runner
 from ebt.energy import EnergyTransformer, RealContext
-from ebt.experimental.step_runners import use_step_runner
 from ebt.mcmc import NonFiniteEnergyGradientError, NonFiniteMonitor, StepRule, mcmc_step
 
 

@@ -1,6 +1,7 @@
 """Measured alternatives, not the default: what the benchmarks compare the library's choices against.
 
-Nothing in `ebt` (the model, its training loop, inference) imports this package; benchmarks and tests do.
+Nothing in the installed packages (the model, its training loop, inference) imports this package, so it lives
+under benchmarks/, outside them: benchmarks and tests import it (tests/test_layers.py keeps it that way).
 
 - `compiled`: the inner gradient as a torch.func function, compiled with torch.compile (falls back to eager),
   and the forward-over-reverse "mcmc_step" recompute (benchmarks/second_order.py --experimental).
