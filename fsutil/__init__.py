@@ -8,12 +8,13 @@ such as the Slurm job wrapper) can all use it.
 
 from fsutil.dirs import atomic_dir, atomic_write_files, replace_dir
 from fsutil.durable import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, fsync_file, fsync_tree
-from fsutil.hashing import sha256_file
+from fsutil.hashing import HashingWriter, sha256_file
 from fsutil.jsonl import JsonlLine, iter_jsonl_lines, read_jsonl, read_metrics_rows
 from fsutil.lock import exclusive_lock
 from fsutil.modes import chmod_like_open, current_umask
 
 __all__ = [
+    "HashingWriter",
     "JsonlLine",
     "atomic_dir",
     "atomic_write_bytes",

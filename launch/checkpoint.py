@@ -11,11 +11,23 @@ Layout of `checkpoints/step_<N>/`:
   config.yaml     the resolved training config
   manifest.json   sha256 and size of every file above (DCP's included), written LAST
 Every rank writes into `checkpoints/.tmp-step_<N>/` (a shared filesystem across nodes, as DeepSpeed's files
-need too); after a barrier rank 0 fsyncs, writes the manifest and renames the directory into place, so a kill
-at any moment leaves no directory that looks complete but is not, and a full disk removes the partial one
-(CheckpointSpaceError, one line). Loading verifies the manifest; a directory
-that fails is reported and the previous one is used. A checkpoint with dcp/ is marked `reshardable`: it may be
-resumed with another number of ranks (launch/trainer.py says what stays exact); the others need the same one.
+need too); after a barrier rank 0 writes the manifest and renames the directory into place, so a kill at any
+moment leaves no directory that looks complete but is not, and a full disk removes the partial one
+(CheckpointSpaceError, one line).
+
+Integrity costs each rank its own files, not the whole checkpoint (at xl on 32 ranks a whole-checkpoint pass per
+rank read ~0.3 TB per restart):
+- Saving: the files this module serializes are hashed while they are written (fsutil.HashingWriter); the files
+  DCP or DeepSpeed write are hashed by the rank that wrote them (`owner`: rank r owns rank_<r>.pt, DCP's
+  __<r>_*.distcp and DeepSpeed's *_rank_<r>_* files; rank 0 the rest), in parallel, and fsynced by it. Each rank
+  leaves its digests in .digests/rank_<r>.json; rank 0 merges them into the manifest.
+- Resuming: every rank checks the manifest and the size of every file (a stat each), and hashes only the files
+  it owns at the current world size; the ranks agree before a checkpoint is used, so a bit flip in any shard
+  sends every rank back to the same earlier checkpoint. `ebt eval`/`generate`/`export` hash only what they load.
+- `ebt checkpoint verify RUN_OR_CHECKPOINT` hashes everything, on demand (launch/checkpoint_cli.py).
+A checkpoint with dcp/ is marked `reshardable`: it may be resumed with another number of ranks (launch/trainer.py
+says what stays exact); the others need the same one. Files load with `torch.load(weights_only=True)`: a pickle
+that would call anything beyond plain data and tensors is refused (CheckpointUnsafeError, one line).
 """
 
 from __future__ import annotations
@@ -25,19 +37,45 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fsutil import atomic_dir, atomic_write_text, chmod_like_open, fsync_file, fsync_tree, replace_dir, sha256_file
+from fsutil import (
+    HashingWriter,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    chmod_like_open,
+    fsync_dir,
+    fsync_file,
+    replace_dir,
+    sha256_file,
+)
+from launch.async_save import BackgroundSaver, stage
 from launch.cli import RunError
 from launch.run_dir import find_tokenizer, load_model, resolve_checkpoint  # also the public path (README)
 
 MANIFEST = "manifest.json"
+DIGESTS_DIR = ".digests"  # per-rank digests inside .tmp-step_<N>, merged into the manifest and removed
 DCP_DIR = "dcp"  # as launch.fsdp.DCP_DIR (not imported: this module must not need torch.distributed)
 STEP_RE = re.compile(r"^step_(\d+)$")
+# Files named after the rank that writes them: ours (rank_<r>.pt), DCP's (__<r>_<i>.distcp) and DeepSpeed's
+# (zero_pp_rank_<r>_mp_rank_00_optim_states.pt). Everything else is written by rank 0.
+RANK_FILE_RES = (re.compile(r"(?:^|/)rank_(\d+)\.pt$"), re.compile(r"(?:^|/)__(\d+)_\d+\.distcp$"),
+                 re.compile(r"zero_pp_rank_(\d+)_[^/]*$"))
+
+
+def owner(rel: str, world_size: int) -> int:
+    """The rank that hashes file `rel` (relative to the checkpoint): the rank that wrote it, folded onto
+    `world_size` ranks when fewer read it back; rank 0 for the files only rank 0 writes."""
+    for pattern in RANK_FILE_RES:
+        if match := pattern.search(rel):
+            return int(match.group(1)) % max(world_size, 1)
+    return 0
 
 
 def _noop() -> None:
@@ -51,9 +89,13 @@ class CheckpointSpaceError(RunError):
 class CheckpointManager:
     def __init__(self, root: Path, keep_last: int, rank: int = 0, world_size: int = 1,
                  barrier: Callable[[], None] = _noop, log: Callable[[str], None] = print,
-                 all_sum: Callable[[list[float]], list[float]] | None = None) -> None:
+                 all_sum: Callable[[list[float]], list[float]] | None = None,
+                 background: BackgroundSaver | None = None,
+                 background_collectives: tuple[Callable[[], None], Callable | None] | None = None) -> None:
         """`all_sum`: the values summed over ranks (a collective); None: one process (or `barrier` only, and a
-        full disk on one rank is not known to the others)."""
+        full disk on one rank is not known to the others). `background`: write checkpoints in that saver's
+        thread, with `background_collectives` (barrier, all_sum) on a process group of their own
+        (launch/async_save.py); None: every save blocks."""
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = rank
@@ -61,6 +103,9 @@ class CheckpointManager:
         self.barrier = barrier
         self.log = log
         self.all_sum = all_sum
+        self.background = background
+        self.background_collectives = background_collectives or (barrier, all_sum)
+        self.last_stage_s = 0.0  # the time the last save blocked training to stage its state (async saves)
 
     # ------------------------------------------------------------------------------------------------ save
     def save(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any], config_yaml: str,
@@ -72,7 +117,34 @@ class CheckpointManager:
         A full disk (ENOSPC or EDQUOT, on any rank, at any stage) removes the partial `.tmp-step_N` and raises
         CheckpointSpaceError on every rank, whose one line (rank 0's) gives the bytes the checkpoint needs: the
         serialized size of what this manager writes plus `other_bytes()`, this rank's estimate of what
-        DeepSpeed or DCP writes (asked only then). The checkpoints already saved are untouched."""
+        DeepSpeed or DCP writes (asked only then). The checkpoints already saved are untouched.
+
+        With a background saver, and no DeepSpeed engine or DCP writer (they write their own state), the state
+        is staged in host memory and written in the background: the call returns the path the checkpoint will
+        have, and `wait()` returns once it does (raising what the write raised)."""
+        if self.background is not None and deepspeed_engine is None and sharded_save is None:
+            start = time.perf_counter()
+            self.background.wait()  # one write in flight at most; its error surfaces here
+            shared, per_rank = stage(shared), stage(per_rank)
+            self.last_stage_s = time.perf_counter() - start
+            barrier, all_sum = self.background_collectives
+            self.background.submit(lambda: self._save_now(step, shared, per_rank, config_yaml, None, None,
+                                                          other_bytes, barrier, all_sum))
+            return self.root / f"step_{step}"
+        if self.background is not None:
+            self.background.wait()  # a synchronous save after an asynchronous one: in order
+        return self._save_now(step, shared, per_rank, config_yaml, deepspeed_engine, sharded_save, other_bytes,
+                              self.barrier, self.all_sum)
+
+    def wait(self) -> None:
+        """Return once no checkpoint write is in flight (raising what it raised); a no-op without a saver."""
+        if self.background is not None:
+            self.background.wait()
+
+    def _save_now(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any], config_yaml: str,
+                  deepspeed_engine: Any, sharded_save: Callable[[Path], None] | None,
+                  other_bytes: Callable[[], int] | None, barrier: Callable[[], None],
+                  all_sum: Callable[[list[float]], list[float]] | None) -> Path:
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp-step_{step}"
 
@@ -83,8 +155,10 @@ class CheckpointManager:
                     shutil.rmtree(tmp)
                 tmp.mkdir()
 
+        written: dict[str, dict[str, Any]] = {}  # what this rank serialized itself, hashed on the way out
+
         def write() -> None:
-            _save_pt(per_rank, tmp / f"rank_{self.rank}.pt")
+            written[f"rank_{self.rank}.pt"] = _save_pt(per_rank, tmp / f"rank_{self.rank}.pt")
             if deepspeed_engine is not None:
                 # ZeRO partitions optimizer state per rank; DeepSpeed writes its own files (all ranks take part).
                 deepspeed_engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
@@ -92,17 +166,37 @@ class CheckpointManager:
                 sharded_save(tmp / DCP_DIR)
             if self.rank == 0:
                 for name, obj in shared.items():
-                    _save_pt(obj, tmp / f"{name}.pt")
+                    written[f"{name}.pt"] = _save_pt(obj, tmp / f"{name}.pt")
                 (tmp / "config.yaml").write_text(config_yaml)
                 fsync_file(tmp / "config.yaml")
 
+        def digest() -> None:
+            # Every rank fsyncs and digests the files it owns, in parallel with the others (the files it
+            # serialized itself were hashed while written), and leaves the digests in a small file of its own.
+            digests = dict(written)
+            for path in _files(tmp):
+                rel = path.relative_to(tmp).as_posix()
+                if rel not in digests and owner(rel, self.world_size) == self.rank:
+                    fsync_file(path)
+                    digests[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            (tmp / DIGESTS_DIR).mkdir(exist_ok=True)
+            atomic_write_json(tmp / DIGESTS_DIR / f"rank_{self.rank}.json", digests)
+
         def finish() -> None:
             if self.rank == 0:
-                fsync_tree(tmp)  # every rank's files are on disk before the manifest vouches for them
-                files = {str(path.relative_to(tmp)): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-                         for path in sorted(p for p in tmp.rglob("*") if p.is_file())}
+                files: dict[str, dict[str, Any]] = {}
+                for part in sorted((tmp / DIGESTS_DIR).glob("rank_*.json")):
+                    files.update(json.loads(part.read_text()))
+                shutil.rmtree(tmp / DIGESTS_DIR)
+                for path in _files(tmp):  # a file no rank claimed (a name the rules above do not know)
+                    rel = path.relative_to(tmp).as_posix()
+                    if rel not in files:
+                        fsync_file(path)
+                        files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+                for directory in (tmp, *(p for p in tmp.rglob("*") if p.is_dir())):
+                    fsync_dir(directory)  # the names, as the files' data: on disk before the manifest vouches
                 manifest = {"step": step, "world_size": self.world_size, "reshardable": sharded_save is not None,
-                            "files": files}
+                            "files": dict(sorted(files.items()))}
                 atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
                 # A re-save of the same step (e.g. final == periodic) replaces it.
                 replace_dir(tmp, final, sync=False)
@@ -110,25 +204,26 @@ class CheckpointManager:
 
         # Each stage ends where the ranks used to meet at a barrier; they now also agree there on whether any of
         # them ran out of space, so that all give up together instead of the others waiting on the one that raised.
-        for stage in (start, write, finish):
-            if self._anyone(_disk_full_in(stage)):
+        for phase in (start, write, digest, finish):
+            if self._anyone(_disk_full_in(phase), barrier, all_sum):
                 needed = _serialized_bytes(per_rank) + (other_bytes() if other_bytes is not None else 0)
                 if self.rank == 0:
                     needed += sum(_serialized_bytes(obj) for obj in shared.values()) + len(config_yaml.encode())
-                self._give_up(step, tmp, needed)
+                self._give_up(step, tmp, needed, barrier, all_sum)
         return final
 
-    def _anyone(self, flag: bool) -> bool:
+    def _anyone(self, flag: bool, barrier: Callable[[], None], all_sum: Callable | None) -> bool:
         """A barrier that also tells whether `flag` is set on any rank."""
-        if self.all_sum is None:
-            self.barrier()
+        if all_sum is None:
+            barrier()
             return flag
-        return self.all_sum([float(flag)])[0] > 0
+        return all_sum([float(flag)])[0] > 0
 
-    def _give_up(self, step: int, tmp: Path, needed: int) -> None:
+    def _give_up(self, step: int, tmp: Path, needed: int, barrier: Callable[[], None],
+                 all_sum: Callable | None) -> None:
         """After a full disk: remove the partial checkpoint, then raise CheckpointSpaceError on every rank."""
-        if self.all_sum is not None:
-            needed = int(self.all_sum([float(needed)])[0])
+        if all_sum is not None:
+            needed = int(all_sum([float(needed)])[0])
         message = ""
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # it holds what little space is left
@@ -139,7 +234,7 @@ class CheckpointManager:
                        f": it needs {needed:,} bytes ({needed / 1e6:,.1f} MB) and {free:,} bytes are free; the "
                        f"partial checkpoint was removed and {kept}; free some space, then run the same command to "
                        "resume")
-        self.barrier()  # no rank leaves before the partial directory is gone
+        barrier()  # no rank leaves before the partial directory is gone
         raise CheckpointSpaceError(message, quiet=self.rank != 0)
 
     def _prune(self) -> None:
@@ -159,14 +254,22 @@ class CheckpointManager:
             return []
         return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_RE.match(p.name)))
 
-    def latest_valid(self) -> Path | None:
-        """Newest checkpoint whose manifest checks out; each bad one is reported and skipped."""
+    def latest_valid(self, gather: Callable[[Any], list[Any]] | None = None,
+                     hashed: Callable[[str], bool] | None = None) -> Path | None:
+        """Newest checkpoint whose manifest checks out; each bad one is reported and skipped.
+
+        Called by every rank: each checks every file's size and hashes the files it owns (`owner`), and
+        `gather` (an all-gather of one object; None: one process) lets the ranks agree, so all of them fall
+        back past a checkpoint that any of them found bad. The first problem found is reported. `hashed`: which
+        files to hash instead (see `verify`), e.g. only what a model load reads."""
         for step in sorted(self.list_steps(), reverse=True):
             path = self.root / f"step_{step}"
-            problem = verify(path, world_size=self.world_size)
-            if problem is None:
+            problem = verify(path, world_size=self.world_size, rank=self.rank, ranks=self.world_size, hashed=hashed)
+            problems = [problem] if gather is None else gather(problem)
+            found = next((p for p in problems if p is not None), None)
+            if found is None:
                 return path
-            self.log(f"checkpoint {path} is unusable ({problem}); falling back to an earlier one")
+            self.log(f"checkpoint {path} is unusable ({found}); falling back to an earlier one")
         return None
 
     # ------------------------------------------------------------------------------------------------ load
@@ -181,29 +284,45 @@ class CheckpointManager:
         return int(json.loads((path / MANIFEST).read_text())["world_size"])
 
 
-def verify(path: Path, world_size: int | None = None) -> str | None:
+def verify(path: Path, world_size: int | None = None, *, rank: int = 0, ranks: int = 1,
+           hashed: Callable[[str], bool] | None = None) -> str | None:
     """None when `path` is a complete checkpoint, else a short reason. A checkpoint saved with another world
-    size is refused unless it is reshardable (sharded by fsdp, in DCP files)."""
+    size is refused unless it is reshardable (sharded by fsdp, in DCP files).
+
+    Every file's presence and size is checked (a stat each); its sha256 is recomputed only where `hashed(rel)`
+    says so, by default for the files that `rank` of `ranks` owns (`owner`): with the defaults, one process
+    hashes everything. `hashed=lambda rel: False` is the cheap check (manifest and sizes)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return "no manifest: the save did not finish"
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        sizes = {rel: int(meta["bytes"]) for rel, meta in files.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         return "manifest is corrupt"
     if world_size is not None and manifest.get("world_size") != world_size and not manifest.get("reshardable"):
         return (f"saved with {manifest.get('world_size')} ranks but this run has {world_size}; "
                 "the per-rank data and RNG state cannot be remapped")
-    for rel, meta in files.items():
+    if hashed is None:
+        def hashed(rel: str) -> bool:
+            return owner(rel, ranks) == rank
+    for rel, size in sizes.items():
         file = path / rel
         if not file.is_file():
             return f"{rel} is missing"
-        if file.stat().st_size != meta["bytes"]:
-            return f"{rel} is truncated ({file.stat().st_size} of {meta['bytes']} bytes)"
-        if sha256_file(file) != meta["sha256"]:
+        if file.stat().st_size != size:
+            return f"{rel} is truncated ({file.stat().st_size} of {size} bytes)"
+    for rel, meta in files.items():
+        if hashed(rel) and sha256_file(path / rel) != meta["sha256"]:
             return f"{rel} fails its checksum"
     return None
+
+
+def _files(directory: Path) -> list[Path]:
+    """The files of a checkpoint being written, sorted, without the per-rank digests."""
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and DIGESTS_DIR not in p.relative_to(directory).parts)
 
 
 def _disk_full_in(stage: Callable[[], None]) -> bool:
@@ -259,17 +378,42 @@ def _serialized_bytes(obj: Any) -> int:
     return counter.size
 
 
-def _save_pt(obj: Any, path: Path) -> None:
+def _save_pt(obj: Any, path: Path) -> dict[str, Any]:
+    """torch.save `obj` to `path`, fsynced; returns its manifest entry (sha256 and bytes, computed as written)."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        writer = HashingWriter(f)
+        torch.save(obj, writer)
         f.flush()
         os.fsync(f.fileno())
+    return {"sha256": writer.hexdigest(), "bytes": writer.bytes}
+
+
+class CheckpointUnsafeError(RunError):
+    """A checkpoint file whose pickle would call something other than plain data: never loaded (one line)."""
+
+
+def _plain_data_globals() -> list[Any]:
+    """What the project's own files hold beyond tensors and Python containers: numpy's RNG state (an array of
+    uint32) in rank_<r>.pt. Allowed by name; any other global in a pickle is refused."""
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def load_pt(path: Path) -> Any:
-    """A .pt file this package wrote (a checkpoint's shared, per-rank or model file), onto the CPU."""
-    # weights_only=False: our own files hold numpy RNG state and plain Python objects.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint file, loaded as data only (`weights_only=True`), so loading a checkpoint someone shared cannot
+    run code. A file whose pickle names anything else raises CheckpointUnsafeError, naming the file and the call."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_plain_data_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        call = found.group(1) if found else "an object that is not plain data"
+        raise CheckpointUnsafeError(f"{path}: refusing to load it: its pickle calls {call}, which is not plain data "
+                                    "(loading it could run code); only checkpoints written by ebt load") from None
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "launch.data_cli",
     "launch.train",
     "launch.generate",
+    "launch.checkpoint_cli",
     "slurm.cli",
     "eval.cli",
 ]

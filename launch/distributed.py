@@ -191,6 +191,15 @@ def broadcast_object(obj):
     return obj
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (pickled); [obj] without a process group."""
+    if _group_is_up():
+        box = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(box, obj)
+        return box
+    return [obj]
+
+
 STALL_EXIT_CODE = 1  # a failed run, as RankLostError's: not a preemption, so nothing requeues it
 
 

@@ -57,13 +57,16 @@ _VERIFIED: set[tuple[str, int]] = set()
 
 
 def _verified(path: Path) -> bool:
-    """verify(path) is None, remembered per manifest: `ebt train` checks before and inside run_training, and
-    hashing a large checkpoint twice would cost seconds."""
+    """The cheap check of `path` (manifest, every file present at its size; no hashing), remembered per manifest.
+
+    This runs on every rank before training starts, only to read the saved config and step; the trainer then
+    hashes each rank's own files before it loads anything (launch/checkpoint.py), and falls back together with
+    the other ranks past a checkpoint whose bytes are bad."""
     try:
         key = (str(path.resolve()), (path / MANIFEST).stat().st_mtime_ns)
     except OSError:
         return False
-    if key not in _VERIFIED and verify(path) is None:
+    if key not in _VERIFIED and verify(path, hashed=lambda rel: False) is None:
         _VERIFIED.add(key)
     return key in _VERIFIED
 
@@ -130,7 +133,7 @@ def _refuse_starting_over(cfg: TrainConfig) -> None:
         return
     if steps:
         newest = root / f"step_{steps[0]}"
-        what = (f"{len(steps)} checkpoint(s), none usable (newest {newest}: {verify(newest)})"
+        what = (f"{len(steps)} checkpoint(s), none usable (newest {newest}: {verify(newest, hashed=lambda rel: False)})"
                 + (f", and metrics.jsonl up to step {rows[-1].get('step')}" if rows else ""))
     else:
         what = f"metrics.jsonl up to step {rows[-1].get('step')} but no checkpoint"

@@ -55,11 +55,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     for root in (path / "checkpoints", path):
         if root.is_dir() and any(STEP_RE.match(p.name) for p in root.iterdir()):
-            latest = CheckpointManager(root, keep_last=1).latest_valid()
+            latest = CheckpointManager(root, keep_last=1).latest_valid(hashed=model_files)
             if latest is None:
                 raise FileNotFoundError(f"{path}: no valid checkpoint")
             return latest
     raise FileNotFoundError(f"{path}: neither a checkpoint, an export nor a run directory")
+
+
+def model_files(rel: str) -> bool:
+    """The files of a checkpoint that reading its model reads (and so hashes): not the optimizer's or the per-rank
+    state, which at scale are most of its bytes (launch/checkpoint.py)."""
+    return rel in ("model.pt", CONFIG_FILE) or rel.startswith("dcp/")
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
@@ -199,7 +205,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     from ebt import build_model
     from launch.checkpoint import DCP_DIR, load_pt, verify
 
-    path = resolve_checkpoint(path)
+    given = Path(path)
+    path = resolve_checkpoint(given)  # a run dir's newest checkpoint is verified there, as verify() does below
     cfg = model_config(path)
     model = build_model(cfg)
     if (path / "model.safetensors").is_file():
@@ -216,7 +223,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         except SafetensorError as error:  # what the size check cannot see, e.g. a bad dtype name in the header
             raise ValueError(f"{file}: corrupt safetensors file ({str(error).strip().splitlines()[0]})") from None
     else:
-        problem = verify(path)
+        problem = verify(path, hashed=model_files) if path == given else None
         if problem is not None:
             raise ValueError(f"checkpoint {path} is unusable: {problem}")
         if (path / DCP_DIR).is_dir() and not (path / "model.pt").is_file():

@@ -38,6 +38,7 @@ from launch.callbacks.checkpoint import INTERRUPTED
 from launch.checkpoint import CheckpointManager
 from launch.config import TrainConfig, check_resume_compatible, config_to_dict, load_saved_config, save_config
 from launch.distributed import (
+    all_gather_object,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -191,7 +192,8 @@ class Trainer:
         self.setup_data()
         self.setup_model()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.cfg.checkpoint.keep_last, self.rank,
-                                      self.world, barrier=barrier, log=self.log, all_sum=self._all_sum)
+                                      self.world, barrier=barrier, log=self.log, all_sum=self._all_sum,
+                                      **self._background_saving())
         self._resume()
         self.train_iter = iter(self.loader)
         if self.is_main:
@@ -246,8 +248,8 @@ class Trainer:
         cfg = self.cfg
         self.ckpt.clean_partial()
         barrier()
-        path = self.ckpt.latest_valid() if self.is_main else None
-        path = broadcast_object(str(path) if path else None)
+        # Every rank hashes only the files it owns; the ranks agree on the newest checkpoint none found bad.
+        path = self.ckpt.latest_valid(gather=all_gather_object)
         if path is None:  # (metrics.jsonl is cut back to the starting step by the metrics callback, in fit)
             if self.is_main:
                 id_file = self.run_dir / "wandb_id"
@@ -466,6 +468,31 @@ class Trainer:
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(self.user_cfg)))
         return self.ckpt.save(self.step, shared, per_rank, config_yaml, **strategy_save)
 
+    def wait_for_checkpoint(self) -> None:
+        """Return once the checkpoint being written in the background (if any) is on disk; raise its error."""
+        self.ckpt.wait()
+
+    def _background_saving(self) -> dict[str, Any]:
+        """The checkpoint manager's background writer and its collectives, on a gloo group of their own that
+        every rank creates here, in the same order (launch/async_save.py); nothing with checkpoint.async_save off."""
+        if not self.cfg.checkpoint.async_save:
+            return {}
+        from launch.async_save import BackgroundSaver
+
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return {"background": BackgroundSaver()}
+        group = torch.distributed.new_group(backend="gloo")
+
+        def group_barrier() -> None:
+            torch.distributed.barrier(group=group)
+
+        def group_sum(values: list[float]) -> list[float]:
+            total = torch.tensor(values, dtype=torch.float64)
+            torch.distributed.all_reduce(total, group=group)
+            return total.tolist()
+
+        return {"background": BackgroundSaver(), "background_collectives": (group_barrier, group_sum)}
+
     def _all_sum(self, values: list[float]) -> list[float]:
         """`values` summed over the ranks: the checkpoint manager's agreement on a full disk."""
         return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self._collective_device)).tolist()
@@ -540,6 +567,13 @@ class Trainer:
         after finishing cleanly. So drop the wrappers, and after a normal finish wait until every rank is done
         before destroying the group, so that no peer is still inside a collective.
         """
+        if getattr(self, "ckpt", None) is not None:
+            # A checkpoint still being written is finished before anything is torn down. Its error was raised on
+            # the normal path already (the callbacks wait); here another error is on its way out, so only say it.
+            try:
+                self.ckpt.wait()
+            except Exception as error:  # noqa: BLE001 - reported, not raised over the error in flight
+                self.log(f"the checkpoint being written in the background failed too: {error}")
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         if finished:

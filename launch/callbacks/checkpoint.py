@@ -41,10 +41,10 @@ class CheckpointCallback(Callback):
 
     def on_step_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         if trainer.preempt_agreed and trainer.preempt.interrupt_agreed:
-            self._save(trainer)  # fit raises TrainingInterrupted, whose one line says where the checkpoint is
+            self._save(trainer, wait=True)  # fit raises TrainingInterrupted, whose one line says where it is
             trainer.request_stop(INTERRUPTED)
         elif trainer.preempt_agreed:
-            self._save(trainer)
+            self._save(trainer, wait=True)  # written before the job exits (and is requeued)
             trainer.log(f"preemption signal: saved checkpoint at step {trainer.step}; exiting")
             trainer.request_stop(PREEMPTED)
         elif self.every and trainer.step % self.every == 0:
@@ -55,10 +55,17 @@ class CheckpointCallback(Callback):
         # (with save_final, plus a valid checkpoint at its step) to mean the run is finished.
         if trainer.stop_reason is None and self.save_final and self.last_saved != trainer.step:
             self._save(trainer)
+        # The final evaluation's row means "finished": the checkpoint it vouches for must be on disk first.
+        trainer.wait_for_checkpoint()
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any] | None) -> None:
         trainer.preempt.restore()
+        if result is not None:
+            trainer.wait_for_checkpoint()  # (after an error, Trainer.close waits; this one would only raise again)
 
-    def _save(self, trainer: Trainer) -> None:
+    def _save(self, trainer: Trainer, wait: bool = False) -> None:
+        """A checkpoint of this step: written in the background under checkpoint.async_save, unless `wait`."""
         trainer.save_checkpoint()
+        if wait:
+            trainer.wait_for_checkpoint()
         self.last_saved = trainer.step

@@ -47,6 +47,7 @@ class FakeTrainer:
         self.preempt_agreed = False
         self.stop_reason: str | None = None
         self.saved: list[int] = []
+        self.waits: list[int] = []  # the steps at which a callback waited for a background write to end
         self.evaluated: list[int] = []
         self.logs: list[str] = []
         self.wandb_id = "abc123"
@@ -57,6 +58,9 @@ class FakeTrainer:
 
     def save_checkpoint(self) -> None:
         self.saved.append(self.step)
+
+    def wait_for_checkpoint(self) -> None:
+        self.waits.append(self.step)
 
     def evaluate(self) -> dict[str, float]:
         self.evaluated.append(self.step)
@@ -136,6 +140,15 @@ def test_preemption_saves_at_the_agreed_step_logs_and_stops_without_a_final_chec
     assert trainer.saved == [4, 6] and trainer.stop_reason == PREEMPTED
     assert [r["step"] for r in rows] == list(range(1, 7))  # no final row after a preemption
     assert trainer.logs == ["preemption signal: saved checkpoint at step 6; exiting"]
+
+
+def test_periodic_saves_do_not_wait_for_the_write_but_preemption_and_the_end_do(tmp_path):
+    trainer = FakeTrainer(tmp_path)
+    run_steps(trainer, [CheckpointCallback(every=2, save_final=True)], steps=10, preempt_at=7)
+    assert trainer.saved == [2, 4, 6, 7] and trainer.waits and set(trainer.waits) == {7}
+    trainer = FakeTrainer(tmp_path)
+    run_steps(trainer, [CheckpointCallback(every=4, save_final=True)], steps=10)
+    assert trainer.saved == [4, 8, 10] and set(trainer.waits) == {10}
 
 
 def test_preemption_at_a_checkpoint_step_saves_once(tmp_path):

@@ -191,11 +191,11 @@ def test_a_full_disk_while_checkpointing_is_one_line_with_the_bytes_and_keeps_th
     config = write_config(tmp_path, tiny_raw(trainer={"max_steps": MAX_STEPS}, checkpoint={"every": 4}))
     write = checkpoint._save_pt
 
-    def fill_up(obj, path: Path) -> None:
+    def fill_up(obj, path: Path) -> dict:
         if path.parent.name == ".tmp-step_8" and path.name == "model.pt":
             path.write_bytes(b"\0" * 1000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(obj, path)
+        return write(obj, path)  # the writer's manifest entry (sha256 and bytes, computed as written)
 
     monkeypatch.setattr(checkpoint, "_save_pt", fill_up)
     code = main(["train", str(config), "name=full"])

@@ -1,0 +1,263 @@
+"""What a checkpoint costs each rank, before and after issue 22, in one run: W gloo ranks on CPU, each holding
+synthetic state that stands for its shard, saved and resumed through the project's CheckpointManager.
+
+Per rank it measures the time a save blocks the rank, the bytes read by syscalls (/proc/self/io rchar: page-cache
+hits count, so this is what the filesystem would be asked for) and the time from launch to a loaded state on
+resume, as `ebt train` does it: the pre-check of the newest checkpoint (launch.resume._verified) on every rank,
+then the trainer's choice of checkpoint (rank 0 alone before, every rank on its own files after), then loading
+this rank's files. The shard is written as one file per rank, named as DCP names its files (__<rank>_0.distcp),
+so the ownership rules see what they would under fsdp; DCP's own planning and metadata are not part of it.
+
+From these it fits a per-byte cost (hash and write throughput on this machine) and extrapolates to the paper
+ladder's large (2 nodes x 8 GPUs) and xl (4 x 8) at a stated filesystem bandwidth: the preemption save against
+slurm's signal_delay_s (120 s) and the bytes and time before the first step after a requeue.
+
+    python -m benchmarks.checkpoint_scale --baseline-tree /tmp/before     # before/after, W = 2 and 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
+
+# Paper ladder state per model (weights fp32 + AdamW's two moments = 12 bytes per parameter) and its ranks.
+LADDER = {"large": {"params": 0.44e9, "ranks": 16}, "xl": {"params": 0.84e9, "ranks": 32}}
+SIGNAL_DELAY_S = 120  # slurm spec default: the warning before a preemption's SIGKILL
+
+
+def _io() -> tuple[int, int]:
+    """(rchar, read_bytes): bytes read by syscalls (page-cache hits included), and from storage."""
+    with open("/proc/self/io") as io:
+        fields = dict(line.split(": ") for line in io.read().splitlines())
+    return int(fields["rchar"]), int(fields["read_bytes"])
+
+
+def _evict(root: Path) -> None:
+    """Drop the checkpoint's pages from the page cache (they are clean after the save's fsync), so read_bytes
+    counts what a restarted job on another node would read from the filesystem."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank (run from another tree's PYTHONPATH for the baseline): save twice, then resume, and print JSON."""
+    import torch
+    import torch.distributed as dist
+
+    from launch import resume
+    from launch.checkpoint import CheckpointManager
+
+    load = getattr(__import__("launch.checkpoint", fromlist=["x"]), "load_pt", None)
+    if load is None:
+        from launch.checkpoint import _load_pt as load
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(rank)
+    shard = torch.randn(int(args.shard_mb * 2**20 / 4))  # this rank's model + optimizer shard stand-in
+    per_rank = {"rng": torch.get_rng_state(), "data": {"epoch": 0, "offset": rank}}
+    root = Path(args.run_dir) / "checkpoints"
+
+    def all_sum(values: list[float]) -> list[float]:
+        total = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def gather(obj):
+        box = [None] * world
+        dist.all_gather_object(box, obj)
+        return box
+
+    manager = CheckpointManager(root, keep_last=2, rank=rank, world_size=world, barrier=dist.barrier,
+                                log=lambda line: None, all_sum=all_sum)
+
+    def sharded_save(directory: Path) -> None:
+        directory.mkdir(exist_ok=True)
+        torch.save({"shard": shard}, directory / f"__{rank}_0.distcp")
+        if rank == 0:
+            (directory / ".metadata").write_bytes(b"{}")
+
+    save_s = []
+    for step in (1, 2):  # the first warms the allocator and the filesystem; both are reported
+        dist.barrier()
+        start = time.perf_counter()
+        manager.save(step, {"trainer": {"step": step}} if rank == 0 else {}, per_rank, "model: {}\n",
+                     sharded_save=sharded_save)
+        save_s.append(time.perf_counter() - start)
+    dist.barrier()
+    own = [root / "step_2" / f"rank_{rank}.pt", root / "step_2" / "dcp" / f"__{rank}_0.distcp"]
+    own_bytes = sum(path.stat().st_size for path in own)
+
+    # Resume as `ebt train` does it in this tree.
+    _evict(root)
+    dist.barrier()
+    (read0, storage0), start = _io(), time.perf_counter()
+    assert resume._verified(root / "step_2")
+    if "gather" in inspect.signature(manager.latest_valid).parameters:
+        chosen = manager.latest_valid(gather=gather)
+    else:
+        box = [manager.latest_valid() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        chosen = box[0]
+    verify_s, verify_read = time.perf_counter() - start, _io()[0] - read0
+    for path in own:
+        load(path)
+    resume_s, (read1, storage1) = time.perf_counter() - start, _io()
+    resume_read, storage_read = read1 - read0, storage1 - storage0
+    assert chosen == root / "step_2"
+    print(json.dumps({"rank": rank, "world": world, "save_s": save_s, "own_bytes": own_bytes,
+                      "verify_s": verify_s, "verify_read": verify_read, "resume_s": resume_s,
+                      "resume_read": resume_read, "resume_storage_read": storage_read}), flush=True)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_world(tree: Path, world: int, shard_mb: float) -> list[dict]:
+    """W worker processes on `tree`'s packages; their JSON lines, by rank."""
+    with tempfile.TemporaryDirectory(prefix="ebt-ckpt-scale-") as run_dir:
+        env = {**os.environ, "PYTHONPATH": str(tree), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, str(HERE), "--worker", "--run-dir", run_dir,
+                                   "--shard-mb", str(shard_mb)], cwd=tree, env={**env, "RANK": str(rank)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(f"worker failed on {tree}:\n{err[-3000:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    return sorted(results, key=lambda row: row["rank"])
+
+
+def throughput(shard_mb: float) -> dict:
+    """sha256 and write throughput on this machine (bytes/s), the per-byte costs of the model."""
+    data = os.urandom(int(shard_mb * 2**20))
+    start = time.perf_counter()
+    hashlib.sha256(data).hexdigest()
+    hash_bps = len(data) / (time.perf_counter() - start)
+    with tempfile.NamedTemporaryFile() as f:
+        start = time.perf_counter()
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        write_bps = len(data) / (time.perf_counter() - start)
+    return {"hash_bytes_per_s": hash_bps, "write_bytes_per_s": write_bps}
+
+
+def extrapolate(costs: dict, fs_gbps_per_rank: float, fs_gbps_total: float) -> list[dict]:
+    """Save on the preemption path and time to first step after a requeue, before and after, per ladder size.
+
+    Per rank state = 12 bytes/parameter / ranks. Before: the save waits for rank 0 to read back and hash the whole
+    checkpoint; a restart has every rank read the whole checkpoint (the pre-check), and rank 0 once more.
+    After: each rank hashes what it wrote while writing it (its own files), and reads back only its own files.
+    A read is bounded by the slower of hashing and the filesystem (per client, and in aggregate)."""
+    hash_bps = costs["hash_bytes_per_s"]
+    rows = []
+    for name, size in LADDER.items():
+        ranks, total = size["ranks"], 12 * size["params"]
+        own = total / ranks
+        client, aggregate = fs_gbps_per_rank * 1e9, fs_gbps_total * 1e9
+        write = max(own / client, total / aggregate)  # every rank writes its shard at once
+
+        def read_hash(per_rank_bytes: float, readers: int, client=client, aggregate=aggregate) -> float:
+            return max(per_rank_bytes / min(hash_bps, client), readers * per_rank_bytes / aggregate)
+
+        before_save = write + read_hash(total, 1)  # + rank 0 hashing everything on the critical path
+        after_save = write + read_hash(own, ranks)  # own files, in parallel (DCP's are read back, ours are not)
+        before_resume = read_hash(total, ranks) + read_hash(total, 1) + read_hash(own, ranks)
+        after_resume = read_hash(own, ranks) + read_hash(own, ranks)  # verify own, then load own
+        rows.append({"size": name, "ranks": ranks, "checkpoint_gb": total / 1e9, "per_rank_gb": own / 1e9,
+                     "save_before_s": before_save, "save_after_s": after_save,
+                     "resume_read_before_tb": (ranks + 1) * total / 1e12 + total / 1e12,
+                     "resume_read_after_gb": 2 * total / 1e9,
+                     "resume_before_s": before_resume, "resume_after_s": after_resume,
+                     "save_after_margin": SIGNAL_DELAY_S / after_save})
+    return rows
+
+
+def table(payload: dict) -> str:
+    lines = [f"W gloo ranks on CPU, {payload['shard_mb']} MB shard per rank, load {payload['load']}, "
+             f"{payload['date']}. Resume = the pre-check, the choice of checkpoint and loading this rank's files; "
+             "read = bytes read by syscalls (rchar), from storage = read_bytes after evicting the checkpoint "
+             "from the page cache (the most of any rank).", "",
+             "| W | tree | save s (rank 0 / max) | resume read per rank (MB) | from storage (MB) | own files (MB) "
+             "| resume s (max) |",
+             "|---|---|---|---|---|---|---|"]
+    for world, trees in payload["measured"].items():
+        for tree, rows in trees.items():
+            lines.append(f"| {world} | {tree} | {rows[0]['save_s'][-1]:.2f} / {max(r['save_s'][-1] for r in rows):.2f}"
+                         f" | {max(r['resume_read'] for r in rows) / 2**20:,.0f}"
+                         f" | {max(r['resume_storage_read'] for r in rows) / 2**20:,.0f}"
+                         f" | {rows[0]['own_bytes'] / 2**20:,.0f} | {max(r['resume_s'] for r in rows):.2f} |")
+    costs = payload["costs"]
+    lines += ["", f"Extrapolated (sha256 {costs['hash_bytes_per_s'] / 1e9:.2f} GB/s measured here; filesystem "
+              f"{payload['fs_gbps_per_rank']} GB/s per rank, {payload['fs_gbps_total']} GB/s aggregate; 12 bytes "
+              "per parameter of weights and AdamW state):", "",
+              "| size | ranks | checkpoint GB | save before s | save after s | margin vs 120 s | "
+              "resume read before | resume read after | resume before s | resume after s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in payload["extrapolated"]:
+        lines.append(f"| {row['size']} | {row['ranks']} | {row['checkpoint_gb']:.1f} | {row['save_before_s']:.1f} | "
+                     f"{row['save_after_s']:.1f} | {row['save_after_margin']:.1f}x | "
+                     f"{row['resume_read_before_tb']:.2f} TB | {row['resume_read_after_gb']:.0f} GB | "
+                     f"{row['resume_before_s']:.0f} | {row['resume_after_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--shard-mb", type=float, default=64.0)
+    parser.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--baseline-tree", type=Path, help="a checkout before issue 22 (git worktree add ...)")
+    parser.add_argument("--fs-gbps-per-rank", type=float, default=1.0)
+    parser.add_argument("--fs-gbps-total", type=float, default=20.0)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import write_results
+
+    trees = {"after": REPO, **({"before": args.baseline_tree.resolve()} if args.baseline_tree else {})}
+    measured: dict[str, dict[str, list[dict]]] = {}
+    for world in args.world:
+        measured[str(world)] = {}
+        for name in sorted(trees, reverse=True):  # before first
+            measured[str(world)][name] = run_world(trees[name], world, args.shard_mb)
+            print(f"W={world} {name}: " + json.dumps(measured[str(world)][name][0]), flush=True)
+    costs = throughput(args.shard_mb)
+    payload = {"date": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg()[0], "shard_mb": args.shard_mb,
+               "measured": measured, "costs": costs, "fs_gbps_per_rank": args.fs_gbps_per_rank,
+               "fs_gbps_total": args.fs_gbps_total,
+               "extrapolated": extrapolate(costs, args.fs_gbps_per_rank, args.fs_gbps_total)}
+    text = table(payload)
+    write_results("checkpoint_scale", payload, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
