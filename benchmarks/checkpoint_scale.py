@@ -102,6 +102,28 @@ def worker(args: argparse.Namespace) -> None:
                      sharded_save=sharded_save)
         save_s.append(time.perf_counter() - start)
     dist.barrier()
+    stall_s = stage_s = end_to_end_s = None
+    if "background" in inspect.signature(CheckpointManager.__init__).parameters:  # async saves (after)
+        from launch.async_save import BackgroundSaver
+
+        group = dist.new_group(backend="gloo")
+
+        def group_sum(values: list[float]) -> list[float]:
+            total = torch.tensor(values, dtype=torch.float64)
+            dist.all_reduce(total, group=group)
+            return total.tolist()
+
+        background = CheckpointManager(Path(args.run_dir) / "async-checkpoints", keep_last=3, rank=rank,
+                                       world_size=world, barrier=dist.barrier,
+                                       log=lambda line: None, all_sum=all_sum, background=BackgroundSaver(),
+                                       background_collectives=(lambda: dist.barrier(group=group), group_sum))
+        dist.barrier()
+        start = time.perf_counter()
+        background.save(3, {"trainer": {"step": 3}} if rank == 0 else {}, {**per_rank, "shard": shard}, "model: {}\n")
+        stall_s, stage_s = time.perf_counter() - start, background.last_stage_s
+        background.wait()
+        end_to_end_s = time.perf_counter() - start
+        dist.barrier()
     own = [root / "step_2" / f"rank_{rank}.pt", root / "step_2" / "dcp" / f"__{rank}_0.distcp"]
     own_bytes = sum(path.stat().st_size for path in own)
 
@@ -123,6 +145,7 @@ def worker(args: argparse.Namespace) -> None:
     resume_read, storage_read = read1 - read0, storage1 - storage0
     assert chosen == root / "step_2"
     print(json.dumps({"rank": rank, "world": world, "save_s": save_s, "own_bytes": own_bytes,
+                      "async_stall_s": stall_s, "async_stage_s": stage_s, "async_end_to_end_s": end_to_end_s,
                       "verify_s": verify_s, "verify_read": verify_read, "resume_s": resume_s,
                       "resume_read": resume_read, "resume_storage_read": storage_read}), flush=True)
     dist.destroy_process_group()
@@ -198,16 +221,22 @@ def extrapolate(costs: dict, fs_gbps_per_rank: float, fs_gbps_total: float) -> l
 
 
 def table(payload: dict) -> str:
-    lines = [f"W gloo ranks on CPU, {payload['shard_mb']} MB shard per rank, load {payload['load']}, "
+    lines = ["## Checkpoints at scale (`python -m benchmarks.checkpoint_scale --baseline-tree DIR`): before = the tree "
+             "before issue 22, after = this one", "",
+             f"W gloo ranks on CPU, {payload['shard_mb']} MB shard per rank, load {payload['load']:.2f}, "
              f"{payload['date']}. Resume = the pre-check, the choice of checkpoint and loading this rank's files; "
              "read = bytes read by syscalls (rchar), from storage = read_bytes after evicting the checkpoint "
              "from the page cache (the most of any rank).", "",
-             "| W | tree | save s (rank 0 / max) | resume read per rank (MB) | from storage (MB) | own files (MB) "
-             "| resume s (max) |",
-             "|---|---|---|---|---|---|---|"]
+             "| W | tree | save s (rank 0 / max) | async: stall / staging / end-to-end s (max) "
+             "| resume read per rank (MB) | from storage (MB) | own files (MB) | resume s (max) |",
+             "|---|---|---|---|---|---|---|---|"]
     for world, trees in payload["measured"].items():
         for tree, rows in trees.items():
+            stall = ("n/a (no async saves)" if rows[0]["async_stall_s"] is None else
+                     f"{max(r['async_stall_s'] for r in rows):.3f} / {max(r['async_stage_s'] for r in rows):.3f} / "
+                     f"{max(r['async_end_to_end_s'] for r in rows):.2f}")
             lines.append(f"| {world} | {tree} | {rows[0]['save_s'][-1]:.2f} / {max(r['save_s'][-1] for r in rows):.2f}"
+                         f" | {stall}"
                          f" | {max(r['resume_read'] for r in rows) / 2**20:,.0f}"
                          f" | {max(r['resume_storage_read'] for r in rows) / 2**20:,.0f}"
                          f" | {rows[0]['own_bytes'] / 2**20:,.0f} | {max(r['resume_s'] for r in rows):.2f} |")
