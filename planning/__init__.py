@@ -61,6 +61,7 @@ from planning.search import (
     choose_policy,
     plan,
     predict_peak_bytes,
+    replay_buffer_bytes,
     resolve_checkpointing,
     state_bytes,
     tensor_peak_bytes,
@@ -73,6 +74,6 @@ __all__ = [
     "POLICY_COST", "STATE_COPIES", "Calibration", "CudaPeak", "GpuPlan", "Plan", "Trace", "cache_dir",
     "cached_plan_cuda", "calibrate", "calibration_for", "choose", "choose_policy", "cuda_peak",
     "default_budget_bytes", "device_capacity_bytes", "host_allocator", "plan", "plan_cuda", "predict_peak_bytes",
-    "resolve_checkpointing", "state_bytes", "tensor_peak_bytes", "trace_step", "traced_autocast_peak_bytes",
-    "traced_tensor_peak_bytes",
+    "replay_buffer_bytes", "resolve_checkpointing", "state_bytes", "tensor_peak_bytes", "trace_step",
+    "traced_autocast_peak_bytes", "traced_tensor_peak_bytes",
 ]

@@ -33,7 +33,7 @@ from planning.host import DEFAULT_MARGIN
 
 # Bump whenever a change to tracing, rescaling, the constants or the search can change what a plan says: every
 # cached plan is then made afresh.
-PLANNER_VERSION = 1
+PLANNER_VERSION = 2  # 2: the replay buffer is counted (planning/search.py replay_buffer_bytes)
 CACHE_ENV = "EBT_PLAN_CACHE"
 # Fields of ModelConfig that do not enter a GPU plan: the size's name (its dimensions do) and the CPU budget.
 _IGNORED_FIELDS = ("size", "memory_budget_gb")

@@ -13,7 +13,7 @@ from ebt.config import ModelConfig
 from ebt.flops import parameter_count
 from planning.dims import _rescaled_bytes
 from planning.host import DEFAULT_CUDA, DEFAULT_MARGIN
-from planning.search import STATE_COPIES, _options_fastest_first
+from planning.search import STATE_COPIES, _options_fastest_first, replay_buffer_bytes
 from planning.tracer import _chunks, _numel, _replay_peak, _trace, trace_step
 
 # Per-GPU capacity as torch reports it (total_memory): an H100 SXM 80GB shows 79.6 GiB, an H200 141GB 139.8 GiB.
@@ -45,7 +45,7 @@ def cuda_peak(cfg: ModelConfig, policy: str, batch: int, strategy: str = "ddp", 
     replica is traced under bf16 autocast (on the CPU: the same autocast op lists decide which activations are
     bf16 and which stay fp32, e.g. softmax and norms) and every tensor is rescaled to the target dims at its
     recorded element size, as for the CPU prediction. Added per parameter:
-    - state: fp32 weights and AdamW's two moments, 12 bytes, /world under fsdp;
+    - state: fp32 weights and AdamW's two moments, 12 bytes, /world under fsdp; plus the replay buffer;
     - ddp over several ranks: the reducer's fp32 gradient buckets (+4);
     - fsdp: the reduce-scattered fp32 gradient shard (+4/world). The gathered bf16 parameters stand where the
       trace has autocast's bf16 weight copies, and its fp32 full gradients (bf16 under fsdp's mixed precision)
@@ -59,6 +59,7 @@ def cuda_peak(cfg: ModelConfig, policy: str, batch: int, strategy: str = "ddp", 
         extras, state = params * 4 / world, STATE_COPIES * 4 * params / world
     else:
         extras, state = (params * 4 if world > 1 else 0.0), STATE_COPIES * 4 * params
+    state += replay_buffer_bytes(cfg)  # fp32 logits on every rank, whatever the strategy
     return CudaPeak(traced, extras, state, CUDA_RESERVED_BYTES)
 
 

@@ -31,13 +31,26 @@ POLICY_COST = {"none": 6.0, "mcmc_step": 8.0, "block": 8.0, "block+mcmc_step": 1
 STATE_COPIES = 3  # parameters and AdamW's two moments live through every step (gradients are traced)
 
 
+def replay_buffer_bytes(cfg: ModelConfig, dtype_bytes: int = 4) -> float:
+    """The EBT replay buffer at capacity (ebt/replay.py), alive for the whole run on every rank and never sharded:
+    capacity x (S+1) int64 tokens plus capacity x S x V candidate logits. It grows with the vocabulary: at the
+    quickstart's 512 x 64 x 2048 that is 268 MB, at the ladder's 32,768-word vocabulary and context 256 ~17 GB.
+    Not in the trace (the traced replica runs without a buffer), so it is added here."""
+    if cfg.kind != "ebt" or cfg.replay_capacity == 0:
+        return 0.0
+    length = cfg.context_length
+    return float(cfg.replay_capacity * ((length + 1) * 8 + length * cfg.vocab_size * dtype_bytes))
+
+
 def state_bytes(cfg: ModelConfig, dtype_bytes: int = 4, shard_world: int | None = None) -> float:
     """The untraced state alive through a step: parameters and AdamW's two moments; with `shard_world` (fsdp
-    over that many ranks) this rank's 1/world of them plus the gathered full parameters of the step."""
+    over that many ranks) this rank's 1/world of them plus the gathered full parameters of the step. The replay
+    buffer (`replay_buffer_bytes`) is added whole: every rank keeps its own."""
     params = parameter_count(cfg) * dtype_bytes
+    replay = replay_buffer_bytes(cfg, dtype_bytes)
     if shard_world is None:
-        return STATE_COPIES * params
-    return STATE_COPIES * params / shard_world + params
+        return STATE_COPIES * params + replay
+    return STATE_COPIES * params / shard_world + params + replay
 
 
 def traced_tensor_peak_bytes(cfg: ModelConfig, batch: int) -> float:
