@@ -264,3 +264,53 @@ def test_a_real_full_disk_while_checkpointing_is_one_line_and_leaves_the_previou
     assert lines[0].startswith("ebt train: error: no space left on the device to save checkpoint step_8 of the "
                                f"run in {mounted / 'tiny'}: it needs "), lines[0]
     assert names == ["step_4"] and valid is None
+
+
+# Stops `ebt train` inside a checkpoint's hashing (issue 22): while the background writer digests a checkpoint
+# after step 4's ("save"), or while a resume verifies this rank's files ("verify"); it says so on stdout first.
+SLOW_HASH = textwrap.dedent("""
+    import os, sys, time
+    import launch.checkpoint as checkpoint
+    phase = os.environ["EBT_TEST_SLOW_HASH"]
+    real = checkpoint.sha256_file
+    def slow(path, *args, **kwargs):
+        writing = ".tmp-step_" in str(path)
+        if (phase == "save" and writing and ".tmp-step_4" not in str(path)) or (phase == "verify" and not writing):
+            print("HASHING", flush=True)
+            time.sleep(60)
+        return real(path, *args, **kwargs)
+    checkpoint.sha256_file = slow
+    from launch.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def kill_while_hashing(work: Path, config: Path, name: str, phase: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_HASH, "train", str(config), f"name={name}"], cwd=work,
+                            env=dict(quiet_env(), EBT_TEST_SLOW_HASH=phase), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.strip() == "HASHING":
+                break
+        else:
+            raise AssertionError(f"never reached the {phase} hashing: {proc.stderr.read()}")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_while_a_checkpoint_is_hashed_or_verified_then_the_rerun_is_exact(reference):
+    work, config, expected = reference(1)
+    run_dir = work / "runs" / "killed-hashing"
+    checkpoints = run_dir / "checkpoints"
+    kill_while_hashing(work, config, run_dir.name, "save")  # in the background write after step 4's
+    assert CheckpointManager(checkpoints, keep_last=3).latest_valid() == checkpoints / "step_4"
+    assert list(checkpoints.glob(".tmp-step_*"))  # the write it was in, never renamed into place
+    kill_while_hashing(work, config, run_dir.name, "verify")  # the rerun, while it verifies step_4's files
+    assert verify(checkpoints / "step_4") is None  # verification only reads
+    done = run_train(work, config, f"name={run_dir.name}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "step_4 (step 4)" in done.stdout
+    assert training_rows(run_dir) == expected
