@@ -1,4 +1,7 @@
-"""`ebt eval` (held-out perplexity, System-2 grid, OOD gains) and `ebt report` (sweep -> scaling report)."""
+"""`ebt eval` (held-out perplexity, System-2 grid, OOD gains) and `ebt report` (sweep -> scaling report).
+
+The report's summary lines come from eval.report.summary_lines, so the CLI never prints an exponent or a
+scaling-rate difference that the report withholds (issue 24)."""
 
 from __future__ import annotations
 
@@ -30,17 +33,15 @@ def _bool_list(text: str) -> list[bool]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from eval.report import build_report
+    from eval.report import build_report, summary_lines
 
     result = build_report(args.inputs, args.out, loss_column=args.loss, n_boot=args.n_boot, seed=args.seed,
                           ci_level=args.ci, progress=not args.no_progress)
     for warning in result.warnings:
         print(f"ebt report: warning: {warning}", file=sys.stderr)
-    for axis, cmp in result.comparisons.items():
-        ci = "" if cmp.ci[0] != cmp.ci[0] else f" ({100 * cmp.ci_level:.0f}% CI {100 * cmp.ci[0]:+.1f}% .. " \
-             f"{100 * cmp.ci[1]:+.1f}%)"
-        print(f"L({axis}): alpha EBT {cmp.alpha_ebt:.4f}, Transformer++ {cmp.alpha_tpp:.4f}; "
-              f"EBT scaling rate {100 * cmp.rel_diff:+.1f}%{ci}")
+    # Every exponent and rate with its interval, or "not estimated" and why (eval.report.summary_lines).
+    for line in summary_lines(result):
+        print(line)
     print(f"wrote {args.out}/report.md, report.html, fits.json and {len(result.figures)} figure(s)")
     return 0
 

@@ -3,6 +3,11 @@
 The report is assembled as a list of blocks rendered twice (Markdown and self-contained HTML with the PNGs
 inlined as base64), so both always say the same thing. All files are produced in memory first and then
 moved into place one by one with atomic renames: a failure leaves no half-written report behind.
+
+Honesty rules (issue 24): an exponent or scaling-rate difference is printed only with its interval; a fit with
+no degrees of freedom left (3 points for L = E + A X^-alpha) or without an interval is printed as "not
+estimated" with the reason, and no scaling-rate difference is derived from it. `summary_lines` gives the CLI
+the same wording. A "Scope" section says what a sweep of this size can and cannot show.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import numpy as np
 from eval import plots
 from eval.isoflop import IsoFlopResult, isoflop
 from eval.scaling import (
+    ALPHA_FLOOR,
     LogLogSlope,
+    NotEstimable,
     PowerLawFit,
     RateComparison,
     compare_rates,
@@ -35,7 +42,6 @@ from fsutil.progress import Progress
 
 AXES = {"N": "n_params", "D": "tokens", "C": "flops"}
 AXIS_NAMES = {"N": "parameters", "D": "tokens", "C": "FLOPs"}
-ALPHA_FLOOR = 1e-4  # fits ending at or below this exponent are flat: say so instead of reporting "-100%"
 
 
 @dataclass
@@ -55,6 +61,9 @@ class ReportResult:
     figures: list[str] = field(default_factory=list)
     slopes: dict[str, dict[str, LogLogSlope]] = field(default_factory=dict)
     slope_comparisons: dict[str, RateComparison] = field(default_factory=dict)
+    # axis -> why no scaling-rate difference was derived (a fit without degrees of freedom)
+    rate_refusals: dict[str, str] = field(default_factory=dict)
+    slope_refusals: dict[str, str] = field(default_factory=dict)
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -142,15 +151,13 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: s
     notes: list[str] = []
     fits, points = _fit_all(kept, loss_column, n_boot, seed, ci_level, notes, progress)
     warnings += notes
-    comparisons = {axis: compare_rates(f["ebt"], f["transformer"], axis)
-                   for axis, f in fits.items() if "ebt" in f and "transformer" in f}
+    comparisons, rate_refusals = _compare_axes(fits, compare_rates)
     # The slope's bootstrap is closed form, so it affords the many draws that far-tail percentiles need.
     slope_boot = max(n_boot, 4000) if n_boot > 0 else 0
     slopes = {axis: {kind: fit_loglog_slope(*points[axis][kind], n_boot=slope_boot, seed=seed + 100 + i,
                                             ci_level=ci_level, label=f"{kind}/log-log L({axis})")
                      for i, kind in enumerate(by_kind)} for axis, by_kind in fits.items()}
-    slope_comparisons = {axis: compare_slopes(s["ebt"], s["transformer"], axis)
-                         for axis, s in slopes.items() if "ebt" in s and "transformer" in s}
+    slope_comparisons, slope_refusals = _compare_axes(slopes, compare_slopes)
     iso = [isoflop(kept, kind, loss_column) for kind in KINDS if any(r.kind == kind for r in kept)]
     evals = _load_evals(inputs.eval_files, warnings)
 
@@ -169,13 +176,15 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: s
     figures = {k: v for k, v in figures.items() if v is not None}
 
     blocks = _blocks(inputs.records, kept, excluded, warnings, fits, comparisons, iso, evals, figures, loss_column,
-                     n_boot, ci_level, slopes, slope_comparisons)
+                     n_boot, ci_level, slopes, slope_comparisons, rate_refusals, slope_refusals)
     fits_json = {
         "schema": "ebt-report/1", "loss_column": loss_column, "ci_level": ci_level, "n_boot": n_boot, "seed": seed,
         "fits": {a: {k: f.to_dict() for k, f in by_kind.items()} for a, by_kind in fits.items()},
         "comparisons": {a: c.to_dict() for a, c in comparisons.items()},
+        "comparisons_not_derived": rate_refusals,
         "loglog_slopes": {a: {k: f.to_dict() for k, f in by_kind.items()} for a, by_kind in slopes.items()},
         "loglog_comparisons": {a: c.to_dict() for a, c in slope_comparisons.items()},
+        "loglog_comparisons_not_derived": slope_refusals,
         "isoflop": [r.to_dict() for r in iso],
         "system2": [_system2_summary(e) for e in evals if e["sources"]],
         "downstream": [{k: v for k, v in d.items() if k != "examples"} for d in _downstream(evals)],
@@ -191,7 +200,55 @@ def build_report(paths: list[str | Path], out_dir: str | Path, *, loss_column: s
     # previous report.
     files = atomic_write_files(Path(out_dir), contents)
     return ReportResult(Path(out_dir), files, fits, comparisons, excluded, warnings, sorted(figures), slopes,
-                        slope_comparisons)
+                        slope_comparisons, rate_refusals, slope_refusals)
+
+
+def _compare_axes(by_axis: dict[str, dict[str, Any]], compare) -> tuple[dict[str, RateComparison], dict[str, str]]:
+    """EBT vs. Transformer++ per axis where both kinds were fitted; a fit without dofs gives a reason instead."""
+    done: dict[str, RateComparison] = {}
+    refused: dict[str, str] = {}
+    for axis, by_kind in by_axis.items():
+        if "ebt" not in by_kind or "transformer" not in by_kind:
+            continue
+        try:
+            done[axis] = compare(by_kind["ebt"], by_kind["transformer"], axis)
+        except NotEstimable as why:
+            refused[axis] = str(why)
+    return done, refused
+
+
+def _pct_ci(ci: tuple[float, float], ci_level: float) -> str:
+    return f"{100 * ci_level:.0f}% CI {100 * ci[0]:+.1f}% .. {100 * ci[1]:+.1f}%"
+
+
+def summary_lines(result: ReportResult) -> list[str]:
+    """The CLI's summary: every exponent with its interval, or "not estimated" with the reason; a scaling-rate
+    difference only where both fits have dofs and the difference has an interval."""
+    lines = []
+    for axis in AXES:
+        for kind, fit in sorted(result.fits.get(axis, {}).items()):
+            why = fit.not_estimated_reason()
+            value = why if why else f"{fit.alpha:.4f} ({_pct_ci_plain(fit.alpha_ci, fit.ci_level)})"
+            lines.append(f"L({axis}) {kind}: alpha_{axis} {value}")
+        lines += _rate_summary(axis, "scaling rate (alpha)", result.comparisons, result.rate_refusals)
+        lines += _rate_summary(axis, "log-log slope", result.slope_comparisons, result.slope_refusals)
+    return lines
+
+
+def _pct_ci_plain(ci: tuple[float, float], ci_level: float) -> str:
+    return f"{100 * ci_level:.0f}% CI {ci[0]:.4f} .. {ci[1]:.4f}"
+
+
+def _rate_summary(axis: str, what: str, comparisons: dict[str, RateComparison], refusals: dict[str, str]) -> list[str]:
+    if axis in refusals:
+        return [f"L({axis}): no EBT vs. Transformer++ {what} difference: {refusals[axis]}"]
+    cmp = comparisons.get(axis)
+    if cmp is None:
+        return []
+    why = cmp.not_estimated_reason()
+    if why:
+        return [f"L({axis}): EBT vs. Transformer++ {what} difference {why}"]
+    return [f"L({axis}): EBT {what} {100 * cmp.rel_diff:+.1f}% vs. Transformer++ ({_pct_ci(cmp.ci, cmp.ci_level)})"]
 
 
 def _check_out_dir(out: Path) -> None:
@@ -235,14 +292,100 @@ def _cell_label(cell: dict[str, Any] | None) -> str:
             + (", accept-lower" if cell["accept_lower"] else ""))
 
 
-def _rate_rows(comparisons: dict[str, RateComparison]) -> list[list[str]]:
-    return [[f"L({c.axis})", _fmt(c.alpha_ebt), _fmt(c.alpha_tpp), f"{100 * c.rel_diff:+.1f}%",
-             "n/a" if not math.isfinite(c.ci[0]) else f"[{100 * c.ci[0]:+.1f}%, {100 * c.ci[1]:+.1f}%]",
-             _fmt(c.prob_ebt_faster, 3)] for c in comparisons.values()]
+def _fit_row(axis: str, kind: str, f: PowerLawFit) -> list[str]:
+    """A fit's table row; without dofs or an interval its numbers are withheld and the reason stands instead."""
+    why = f.not_estimated_reason()
+    if why:
+        return [f"L({axis})", kind, str(f.n_points), "-", "-", "-", why, "-"]
+    return [f"L({axis})", kind, str(f.n_points), _fmt(f.E), _ci(f.E_ci), f"{f.log10_A:.3f}", _fmt(f.alpha),
+            _ci(f.alpha_ci)]
+
+
+def _rate_rows(comparisons: dict[str, RateComparison], refusals: dict[str, str]) -> list[list[str]]:
+    rows = []
+    for axis in AXES:
+        if axis in refusals:
+            rows.append([f"L({axis})", "-", "-", f"not derived: {refusals[axis]}", "-", "-"])
+            continue
+        c = comparisons.get(axis)
+        if c is None:
+            continue
+        why = c.not_estimated_reason()
+        if why:
+            rows.append([f"L({axis})", "-", "-", why, "-", "-"])
+            continue
+        rows.append([f"L({axis})", _fmt(c.alpha_ebt), _fmt(c.alpha_tpp), f"{100 * c.rel_diff:+.1f}%",
+                     f"[{100 * c.ci[0]:+.1f}%, {100 * c.ci[1]:+.1f}%]", _fmt(c.prob_ebt_faster, 3)])
+    return rows
+
+
+SMALL_SWEEP_WIDTHS = 5  # fewer widths per kind than this leaves an L(N) fit at most 1 residual dof
+
+
+def _budget(r: RunRecord) -> tuple[float, float] | float:
+    """The budget a run was planned with (the sweep's budget columns), else its token count."""
+    if math.isfinite(r.budget_tokens) or math.isfinite(r.budget_flops):
+        return (r.budget_tokens if math.isfinite(r.budget_tokens) else -1.0,
+                r.budget_flops if math.isfinite(r.budget_flops) else -1.0)
+    return r.tokens
+
+
+def _falls_with_size(kept: list[RunRecord], kind: str, loss_column: str) -> bool | None:
+    """Whether the loss falls with every step in size at every budget (None: no budget has 2 sizes)."""
+    by_budget: dict[Any, list[RunRecord]] = {}
+    for r in kept:
+        if r.kind == kind:
+            by_budget.setdefault(_budget(r), []).append(r)
+    verdicts = []
+    for runs in by_budget.values():
+        losses = [r.loss(loss_column) for r in sorted(runs, key=lambda r: r.n_params)]
+        if len({r.n_params for r in runs}) >= 2:
+            verdicts.append(all(b < a for a, b in zip(losses, losses[1:], strict=False)))
+    return all(verdicts) if verdicts else None
+
+
+def _scope_blocks(kept: list[RunRecord], loss_column: str) -> list[Block]:
+    """What a sweep of this design can show and what it cannot, stated from its own counts."""
+    kinds = [k for k in KINDS if any(r.kind == k for r in kept)]
+    if not kinds:
+        return []
+    widths = {k: len({r.n_params for r in kept if r.kind == k}) for k in kinds}
+    seeds = len({r.seed for r in kept})
+    budgets = len({_budget(r) for r in kept})
+    facts = (f"{len(kept)} usable run(s); distinct sizes per kind: "
+             + ", ".join(f"{k} {n}" for k, n in widths.items())
+             + f"; seeds: {seeds}{' (or not recorded)' if seeds == 1 else ''}; budgets: {budgets}.")
+    b = [Block("h2", "Scope: what this sweep can and cannot show"), Block("p", facts)]
+    fewest = min(widths.values())
+    if fewest >= SMALL_SWEEP_WIDTHS and seeds > 1 and budgets > 1:
+        return b
+    ordered = {k: _falls_with_size(kept, k, loss_column) for k in kinds}
+    shows = ["the pipeline (training, collection, fits, report) runs end to end on this design",
+             "whether each kind's loss falls with size at these scales: " + "; ".join(
+                 f"{k}: {'yes, at every budget' if v else 'no, not at every budget' if v is False else 'n/a'}"
+                 for k, v in ordered.items())]
+    cannot = []
+    if fewest <= 3:
+        cannot.append(f"a scaling exponent: with {fewest} sizes an L(N) fit of E, A and alpha passes through every "
+                      "point, so alpha_N is not estimated and no scaling-rate difference is derived")
+    elif fewest < SMALL_SWEEP_WIDTHS:
+        cannot.append(f"a precise exponent: with {fewest} sizes an L(N) fit has {fewest - 3} residual degree(s) "
+                      "of freedom; its interval is wide and leans on the bootstrap's small-sample corrections")
+    if seeds == 1:
+        cannot.append("seed-to-seed variation: one seed per point, so a difference between the kinds smaller than "
+                      "run-to-run noise cannot be told from it")
+    if budgets == 1:
+        cannot.append("L(D) per size and IsoFLOP profiles (the paper's headline comparison): there is one budget")
+    cannot.append("extrapolation: models this small, trained this briefly (often on CPU, with hyperparameters "
+                  "tuned for other scales), are far from the paper's regime; a recipe effect cannot be told from a "
+                  "scale effect, and the rates measured here do not predict large-scale behaviour")
+    b += [Block("p", "This is a small rehearsal. What it shows:"), Block("list", shows),
+          Block("p", "What it cannot show:"), Block("list", cannot)]
+    return b
 
 
 def _blocks(records, kept, excluded, warnings, fits, comparisons, iso: list[IsoFlopResult], evals, figures,
-            loss_column, n_boot, ci_level, slopes, slope_comparisons) -> list[Block]:
+            loss_column, n_boot, ci_level, slopes, slope_comparisons, rate_refusals, slope_refusals) -> list[Block]:
     pct = int(round(100 * ci_level))
     b = [Block("h1", "EBT vs. Transformer++ scaling report")]
     b.append(Block("p", f"{len(records)} run(s) read, {len(kept)} used in fits, {len(excluded)} excluded. "
@@ -250,30 +393,31 @@ def _blocks(records, kept, excluded, warnings, fits, comparisons, iso: list[IsoF
                         f"multi-start L-BFGS; {pct}% intervals from {n_boot} residual-bootstrap draws."))
     if warnings:
         b += [Block("h2", "Warnings"), Block("list", warnings)]
+    b += _scope_blocks(kept, loss_column)
 
     b.append(Block("h2", "Scaling fits"))
-    rows = []
-    for axis, by_kind in fits.items():
-        for kind, f in sorted(by_kind.items()):
-            rows.append([f"L({axis})", kind, str(f.n_points), _fmt(f.E), _ci(f.E_ci), f"{f.log10_A:.3f}",
-                         _fmt(f.alpha), _ci(f.alpha_ci)])
+    rows = [_fit_row(axis, kind, f) for axis, by_kind in fits.items() for kind, f in sorted(by_kind.items())]
     if rows:
+        b.append(Block("p", "A fit with no residual degrees of freedom (points <= its 3 parameters) passes through "
+                            "every point exactly, so its exponent carries no information about scaling; such fits, "
+                            "and any without an interval, are listed as \"not estimated\" with the reason."))
         b.append(Block("table", (["fit", "kind", "points", "E", f"E {pct}% CI", "log10 A", "alpha",
                                   f"alpha {pct}% CI"], rows)))
     else:
         b.append(Block("p", "No fit was possible (see warnings): each kind needs 3 finished runs with distinct X."))
 
     b.append(Block("h2", "EBT vs. Transformer++ scaling rate"))
-    if comparisons:
+    if comparisons or rate_refusals:
         b.append(Block("p", "Relative scaling-rate difference = alpha_EBT / alpha_Transformer++ − 1 (positive: EBT "
                             "improves faster with X). P(EBT faster) is the share of paired bootstrap draws with "
                             "alpha_EBT > alpha_Transformer++."))
         b.append(Block("table", (["axis", "alpha EBT", "alpha Transformer++", "relative difference",
-                                  f"{pct}% CI", "P(EBT faster)"], _rate_rows(comparisons))))
+                                  f"{pct}% CI", "P(EBT faster)"], _rate_rows(comparisons, rate_refusals))))
         b.append(Block("p", "The paper draws scaling rates as straight lines on log-log axes. The same comparison "
                             "for the least-squares slope s of log L = c − s·log X (no irreducible term):"))
         b.append(Block("table", (["axis", "slope EBT", "slope Transformer++", "relative difference",
-                                  f"{pct}% CI", "P(EBT faster)"], _rate_rows(slope_comparisons))))
+                                  f"{pct}% CI", "P(EBT faster)"],
+                                 _rate_rows(slope_comparisons, slope_refusals))))
     else:
         b.append(Block("p", "Not available: needs a fit for both kinds on the same axis."))
 
@@ -284,7 +428,10 @@ def _blocks(records, kept, excluded, warnings, fits, comparisons, iso: list[IsoF
         b.append(Block("table", (["kind", "FLOP budget", "sizes", "N_opt", "loss at N_opt", "note"], iso_rows)))
     for r in iso:
         if r.exponent is not None:
-            b.append(Block("p", f"{r.kind}: N_opt ∝ C^{r.exponent:.3f}"))
+            # A least-squares line through the budgets' optima carries no interval: not printed as a result.
+            optima = sum(bf.n_opt is not None for bf in r.budgets)
+            b.append(Block("p", f"{r.kind}: the exponent b of N_opt ∝ C^b is not estimated: no interval (a line "
+                                f"through {optima} budget optima; its point value is in fits.json)."))
         elif r.note:
             b.append(Block("p", f"{r.kind}: {r.note}."))
 
@@ -322,7 +469,7 @@ def _blocks(records, kept, excluded, warnings, fits, comparisons, iso: list[IsoF
 
     b.append(Block("h2", "Figures"))
     for name in figures:
-        b.append(Block("img", name))
+        b.append(Block("img", (name, plots.CAPTIONS.get(name.removesuffix(".png"), name))))
 
     b.append(Block("h2", "Excluded runs"))
     if excluded:
@@ -353,7 +500,8 @@ def _markdown(blocks: list[Block]) -> str:
             lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
             out.append("\n".join(lines) + "\n")
         elif blk.kind == "img":
-            out.append(f"![{blk.content}]({blk.content})\n")
+            name, caption = blk.content
+            out.append(f"![{name}]({name})\n\n*{caption}*\n")
     return "\n".join(out)
 
 
@@ -378,9 +526,10 @@ def _html(blocks: list[Block], figures: dict[str, bytes]) -> str:
                         + "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows)
                         + "</table>")
         elif blk.kind == "img":
-            data = base64.b64encode(figures[blk.content]).decode()
-            body.append(f'<figure><img alt="{esc(blk.content)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{esc(blk.content)}</figcaption></figure>")
+            name, caption = blk.content
+            data = base64.b64encode(figures[name]).decode()
+            body.append(f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{esc(name)}: {esc(caption)}</figcaption></figure>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
              "font-size:0.9em}th{background:#f3f3f3}img{max-width:100%}figure{margin:1.5em 0}")

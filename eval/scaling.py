@@ -17,6 +17,12 @@ nominal 95%): plain percentile intervals covered the true alpha in only 82% of t
     that the normal quantile matches Student's t with n - 3 degrees of freedom, which accounts for the noise
     scale itself being estimated from a handful of points.
 Together they gave 94% coverage in that experiment (tests/eval/test_scaling_fit.py re-checks >= 90%).
+
+What may be reported (issue 24): a fit with no residual degrees of freedom (points <= parameters: 3 points for
+E, A and alpha) interpolates its points exactly, so its alpha says nothing about scaling, and an estimate
+without an interval cannot be told apart from noise. `not_estimated_reason` names either case; the report and
+the CLI print that reason instead of the number, and `compare_rates` refuses fits without degrees of freedom
+rather than deriving a scaling-rate difference from them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from scipy.stats import t as student_t
 HUBER_DELTA = 1e-3
 N_PARAMS = 3
 MIN_POINTS = 3
+# A fit ending at or below this exponent is flat (the loss does not fall with X): a rate ratio would read -100%
+# or +10^8 %, so no comparison is derived from it.
+ALPHA_FLOOR = 1e-4
 _ALPHA_BOUNDS = (1e-6, 10.0)
 _START_ALPHAS = (0.05, 0.2, 0.5, 1.0, 2.0)
 _START_E_FRACTIONS = (0.1, 0.5, 0.9)
@@ -74,10 +83,33 @@ class PowerLawFit:
         lo, hi = np.percentile(curves, tail_percentiles(level, self.n_points - N_PARAMS), axis=0)
         return lo, hi
 
+    @property
+    def dof(self) -> int:
+        return self.n_points - N_PARAMS
+
+    def not_estimated_reason(self) -> str | None:
+        """Why alpha must not be printed as a result (None when it may be)."""
+        if self.dof >= 1 and self.alpha <= ALPHA_FLOOR:
+            return f"not estimated: alpha fell to its lower bound ({self.alpha:.0e}): the loss does not fall with X"
+        return not_estimated_reason(self.n_points, N_PARAMS, self.alpha_ci, self.n_boot, self.n_boot_failed)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("boot")
+        d["not_estimated"] = self.not_estimated_reason()
         return d
+
+
+def not_estimated_reason(n_points: int, n_params: int, ci: tuple[float, float], n_boot: int,
+                         n_boot_failed: int = 0) -> str | None:
+    """One line saying why an estimate has no standing (no dofs left, or no interval), or None."""
+    if n_points <= n_params:
+        return f"not estimated: {n_points} points for {n_params} parameters (needs >= {n_params + 1})"
+    if all(math.isfinite(v) for v in ci):
+        return None
+    if n_boot == 0 and n_boot_failed == 0:
+        return "not estimated: no interval (bootstrap off: --n-boot 0)"
+    return f"not estimated: no interval ({n_boot_failed} bootstrap refits failed, {n_boot} succeeded)"
 
 
 def _objective(theta: np.ndarray, logx: np.ndarray, logy: np.ndarray, delta: float) -> tuple[float, np.ndarray]:
@@ -241,12 +273,30 @@ class RateComparison:
     ci_level: float
     prob_ebt_faster: float  # share of bootstrap draw pairs with alpha_ebt > alpha_tpp
 
+    def not_estimated_reason(self) -> str | None:
+        """A difference without an interval is not a result (both fits have dofs: compare_* checks that)."""
+        if all(math.isfinite(v) for v in self.ci):
+            return None
+        return "not estimated: no interval (no paired bootstrap draws; --n-boot 0?)"
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["not_estimated"] = self.not_estimated_reason()
+        return d
+
+
+class NotEstimable(ValueError):
+    """A scaling-rate difference asked of a fit that has no degrees of freedom left."""
 
 
 def compare_rates(ebt: PowerLawFit, tpp: PowerLawFit, axis: str) -> RateComparison:
-    """Pair bootstrap draws index by index: the two fits use independent data, so any pairing is valid."""
+    """Pair bootstrap draws index by index: the two fits use independent data, so any pairing is valid.
+
+    Raises NotEstimable when either fit interpolates its points (no dofs) or is flat (alpha at its floor): its
+    alpha is not an estimate of a rate."""
+    for label, fit in (("EBT", ebt), ("Transformer++", tpp)):
+        if fit.dof < 1 or fit.alpha <= ALPHA_FLOOR:
+            raise NotEstimable(f"alpha_{axis} ({label}) {fit.not_estimated_reason()}")
     rel = ebt.alpha / tpp.alpha - 1.0
     ci, prob = (math.nan, math.nan), math.nan
     if ebt.boot is not None and tpp.boot is not None and len(ebt.boot) and len(tpp.boot):
@@ -274,9 +324,13 @@ class LogLogSlope:
     n_boot: int = 0
     boot: np.ndarray | None = field(default=None, repr=False)
 
+    def not_estimated_reason(self) -> str | None:
+        return not_estimated_reason(self.n_points, 2, self.slope_ci, self.n_boot)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("boot")
+        d["not_estimated"] = self.not_estimated_reason()
         return d
 
 
@@ -311,6 +365,9 @@ def fit_loglog_slope(
 
 def compare_slopes(ebt: LogLogSlope, tpp: LogLogSlope, axis: str) -> RateComparison:
     """slope_ebt / slope_tpp - 1 with a paired-bootstrap interval (same construction as compare_rates)."""
+    for label, fit in (("EBT", ebt), ("Transformer++", tpp)):
+        if fit.n_points <= 2:
+            raise NotEstimable(f"log-log slope of L({axis}) ({label}) {fit.not_estimated_reason()}")
     rel = ebt.slope / tpp.slope - 1.0
     ci, prob = (math.nan, math.nan), math.nan
     if ebt.boot is not None and tpp.boot is not None:

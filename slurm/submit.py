@@ -4,6 +4,10 @@ Runs that ask for the same resources go out as one Slurm job array (capped by `s
 group is first checked with `sbatch --test-only`, so a bad partition, account or QOS fails the whole submission
 with sbatch's own message and the run's name before any job is queued. Job ids are recorded after each group,
 and a group that still fails at submission is recorded with its error, so nothing is queued without a record.
+
+With --local there is no scheduler, so `schedule_local` is one: runs start longest first (estimated training
+FLOPs, EBT-aware) and the next starts as soon as any running one ends, keeping `slurm.array_parallelism` slots
+busy. (It used to start waves of `array_parallelism` runs and wait for each wave's slowest, leaving slots idle.)
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import submitit
@@ -291,28 +295,32 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
         for plan in todo:
             if local and plan.resources.nodes > 1:
                 out(f"local: {plan.name} runs its {plan.resources.world_size} ranks as processes on this machine")
-        cap = spec.slurm.array_parallelism
-        for group in todo_groups:
-            batches = [group.plans] if not local else [group.plans[i:i + cap] for i in range(0, len(group.plans), cap)]
-            for batch in batches:
-                sub = Group(group.resources, batch)
-                if local and local_jobs:
-                    # The local executor has no scheduler: keep at most `array_parallelism` runs going.
-                    _wait_local(local_jobs, state, out, keep=max(0, cap - len(batch)))
-                try:
-                    jobs = _submit_group(spec, state, sub, local)
-                except Exception as error:  # noqa: BLE001 - recorded per run, reported below
-                    msg = _sbatch_error(str(error))
-                    state.record_submissions({p.name: {"executor": executor, "error": msg, "submitted": time.time(),
-                                                       "config_hash": p.config_hash} for p in batch})
-                    failed.update({p.name: msg for p in batch})
-                    continue
-                state.record_submissions({p.name: {"executor": executor, "job_id": str(j.job_id),
-                                                   "submitted": time.time(), "config_hash": p.config_hash,
-                                                   "folder": str(state.submitit_dir)}
-                                          for p, j in zip(batch, jobs, strict=True)})
-                submitted.update({p.name: str(j.job_id) for p, j in zip(batch, jobs, strict=True)})
-                local_jobs.extend(zip(batch, jobs, strict=True))
+
+        def submit_and_record(group: Group) -> list[tuple[RunPlan, Any]]:
+            """Submit one group and record it (its job ids, or its error per run)."""
+            try:
+                jobs = _submit_group(spec, state, group, local)
+            except Exception as error:  # noqa: BLE001 - recorded per run, reported below
+                msg = _sbatch_error(str(error))
+                state.record_submissions({p.name: {"executor": executor, "error": msg, "submitted": time.time(),
+                                                   "config_hash": p.config_hash} for p in group.plans})
+                failed.update({p.name: msg for p in group.plans})
+                return []
+            state.record_submissions({p.name: {"executor": executor, "job_id": str(j.job_id),
+                                               "submitted": time.time(), "config_hash": p.config_hash,
+                                               "folder": str(state.submitit_dir)}
+                                      for p, j in zip(group.plans, jobs, strict=True)})
+            submitted.update({p.name: str(j.job_id) for p, j in zip(group.plans, jobs, strict=True)})
+            return list(zip(group.plans, jobs, strict=True))
+
+        if local:
+            local_jobs = schedule_local(
+                todo, spec.slurm.array_parallelism,
+                start=lambda plan: submit_and_record(Group(plan.resources, [plan])),
+                wait=lambda jobs, keep: _wait_local(jobs, state, out, keep=keep))
+        else:
+            for group in todo_groups:
+                submit_and_record(group)
     for name, why in skipped.items():
         out(f"skip {name}: {running.get(name) or ('finished' if why == 'DONE' else why.lower())}")
     for name, job_id in submitted.items():
@@ -323,6 +331,43 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
         _wait_local(local_jobs, state, out, keep=0)
     run_failures = {p.name: str(j.paths.stderr) for p, j in local_jobs if j.done() and state.result(p.name) is None}
     return SubmitReport(submitted, skipped, failed, run_failures)
+
+
+def estimated_cost(plan: RunPlan) -> float:
+    """Training FLOPs of a run (FLOPs per token x tokens per step x steps), EBT-aware through ebt.flops: an EBT
+    costs several times its Transformer++ twin. Steps x tokens when the model's FLOPs cannot be counted."""
+    from ebt.flops import train_flops_per_token
+
+    try:
+        per_token = train_flops_per_token(plan.config.model)
+    except (AttributeError, TypeError, ValueError):
+        per_token = 1.0
+    return float(per_token) * plan.tokens_per_step * plan.max_steps
+
+
+def longest_first(plans: Iterable[RunPlan], cost: Callable[[RunPlan], float] = estimated_cost) -> list[RunPlan]:
+    """Costliest first (stable for ties): the longest run starts early instead of alone at the end."""
+    return sorted(plans, key=cost, reverse=True)
+
+
+def schedule_local(plans: list[RunPlan], slots: int, *, start: Callable[[RunPlan], list[tuple[RunPlan, Any]]],
+                   wait: Callable[[list[tuple[RunPlan, Any]], int], None],
+                   cost: Callable[[RunPlan], float] = estimated_cost) -> list[tuple[RunPlan, Any]]:
+    """Run `plans` on `slots` local slots, longest first; each next run starts as soon as any running one ends.
+
+    `start` submits one run and returns its (plan, job) pairs (none when submission failed); `wait(jobs, keep)`
+    blocks until at most `keep` of `jobs` are still running."""
+    slots = max(1, int(slots))
+    started: list[tuple[RunPlan, Any]] = []
+    for plan in longest_first(plans, cost):
+        if started:
+            wait(started, slots - 1)  # a slot is free once at most slots - 1 runs are still going
+        started.extend(start(plan))
+    return started
+
+
+# Seconds between checks of the local runs; a free slot waits at most this long for its next run.
+LOCAL_POLL_S = 1.0
 
 
 def _wait_local(jobs: list[tuple[RunPlan, Any]], state: SweepState, out: Callable[[str], None], keep: int) -> None:
@@ -336,7 +381,7 @@ def _wait_local(jobs: list[tuple[RunPlan, Any]], state: SweepState, out: Callabl
         task = progress.add("local runs", total, unit="runs finished", completed=total - len(running()))
         while len(running()) > keep:
             progress.update(task, total - len(running()))
-            time.sleep(1.0)
+            time.sleep(LOCAL_POLL_S)
         progress.update(task, total - len(running()))
     for plan, job in jobs:
         if job.done() and state.result(plan.name) is None and not getattr(job, "_reported", False):
