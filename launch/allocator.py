@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -90,6 +91,13 @@ def reexec_with(name: str, path: str | None) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    # orig_argv keeps the interpreter's own flags and `-m module` (argv drops them); execv keeps the PID,
-    # so torchrun, Slurm and our own launcher keep tracking and signalling the same process.
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], preload_env(path, dict(os.environ)))
+    # A Ctrl-C between execve and the new interpreter's handler would kill it by SIGINT's default action, with no
+    # line (seen as exit -2 when the press came ~1 s in). Blocked here, it stays pending across execve until
+    # launch/cli.py's main unblocks it inside the try that turns it into one line.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        # orig_argv keeps the interpreter's own flags and `-m module` (argv drops them); execv keeps the PID,
+        # so torchrun, Slurm and our own launcher keep tracking and signalling the same process.
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], preload_env(path, dict(os.environ)))
+    finally:  # only reached when execve failed
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

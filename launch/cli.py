@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`ebt ARGV` (sys.argv when None, a real command line); the exit code."""
     try:
+        if os.environ.get("EBT_ALLOCATOR_REEXEC"):  # launch.allocator.ENV_REEXEC (not imported: stdlib only here)
+            # launch/allocator.py blocks SIGINT across its re-exec: a Ctrl-C pressed meanwhile is delivered now,
+            # inside this try, as one line instead of a silent death of the new interpreter.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         code = _run(argv)
     except KeyboardInterrupt as error:  # anywhere, building the parser included: one line, never a traceback
         code = INTERRUPTED_EXIT_CODE

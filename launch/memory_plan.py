@@ -64,7 +64,9 @@ def shard_world(cfg: TrainConfig) -> int | None:
     """The ranks fsdp shards parameters and optimizer state over (None: not sharded). Planned before the process
     group exists, so from the launcher's WORLD_SIZE. distributed.fsdp_regather is planned like the plain route
     (its step keeps less gathered, so the prediction errs high)."""
-    if cfg.distributed.strategy != "fsdp":
+    from launch.strategies import strategy_class
+
+    if not strategy_class(cfg.distributed.strategy).shards_parameters:
         return None
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 

@@ -69,6 +69,8 @@ class Strategy:
     # Whether the back end needs a torch process group even when one process runs (a plain `python`/`ebt train`):
     # make_accelerator then sets up a world of one. DDP runs a single process as a plain module.
     needs_process_group: ClassVar[bool] = False
+    # Whether parameters and optimizer state live as 1/world shards between steps (the memory plan divides them).
+    shards_parameters: ClassVar[bool] = False
 
     @classmethod
     def accelerator_kwargs(cls, cfg: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -332,6 +334,7 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
     label = "FSDP"
     sharded_checkpoint = True
+    shards_parameters = True
     # fully_shard needs a process group even for one process (a 1-rank mesh; resuming a sharded checkpoint on one
     # machine is a supported case).
     needs_process_group = True

@@ -448,7 +448,10 @@ class Trainer:
         return self.last_eval
 
     # ------------------------------------------------------------------------------------------------ save
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, wait: bool = True) -> Path:
+        """Checkpoint this step (collective: every rank calls it); the path it is written to. wait=False (the
+        periodic saves of CheckpointCallback) returns once the state is staged, under checkpoint.async_save,
+        while the write goes on in the background (`wait_for_checkpoint`)."""
         # The same answer on every rank (each checks what it holds; sharded ranks agree).
         if not self.strategy.all_finite():
             raise NonFiniteAbort(f"refusing to checkpoint non-finite weights at step {self.step}")
@@ -466,7 +469,10 @@ class Trainer:
         from omegaconf import OmegaConf
 
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(self.user_cfg)))
-        return self.ckpt.save(self.step, shared, per_rank, config_yaml, **strategy_save)
+        path = self.ckpt.save(self.step, shared, per_rank, config_yaml, **strategy_save)
+        if wait:
+            self.ckpt.wait()
+        return path
 
     def wait_for_checkpoint(self) -> None:
         """Return once the checkpoint being written in the background (if any) is on disk; raise its error."""

@@ -65,7 +65,5 @@ class CheckpointCallback(Callback):
 
     def _save(self, trainer: Trainer, wait: bool = False) -> None:
         """A checkpoint of this step: written in the background under checkpoint.async_save, unless `wait`."""
-        trainer.save_checkpoint()
-        if wait:
-            trainer.wait_for_checkpoint()
+        trainer.save_checkpoint(wait=wait)
         self.last_saved = trainer.step

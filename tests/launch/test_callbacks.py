@@ -56,8 +56,10 @@ class FakeTrainer:
         self.memory_plan = None
         self.step_time = self.data_time = 0.0
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, wait: bool = True) -> None:
         self.saved.append(self.step)
+        if wait:
+            self.waits.append(self.step)
 
     def wait_for_checkpoint(self) -> None:
         self.waits.append(self.step)

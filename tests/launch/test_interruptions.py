@@ -130,6 +130,25 @@ def test_ctrl_c_before_training_starts_is_one_line_too(tmp_path):
     assert err.strip().splitlines() == ["ebt train: interrupted (Ctrl-C)"], err
 
 
+# What launch/allocator.py does when it re-executes `ebt train` onto another allocator, with a Ctrl-C pressed in
+# the window: SIGINT blocked (pending) across execve.
+CTRL_C_ACROSS_EXEC = textwrap.dedent("""
+    import os, signal, sys
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    os.kill(os.getpid(), signal.SIGINT)  # pressed now: pending, as if between execve and the new handler
+    env = dict(os.environ, EBT_ALLOCATOR_REEXEC="1")
+    os.execve(sys.executable, [sys.executable, "-m", "launch.cli", "train", *sys.argv[1:]], env)
+""")
+
+
+def test_a_ctrl_c_during_the_allocator_reexec_is_one_line_not_a_silent_death(tmp_path):
+    config = write_config(tmp_path, tiny_raw())
+    done = subprocess.run([sys.executable, "-c", CTRL_C_ACROSS_EXEC, str(config)], cwd=tmp_path, env=quiet_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == INTERRUPTED_EXIT_CODE, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == ["ebt train: interrupted (Ctrl-C)"], done.stderr
+
+
 # Slows the save that a Ctrl-C asks for (any save after step 4's), and says on stdout when it is in it, so that
 # the second Ctrl-C surely comes while the first is being served.
 SLOW_SAVE = textwrap.dedent("""

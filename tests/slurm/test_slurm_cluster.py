@@ -272,27 +272,30 @@ def test_two_node_ddp_matches_one_rank_across_a_preemption(sweep_env, data_overr
 
 def test_usr2_preemption_requeues_and_matches_uninterrupted_run(sweep_env, data_overrides):
     root = sweep_env
-    spec = write_spec(root, "pre", {"size": ["4xs"], "kind": ["ebt"], "steps": [40]}, data_overrides)
-    run = "pre-4xs-ebt-n40"
+    # Long enough that the USR2 lands mid-run: a 4xs step takes ~0.1 s, and a 40-step run once ended between the
+    # status read below and the signal (the preemption checkpoint was then the final step's).
+    steps = 200
+    spec = write_spec(root, "pre", {"size": ["4xs"], "kind": ["ebt"], "steps": [steps]}, data_overrides)
+    run = f"pre-4xs-ebt-n{steps}"
     assert main(["sweep", "submit", str(spec)]) == 0
     job_id = jobs_of(root / "pre")[run][0]["job_id"]
     ref = reference_run(root / "pre" / "configs" / f"{run}.yaml", root, "uninterrupted")
     metrics = root / "runs" / run / "metrics.jsonl"
     wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 4, 300, "4 logged steps")
     (row,) = sweep_status(spec)  # in-process: quick enough to catch the run in flight
-    assert row["state"] == "RUNNING" and 4 <= row["step"] < 40 and row["eta_s"] > 0 and row["requeues"] == 0
+    assert row["state"] == "RUNNING" and 4 <= row["step"] < steps and row["eta_s"] > 0 and row["requeues"] == 0
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     wait_until(lambda: done(root / "pre", [run]), 300, f"the requeued run\n{job_log(root / 'pre')}")
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
     assert events(root / "pre", run) == ["start", "preempted", "start", "finished"]
     assert "REQUEUED" in sacct_states(job_id)
     resumed = sorted(int(p.name.split("_")[1]) for p in (root / "runs" / run / "checkpoints").iterdir())
-    assert 4 <= resumed[0] < 40  # the preemption checkpoint, then the final one
+    assert 4 <= resumed[0] < steps  # the preemption checkpoint, then the final one
     assert metric_rows(root / "runs" / run) == metric_rows(root / "ref" / "uninterrupted")
     status = subprocess.run([sys.executable, "-m", "launch.cli", "sweep", "status", str(spec), "--json"],
                             capture_output=True, text=True, check=True)
     (row,) = json.loads(status.stdout)
-    assert row["state"] == "DONE" and row["requeues"] == 1 and row["attempts"] == 2 and row["step"] == 40
+    assert row["state"] == "DONE" and row["requeues"] == 1 and row["attempts"] == 2 and row["step"] == steps
 
 
 def _seconds_per_step(root: Path, overrides: dict) -> float:
