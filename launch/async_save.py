@@ -18,7 +18,6 @@ writer gather and write their state themselves (see Strategy.save_parts).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,24 +44,16 @@ class BackgroundSaver:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.last_write_s = 0.0  # how long the last background write took (logged, and read by the benchmark)
-
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def submit(self, write: Callable[[], Any]) -> None:
         """Run `write` in the background, after the previous write has finished (its error raised here)."""
         self.wait()
 
         def run() -> None:
-            start = time.perf_counter()
             try:
                 write()
             except BaseException as error:  # noqa: BLE001 - handed to the training thread at wait()
                 self._error = error
-            finally:
-                self.last_write_s = time.perf_counter() - start
 
         self._thread = threading.Thread(target=run, name="ebt-checkpoint-writer", daemon=True)
         self._thread.start()

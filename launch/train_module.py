@@ -17,9 +17,8 @@ from torch import nn
 from ebt import ModelConfig
 from ebt.flops import train_flops_per_token
 
-# The keyed starts live below the launcher (ebt/starts.py), shared with System 2 and `ebt eval`; re-exported here
-# for the callers that know them from the trainer (_CHUNK is the same dict, so patching it here still applies).
-from ebt.starts import _CHUNK, EVAL_START_SEED, eval_starts, sequence_keyed_starts  # noqa: F401
+# The keyed starts live below the launcher (ebt/starts.py), shared with System 2 and `ebt eval`.
+from ebt.starts import EVAL_START_SEED, eval_starts, sequence_keyed_starts
 
 
 class TrainModule:

@@ -59,9 +59,7 @@ class CheckpointCallback(Callback):
         trainer.wait_for_checkpoint()
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any] | None) -> None:
-        trainer.preempt.restore()
-        if result is not None:
-            trainer.wait_for_checkpoint()  # (after an error, Trainer.close waits; this one would only raise again)
+        trainer.preempt.restore()  # (no wait here: on_loop_end waited on the normal path, Trainer.close on any)
 
     def _save(self, trainer: Trainer, wait: bool = False) -> None:
         """A checkpoint of this step: written in the background under checkpoint.async_save, unless `wait`."""

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ebt import ModelConfig, build_model
+from ebt.starts import eval_starts
 from eval.evaluate import EvalSettings, evaluate_batches, grid_cells
 from eval.perplexity import TokenNLL
-from launch.train_module import eval_starts
 
 torch.set_num_threads(1)
 VOCAB, CTX = 64, 12

@@ -178,15 +178,15 @@ def test_the_loader_refuses_an_id_outside_the_vocabulary_and_the_model_keeps_its
 
 
 def test_sequence_keyed_starts_read_nothing_back_and_do_not_depend_on_chunking(monkeypatch):
-    import launch.train_module as train_module
+    import ebt.starts as starts
 
     tokens = torch.randint(0, 50, (5, 9), generator=torch.Generator().manual_seed(1))
     counter = SyncCounter()
     with counter:
-        whole = train_module.sequence_keyed_starts(tokens, 7, 3, 51, 1.0, torch.float32)  # odd S x V: 408
+        whole = starts.sequence_keyed_starts(tokens, 7, 3, 51, 1.0, torch.float32)  # odd S x V: 408
     assert counter.events == []
-    monkeypatch.setitem(train_module._CHUNK, "cpu", 7)  # many row and counter chunks, a ragged last one
-    assert torch.equal(train_module.sequence_keyed_starts(tokens, 7, 3, 51, 1.0, torch.float32), whole)
-    wide = train_module.sequence_keyed_starts(tokens, 7, 3, 51, 1.0, torch.float64)
+    monkeypatch.setitem(starts._CHUNK, "cpu", 7)  # many row and counter chunks, a ragged last one
+    assert torch.equal(starts.sequence_keyed_starts(tokens, 7, 3, 51, 1.0, torch.float32), whole)
+    wide = starts.sequence_keyed_starts(tokens, 7, 3, 51, 1.0, torch.float64)
     assert torch.equal(wide.float(), whole)  # float64 math throughout: the dtype only rounds the result
-    assert not torch.equal(train_module.sequence_keyed_starts(tokens, 7, -1, 51, 1.0, torch.float32), whole)
+    assert not torch.equal(starts.sequence_keyed_starts(tokens, 7, -1, 51, 1.0, torch.float32), whole)

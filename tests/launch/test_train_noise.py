@@ -7,7 +7,7 @@ import pytest
 import torch
 from train_support import read_rows, run_train, tiny_raw, write_config
 
-from launch.train_module import sequence_keyed_starts
+from ebt.starts import sequence_keyed_starts
 
 
 def starts(tokens: torch.Tensor, seed: int = 0, step: int = 3) -> torch.Tensor:
