@@ -226,7 +226,9 @@ def test_micro_sweep_completes_and_resubmit_skips_finished_runs(sweep_env, data_
 
 def test_two_node_ddp_matches_one_rank_across_a_preemption(sweep_env, data_overrides):
     root = sweep_env
-    steps = 60
+    # Long enough that the USR2 lands mid-run: a 4xs Transformer++ step takes tens of ms, and a 60-step run once
+    # finished before the signal reached it (events ['start', 'finished']).
+    steps = 300
     over = {k: v for k, v in data_overrides.items() if k != "trainer.micro_batch_size"}
     spec = write_spec(root, "ddp", {"size": ["4xs"], "kind": ["transformer"], "steps": [steps]}, over,
                       global_batch_size=8,
