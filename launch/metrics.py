@@ -6,6 +6,7 @@ so after a kill -9 it reads exactly like an uninterrupted run (timing fields asi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -80,6 +81,13 @@ class MetricsWriter:
             self._file = open(self.path, "a")
         self._file.write(json.dumps(_jsonable(row)) + "\n")
         self._file.flush()
+
+    def abandon(self) -> None:
+        """Close without flushing (after a write failed on a full disk: a flush would fail again)."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
 
     def close(self) -> None:
         if self._file is not None:

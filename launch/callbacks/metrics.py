@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from typing import TYPE_CHECKING, Any
 
 from launch.callbacks.base import Callback
+from launch.cli import RunError
 from launch.metrics import MetricsWriter, Throughput, peak_memory_mb
 
 if TYPE_CHECKING:
@@ -59,11 +61,25 @@ class MetricsCallback(Callback):
         if self._peak_source_pending:  # once per process: a machine fact (launch.metrics.TIMING_FIELDS)
             row["peak_flops_source"] = trainer.peak_flops_source
             self._peak_source_pending = False
-        self.writer.write(row)
+        self._write(trainer, row)
 
     def on_train_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        self._write(trainer, row)
+
+    def _write(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        """A full disk here is one line. With checkpoint.async_save, a checkpoint being written in the background
+        is what usually fills it; that save's own error (which says what it needed and which checkpoint is still
+        the newest) is the one to report, so it is waited for first."""
         assert self.writer is not None, "on_fit_start comes first"
-        self.writer.write(row)
+        try:
+            self.writer.write(row)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self.writer.abandon()
+            trainer.wait_for_checkpoint()
+            raise RunError(f"no space left on the device to write {self.writer.path} at step {trainer.step}: free "
+                           "some space, then run the same command to resume from the newest checkpoint") from None
 
     def on_fit_end(self, trainer: Trainer, result: dict[str, Any] | None) -> None:
         if self.writer is not None:
