@@ -71,10 +71,10 @@ def main() -> None:
     torch.set_flush_denormal(True)  # as `ebt generate` does
     ebt_model, ebt_cfg = build("ebt")
     tpp_model, tpp_cfg = build("transformer")
-    trained = ebt_cfg.eval_steps
-    eos = ebt_cfg.vocab_size - 1
+    trained = ebt_cfg.thinking.eval_steps
+    eos = ebt_cfg.architecture.vocab_size - 1
     prompt = torch.cat((torch.tensor([[eos]]),
-                        torch.randint(0, ebt_cfg.vocab_size - 1, (1, args.prompt_tokens),
+                        torch.randint(0, ebt_cfg.architecture.vocab_size - 1, (1, args.prompt_tokens),
                                       generator=torch.Generator().manual_seed(0))), dim=1)
     settings = [("Transformer++", tpp_model, None, 1)]
     settings += [(f"EBT, {steps} step(s) x {samples} sample(s)", ebt_model, steps, samples)
@@ -94,7 +94,7 @@ def main() -> None:
             for name, _, steps, samples in settings]
     greedy = median[f"EBT, {trained} step(s) x 1 sample(s)"] / baseline
     payload = {
-        "size": ebt_cfg.size, "context": ebt_cfg.context_length, "vocab": ebt_cfg.vocab_size,
+        "size": ebt_cfg.size, "context": ebt_cfg.architecture.context_length, "vocab": ebt_cfg.architecture.vocab_size,
         "trained_steps": trained, "prompt_tokens": prompt.shape[1], "new_tokens": args.new_tokens,
         "rounds": args.rounds, "threads": torch.get_num_threads(), "load_average": list(load),
         "cpu_count": os.cpu_count(), "ebt_greedy_trained_ratio": greedy, "rows": rows,
@@ -106,7 +106,8 @@ def main() -> None:
         return
     lines = [
         f"## Generation (`python -m benchmarks.generate`): quickstart size ({ebt_cfg.size}, context "
-        f"{ebt_cfg.context_length}, vocab {ebt_cfg.vocab_size}), random weights, greedy, batch 1, "
+        f"{ebt_cfg.architecture.context_length}, vocab {ebt_cfg.architecture.vocab_size}), random weights, greedy, "
+        "batch 1, "
         f"{prompt.shape[1]}-token prompt, {args.new_tokens} new tokens, {torch.get_num_threads()} thread(s)",
         "",
         f"Median of {args.rounds} alternated rounds. Load average after the run: {load[0]:.2f} / {load[1]:.2f} / "

@@ -60,15 +60,18 @@ def _process_group(device: torch.device) -> None:
 def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int = 0,
               sharding: str | None = None) -> dict:
     from ebt import ModelConfig, build_model
+    from ebt.checkpointing import apply_checkpointing
     from ebt.flops import train_flops_per_token
     from planning import DEFAULT_CUDA, cuda_peak, predict_peak_bytes
 
     device = torch.device(args.device)
-    cfg = ModelConfig.from_size(args.size, kind=kind, vocab_size=args.vocab, context_length=args.context,
-                                mcmc_steps=args.mcmc_steps, checkpointing=policy if kind == "ebt" else "none",
-                                remat_chunk=chunk)
+    cfg = ModelConfig.from_size(args.size, kind=kind,
+                                architecture={"vocab_size": args.vocab, "context_length": args.context},
+                                thinking={"mcmc_steps": args.mcmc_steps})
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
+    if kind == "ebt":
+        apply_checkpointing(model, policy, chunk)
     bf16 = device.type == "cuda"
     sharded = None
     if sharding is not None:
@@ -120,11 +123,12 @@ def run_point(args, kind: str, policy: str, steps: int, warmup: int, chunk: int 
         "mfu": tokens_per_s * flops / peak_flops if tokens_per_s and peak_flops else None,
         "peak_memory_mb": _peak_mb(device), "error": error,
         "predicted_peak_mb": predict_peak_bytes(cfg, policy if kind == "ebt" else "none", args.batch, device,
+                                                remat_chunk=chunk,
                                                 dtype_bytes=4) / 2**20 if kind == "ebt" else None,
     }
     # The sweep's analytic CUDA plan (bf16 autocast, fp32 weights + AdamW, one process): its tensor part is what
     # torch.cuda.max_memory_allocated measures (the CUDA context is outside it), next to the measured peak.
-    predicted = cuda_peak(cfg, policy if kind == "ebt" else "none", args.batch)
+    predicted = cuda_peak(cfg, policy if kind == "ebt" else "none", args.batch, remat_chunk=chunk)
     row["predicted_cuda_tensors_mb"] = DEFAULT_CUDA.factor * predicted.tensors / 2**20
     row["predicted_cuda_peak_mb"] = predicted.total / 2**20
     if device.type == "cuda" and error is None:

@@ -38,14 +38,16 @@ GRID = [
 
 def measure(args: argparse.Namespace) -> dict:
     from ebt import ModelConfig, build_model
+    from ebt.checkpointing import apply_checkpointing
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     base = current_rss_mb()
-    cfg = ModelConfig.from_size(args.size, vocab_size=args.vocab, context_length=args.context,
-                                mcmc_steps=args.k, checkpointing=args.policy)
+    cfg = ModelConfig.from_size(args.size, architecture={"vocab_size": args.vocab, "context_length": args.context},
+                                thinking={"mcmc_steps": args.k})
     model = build_model(cfg).train()
+    apply_checkpointing(model, args.policy)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     peaks = []
     for _ in range(args.steps):
@@ -90,7 +92,8 @@ def main() -> None:
                              {"base_mb": r["base_mb"], "peak_rss_mb": r["peak_rss_mb"]} for r in stored}
     for size, context, vocab, batch, policy, k in track(GRID, description="planner grid"):
         if args.from_json:
-            cfg = ModelConfig.from_size(size, vocab_size=vocab, context_length=context, mcmc_steps=k)
+            cfg = ModelConfig.from_size(size, architecture={"vocab_size": vocab, "context_length": context},
+                                thinking={"mcmc_steps": k})
             rows.append({"size": size, "context": context, "vocab": vocab, "batch": batch, "policy": policy, "k": k,
                          "tensor_peak_mb": tensor_peak_bytes(cfg, policy, batch) / 2**20,
                          **measured_by_point[(size, context, vocab, batch, policy, k)]})
@@ -98,16 +101,19 @@ def main() -> None:
         measured = run_isolated(["benchmarks.planner", "--point", f"--size={size}", f"--context={context}",
                                  f"--vocab={vocab}", f"--batch={batch}", f"--policy={policy}", f"--k={k}",
                                  f"--steps={args.steps}"])
-        cfg = ModelConfig.from_size(size, vocab_size=vocab, context_length=context, mcmc_steps=k)
+        cfg = ModelConfig.from_size(size, architecture={"vocab_size": vocab, "context_length": context},
+                                thinking={"mcmc_steps": k})
         rows.append({"size": size, "context": context, "vocab": vocab, "batch": batch, "policy": policy, "k": k,
                      "tensor_peak_mb": tensor_peak_bytes(cfg, policy, batch) / 2**20, **measured})
     first = rows[0]
-    cfg0 = ModelConfig.from_size(first["size"], vocab_size=first["vocab"], context_length=first["context"],
-                                 mcmc_steps=first["k"])
+    cfg0 = ModelConfig.from_size(first["size"], architecture={"vocab_size": first["vocab"],
+                                                              "context_length": first["context"]},
+                                thinking={"mcmc_steps": first["k"]})
     cal = calibrate(first["peak_rss_mb"] * 2**20, first["base_mb"] * 2**20, cfg0, first["policy"], first["batch"])
     for row in rows:
-        cfg = ModelConfig.from_size(row["size"], vocab_size=row["vocab"], context_length=row["context"],
-                                    mcmc_steps=row["k"])
+        cfg = ModelConfig.from_size(row["size"], architecture={"vocab_size": row["vocab"],
+                                                               "context_length": row["context"]},
+                                thinking={"mcmc_steps": row["k"]})
         row["predicted_mb"] = predict_peak_bytes(cfg, row["policy"], row["batch"], "cpu", cal) / 2**20
         row["error"] = row["predicted_mb"] / row["peak_rss_mb"] - 1
     checked = rows[1:]

@@ -24,18 +24,22 @@ from benchmarks.common import add_workload_args, child_allocator, peak_rss_mb, r
 
 def measure_one(args: argparse.Namespace) -> dict:
     from ebt import ModelConfig, build_model
+    from ebt.checkpointing import apply_checkpointing
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     kind = "transformer" if args.policy == "transformer" else "ebt"
-    # "policy[/chunk][:impl]": impl "" (RematerialisedStep), generic, jvp or compiled; chunk = cfg.remat_chunk.
+    # "policy[/chunk][:impl]": impl "" (RematerialisedStep), generic, jvp or compiled; chunk: the recompute chunk.
     spec, _, impl = args.policy.partition(":")
     policy, _, chunk = spec.partition("/")
     policy = "none" if kind == "transformer" else policy
-    cfg = ModelConfig.from_size(args.size, kind=kind, vocab_size=args.vocab, context_length=args.context,
-                                mcmc_steps=args.mcmc_steps, checkpointing=policy, remat_chunk=int(chunk or 0))
+    cfg = ModelConfig.from_size(args.size, kind=kind,
+                                architecture={"vocab_size": args.vocab, "context_length": args.context},
+                                thinking={"mcmc_steps": args.mcmc_steps})
     model = build_model(cfg).train()
+    if kind == "ebt":
+        apply_checkpointing(model, policy, int(chunk or 0))
     compile_s = None
     if impl == "generic":
         from benchmarks.experimental.step_runners import use_step_impl
@@ -52,7 +56,7 @@ def measure_one(args: argparse.Namespace) -> dict:
         enable_compiled_inner_gradient(model)
     alpha = [p for n, p in model.named_parameters() if "alpha" in n]
     rest = [p for n, p in model.named_parameters() if "alpha" not in n]
-    groups = [{"params": rest}] + ([{"params": alpha, "lr": 1.2e-3 * cfg.alpha_lr_mult}] if alpha else [])
+    groups = [{"params": rest}] + ([{"params": alpha, "lr": 1.2e-3 * cfg.thinking.alpha_lr_mult}] if alpha else [])
     optimizer = torch.optim.AdamW(groups, lr=1.2e-3, weight_decay=0.01)
     tokens = torch.randint(0, args.vocab, (args.batch, args.context + 1))
     wall, cpu, losses = [], [], []
@@ -83,7 +87,7 @@ def measure_one(args: argparse.Namespace) -> dict:
 def plan(args: argparse.Namespace) -> list[tuple[str, int, int]]:
     """(policy, K, timed steps) points; K=4/8 get fewer steps (each EBT step costs seconds on 2 shared cores).
 
-    "policy/n" sets cfg.remat_chunk=n; ":generic" is the torch.utils.checkpoint recipe, ":jvp" the
+    "policy/n" sets remat_chunk=n; ":generic" is the torch.utils.checkpoint recipe, ":jvp" the
     forward-over-reverse step, ":compiled" the compiled functional inner gradient (--experimental)."""
     k2 = ["transformer", "none", "block", "mcmc_step", "mcmc_step:generic", "block+mcmc_step", "mcmc_step/2",
           "mcmc_step/1", "block+mcmc_step/2"]

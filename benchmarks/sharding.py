@@ -87,8 +87,9 @@ def worker(args: argparse.Namespace) -> None:
     strategy = {"zero2": "deepspeed", "fsdp_regather": "fsdp"}.get(args.strategy, args.strategy)
     raw = {
         "name": f"sharding-{args.strategy}",
-        "model": {"kind": "ebt", "size": args.size, "vocab_size": args.vocab, "context_length": args.context,
-                  "mcmc_steps": args.mcmc_steps},
+        "model": {"kind": "ebt", "size": args.size,
+                  "architecture": {"vocab_size": args.vocab, "context_length": args.context},
+                  "thinking": {"mcmc_steps": args.mcmc_steps}},
         "trainer": {"micro_batch_size": args.batch, "max_steps": 1000, "precision": "fp32"},
         "optim": {"lr": 1e-4, "clip_grad_norm": 1.0, "warmup_steps": 0},
         "logging": {"wandb": False, "progress": False},
@@ -203,8 +204,10 @@ def render(payload: dict) -> str:
     from ebt.flops import parameter_count
 
     c, results = payload["config"], payload["results"]
-    params = parameter_count(ModelConfig.from_size(c["size"], kind="ebt", vocab_size=c["vocab"],
-                                                   context_length=c["context"], mcmc_steps=c["mcmc_steps"]))
+    params = parameter_count(ModelConfig.from_size(c["size"], kind="ebt",
+                                                   architecture={"vocab_size": c["vocab"],
+                                                                 "context_length": c["context"]},
+                                                   thinking={"mcmc_steps": c["mcmc_steps"]}))
 
     def worst(rows, key):
         return max(r[key] for r in rows)

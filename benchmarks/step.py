@@ -33,9 +33,10 @@ def recipe_config(args: argparse.Namespace):
 
     name, variant = RECIPES[args.recipe]
     path = Path(__file__).resolve().parents[1] / "configs" / "recipes" / name
-    overrides = [f"model.size={args.size}", f"model.vocab_size={args.vocab}", f"model.context_length={args.context}",
-                 f"model.mcmc_steps={args.mcmc_steps}", "model.kind=ebt",
-                 *([f"model.variant={variant}"] if variant else [])]
+    overrides = [f"model.size={args.size}", f"model.architecture.vocab_size={args.vocab}",
+                 f"model.architecture.context_length={args.context}",
+                 f"model.thinking.mcmc_steps={args.mcmc_steps}", "model.kind=ebt",
+                 *([f"model.architecture.variant={variant}"] if variant else [])]
     return load_config(path, overrides).model
 
 
@@ -48,13 +49,14 @@ def measure_one(args: argparse.Namespace) -> dict:
     if args.kind == "ebt":
         cfg = recipe_config(args)
     else:
-        cfg = ModelConfig.from_size(args.size, kind=args.kind, vocab_size=args.vocab, context_length=args.context)
+        cfg = ModelConfig.from_size(args.size, kind=args.kind,
+                                    architecture={"vocab_size": args.vocab, "context_length": args.context})
     model = build_model(cfg).train()
     alpha = [p for n, p in model.named_parameters() if "alpha" in n]
     rest = [p for n, p in model.named_parameters() if "alpha" not in n]
     groups = [{"params": rest}]
     if alpha:
-        groups.append({"params": alpha, "lr": 1.2e-3 * cfg.alpha_lr_mult})
+        groups.append({"params": alpha, "lr": 1.2e-3 * cfg.thinking.alpha_lr_mult})
     optimizer = torch.optim.AdamW(groups, lr=1.2e-3, weight_decay=0.01)
     tokens = torch.randint(0, args.vocab, (args.batch, args.context + 1))
     times, losses = [], []

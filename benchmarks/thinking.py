@@ -37,10 +37,11 @@ RECIPES = REPO / "configs" / "recipes"
 # quickstart's, so their keys win. The quickstart's own thinking loop is configs/recipes/ebt_think.yaml, the
 # configuration this benchmark found to think best ("ebt_think").
 LOGITS_AS_BEFORE = [  # the quickstart before issue 12: ebt_logits.yaml, K=2, uniform starts (untied projection)
-    "model.mcmc_steps=2", "model.landscape_repeats=0", "model.landscape_repeats_min=0", "model.truncate=false",
-    "model.alpha_init=500.0", "model.alpha_lr_mult=1500.0", "model.alpha_random_scale=1.0",
-    "model.init_logit_std=0.0", "model.langevin_noise_std=0.0", "model.replay_capacity=0",
-    "model.replay_fraction=0.0", "optim.betas=[0.9,0.95]", "optim.decay_norms_and_biases=false",
+    "model.thinking.mcmc_steps=2", "model.thinking.landscape_repeats=0", "model.thinking.landscape_repeats_min=0",
+    "model.thinking.truncate=false",
+    "model.thinking.alpha_init=500.0", "model.thinking.alpha_lr_mult=1500.0", "model.thinking.alpha_random_scale=1.0",
+    "model.thinking.init_logit_std=0.0", "model.thinking.langevin_noise_std=0.0", "model.replay.capacity=0",
+    "model.replay.fraction=0.0", "optim.betas=[0.9,0.95]", "optim.decay_norms_and_biases=false",
 ]
 CONFIGS: dict[str, dict] = {
     "transformer": {"files": [RECIPES / "transformer.yaml"], "overrides": []},
@@ -145,18 +146,18 @@ def trajectory_diagnostic(run: Path, steps: int = 8, windows: int = 16) -> list[
     path = resolve_checkpoint(run)
     model, cfg = load_model(path)
     model.eval()
-    spec = resolve_sources(path, None, [], EvalSettings(), model_vocab=cfg.vocab_size)[0]
-    batch = next(iter(_open(spec, cfg.context_length, windows)))
+    spec = resolve_sources(path, None, [], EvalSettings(), model_vocab=cfg.architecture.vocab_size)[0]
+    batch = next(iter(_open(spec, cfg.architecture.context_length, windows)))
     inputs, targets = batch[:, :-1], batch[:, 1:]
     energy_fn = model.energy_fn(inputs)
     generator = torch.Generator().manual_seed(0)
-    state = torch.randn(*inputs.shape, cfg.vocab_size, generator=generator) * cfg.init_logit_std
+    state = torch.randn(*inputs.shape, cfg.architecture.vocab_size, generator=generator) * cfg.thinking.init_logit_std
     alpha, bound = model.alpha.detach(), model.grad_bound()
     from ebt.mcmc import candidate, inner_gradient
 
     out = []
     for n in range(steps):
-        rule, landscape = model.thinking_loop.rule(n), min(n, cfg.mcmc_steps - 1)
+        rule, landscape = model.thinking_loop.rule(n), min(n, cfg.thinking.mcmc_steps - 1)
         y = state.detach().requires_grad_(True)
         energy = energy_fn(candidate(y, rule), landscape)
         ce = torch.nn.functional.cross_entropy(y.flatten(0, 1), targets.flatten())
@@ -165,8 +166,8 @@ def trajectory_diagnostic(run: Path, steps: int = 8, windows: int = 16) -> list[
         base, grad, _ = inner_gradient(energy_fn, y.detach(), landscape, rule,
                                        bound.detach() if torch.is_tensor(bound) else bound, create_graph=False)
         new = (base.detach() - alpha * grad).detach()
-        cos = torch.nn.functional.cosine_similarity(d_energy.reshape(-1, cfg.vocab_size),
-                                                    d_ce.reshape(-1, cfg.vocab_size), dim=1).mean()
+        cos = torch.nn.functional.cosine_similarity(d_energy.reshape(-1, cfg.architecture.vocab_size),
+                                                    d_ce.reshape(-1, cfg.architecture.vocab_size), dim=1).mean()
         out.append({"step": n, "energy": float(energy.mean()), "ce_of_state": float(ce),
                     "grad_norm": float(d_energy.norm(dim=-1).mean()), "move": float((new - y).norm(dim=-1).mean()),
                     "cos_energy_ce": float(cos)})
@@ -246,13 +247,15 @@ def main() -> None:
                        "val_loss_trainer": final["val_loss"], "flops_per_token": train_flops_per_token(cfg),
                        "params": None}
         if cfg.kind == "ebt":
-            trained = cfg.eval_steps
+            trained = cfg.thinking.eval_steps
             steps = sorted({*STEP_GRID, trained, 2 * trained})
             one = evaluate(run, cfg.kind, args, steps, [1], 0.0)
             many = evaluate(run, cfg.kind, args, [trained], [4], args.noise)
             curves = ce_curves(run)
             # ce_step_{K-1}; with random step counts, the CE of whichever step ran last
-            last_key = "ce_final" if cfg.landscape_repeats or cfg.random_steps_min else f"ce_step_{cfg.mcmc_steps - 1}"
+            think = cfg.thinking
+            last_key = ("ce_final" if think.landscape_repeats or think.random_steps_min
+                        else f"ce_step_{think.mcmc_steps - 1}")
             entry.update(trained_steps=trained, params=one["n_params"], **summarise_ebt(one, many, trained),
                          ce_curves=curves, ce_last_vs_first=second_half_margin(curves, last_key),
                          ce_last_key=last_key)

@@ -32,8 +32,9 @@ def pure_tokens_per_s(cfg, nproc: int, threads: int, steps: int) -> dict:
     """benchmarks.step on the quickstart model, `nproc` copies at once (as DDP ranks would share the cores)."""
     m, t = cfg.model, cfg.trainer
     args = [sys.executable, "-m", "benchmarks.step", f"--kind={m.kind}", f"--size={m.size}",
-            f"--context={m.context_length}", f"--batch={t.micro_batch_size}", f"--vocab={m.vocab_size}",
-            f"--mcmc-steps={m.mcmc_steps}", f"--threads={threads}", f"--steps={steps}", "--warmup=3",
+            f"--context={m.architecture.context_length}", f"--batch={t.micro_batch_size}",
+            f"--vocab={m.architecture.vocab_size}",
+            f"--mcmc-steps={m.thinking.mcmc_steps}", f"--threads={threads}", f"--steps={steps}", "--warmup=3",
             *(["--recipe=logits"] if m.kind == "ebt" else [])]  # the quickstart's thinking loop
     env = child_allocator()[1]  # the allocator `ebt train` runs on, or the comparison measures allocators
     procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True, env=env) for _ in range(nproc)]
@@ -44,7 +45,7 @@ def pure_tokens_per_s(cfg, nproc: int, threads: int, steps: int) -> dict:
             raise RuntimeError("benchmarks.step failed")
         results.append(json.loads(out.strip().splitlines()[-1]))
     step_s = max(r["step_s"] for r in results)  # a synchronous DDP step waits for the slowest rank
-    return {"step_s": step_s, "tokens_per_s": nproc * t.micro_batch_size * m.context_length / step_s}
+    return {"step_s": step_s, "tokens_per_s": nproc * t.micro_batch_size * m.architecture.context_length / step_s}
 
 
 def end_to_end(work: Path, nproc: int, steps: int, cache_dir: str) -> dict:
@@ -100,11 +101,13 @@ def main() -> None:
                          "load_average": os.getloadavg()[0]})
     m, t = cfg.model, cfg.trainer
     payload = {"config": str(QUICKSTART.relative_to(REPO)), "steps": args.steps, "rows": rows, "target_overhead": 0.05,
-               "model": {"kind": m.kind, "size": m.size, "context": m.context_length, "vocab": m.vocab_size,
+               "model": {"kind": m.kind, "size": m.size, "context": m.architecture.context_length,
+                         "vocab": m.architecture.vocab_size,
                          "micro_batch": t.micro_batch_size}}
     lines = [
         f"## Trainer end to end (`python -m benchmarks.train`): quickstart ({m.kind} {m.size}, context "
-        f"{m.context_length}, vocab {m.vocab_size}, micro-batch {t.micro_batch_size}), {args.steps} steps",
+        f"{m.architecture.context_length}, vocab {m.architecture.vocab_size}, micro-batch {t.micro_batch_size}), "
+        f"{args.steps} steps",
         "",
         "End to end = `ebt train` with its data loading, metrics, evaluation and checkpoint cadence, from "
         "metrics.jsonl; pure = `benchmarks/step.py` on the same model and batch in the same number of processes. "

@@ -50,7 +50,7 @@ class PackedShards:
             raise ValueError(f"context length {context_length} is longer than the {split!r} shards in "
                              f"{shards_dir!r} can serve (largest shard holds {int(tokens.max())} tokens, "
                              f"a window needs {context_length + 1}); lower the context length "
-                             "(model.context_length) or give the split more text (a larger source or "
+                             "(model.architecture.context_length) or give the split more text (a larger source or "
                              "data.val_fraction)")
         self.window_starts = np.concatenate([[0], np.cumsum(per_shard)])
         self.n_windows = int(self.window_starts[-1])

@@ -13,8 +13,9 @@ per-token step sizes, repeated landscapes, replay picks). Metrics are 0-d tensor
 host sync inside a step; `float()` them to report). Under DDP call the wrapped module once per backward:
 forward == loss, except that a non-finite inner gradient is reported as metrics["nonfinite"] (a device flag)
 instead of raising NonFiniteEnergyGradientError, so a training step needs no host read to decide.
-`build_model` applies cfg.checkpointing (ebt.checkpointing.apply_checkpointing); benchmarks.experimental holds the
-measured alternatives (compiled inner gradient, attention implementations, step runners), not the default.
+Activation checkpointing is applied from outside, after `build_model`: `apply_checkpointing(model, policy,
+remat_chunk)` (ebt.checkpointing; `ebt train` takes the policy from trainer.checkpointing). benchmarks.experimental
+holds the measured alternatives (compiled inner gradient, attention implementations, step runners), not the default.
 The options of the thinking loop reproduce the authors' code flag by flag (ebt.config;
 docs/reference-differences.md; ebt.convert loads their weights).
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from ebt.checkpointing import apply_checkpointing
 from ebt.config import ModelConfig
 from ebt.inference import ThinkResult, generate, think
 from ebt.mcmc import NonFiniteEnergyGradientError
@@ -35,11 +35,7 @@ from ebt.transformer import TransformerPlusPlus
 def build_model(cfg: ModelConfig) -> nn.Module:
     cfg.validate()
     if cfg.kind == "ebt":
-        model = EnergyBasedTransformer(cfg)
-        # Activation checkpointing is applied once, here, not inside forward ("auto" is resolved before this, by
-        # the caller: planning.resolve_checkpointing; ebt.checkpointing says what an unresolved one does).
-        apply_checkpointing(model, cfg.checkpointing, cfg.remat_chunk)
-        return model
+        return EnergyBasedTransformer(cfg)
     return TransformerPlusPlus(cfg)
 
 

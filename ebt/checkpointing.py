@@ -1,4 +1,4 @@
-"""Activation checkpointing built for second-order EBT training (cfg.checkpointing).
+"""Activation checkpointing built for second-order EBT training (trainer.checkpointing in a training config).
 
 Why not the standard recipes: EBT training differentiates through dE/dlogits, so every MCMC step leaves a
 second-order graph (the step's forward plus its create_graph=True inner backward) alive until the outer
@@ -16,19 +16,19 @@ Policies (gradients are identical under all of them; tests/ebt/test_second_order
   the outer vector-Jacobian product through it, so one step's second-order graph is live at a time.
   Compared with wrapping the step in torch.utils.checkpoint (benchmarks.experimental's `generic_step_runner`, kept
   for the benchmark), the forward builds no double-backward graph at all and no saved-tensor hooks run.
-  With cfg.remat_chunk = n > 0 both passes run n sequences at a time (sequences never interact in the
+  With remat_chunk = n > 0 both passes run n sequences at a time (sequences never interact in the
   candidate stream), so only one chunk's second-order graph is ever live: at xxs, context 256, batch 8,
   V 8192, K=2 this is what brings the peak from 2.6x to 1.3-1.5x Transformer++'s (benchmarks/README.md).
 - "block+mcmc_step": both (the recomputed step checkpoints its blocks too).
 - "auto": the memory planner (the top-level `planning` package, a layer above this one) picks the fastest
-  (policy, remat_chunk) whose predicted peak fits cfg.memory_budget_gb, BEFORE the model is built: `ebt train`
-  plans it for the micro-batch it then trains with (launch/memory_plan.py), and a model used directly is built
-  from `planning.resolve_checkpointing(cfg, batch)`. The model never plans: one built with an unresolved "auto"
-  refuses a training forward (UnresolvedCheckpointingError); without gradients there is no second-order graph
-  to checkpoint, and it runs plain steps (every policy computes the same values).
+  (policy, remat_chunk) whose predicted peak fits trainer.memory_budget_gb, BEFORE the model is built: `ebt
+  train` plans it for the micro-batch it then trains with (launch/memory_plan.py), and a model used directly takes
+  the pair `planning.resolve_checkpointing(cfg, "auto", batch)` returns. The model never plans: one given an
+  unresolved "auto" refuses a training forward (UnresolvedCheckpointingError); without gradients there is no
+  second-order graph to checkpoint, and it runs plain steps (every policy computes the same values).
 
 The policy is applied once, from outside the model, as torchtitan applies activation checkpointing:
-`apply_checkpointing(model, policy, remat_chunk)`, which `ebt.build_model` calls with the config's values. It
+`apply_checkpointing(model, policy, remat_chunk)`, which the trainer calls with trainer.checkpointing. It
 sets the model's explicit attributes (checkpoint_policy, remat_chunk, step_runner and the energy model's
 checkpoint_blocks); nothing is configured inside `forward`.
 
@@ -286,24 +286,24 @@ def check_resolved(model: torch.nn.Module) -> None:
     """Refuse a training forward (gradients on) of a model whose "auto" policy was never resolved."""
     if model.checkpoint_policy is None and torch.is_grad_enabled():
         raise UnresolvedCheckpointingError(
-            "model.checkpointing: 'auto' is resolved before the model is built, not by the model: build it from "
-            "planning.resolve_checkpointing(cfg, batch_size) (`ebt train` plans it itself, launch/memory_plan.py) "
-            f"or set one of {', '.join(POLICIES)}")
+            "trainer.checkpointing: 'auto' is resolved before it is applied, not by the model: apply the policy that "
+            "planning.resolve_checkpointing(cfg, 'auto', batch_size) returns (`ebt train` plans it itself, "
+            f"launch/memory_plan.py) or one of {', '.join(POLICIES)}")
 
 
-def hardware_flops_per_token(cfg, policy: str | None = None) -> float:
+def hardware_flops_per_token(cfg, policy: str) -> float:
     """Model FLOPs (ebt.flops) plus what `policy` recomputes: "mcmc_step" reruns each second-order step's
     forward and inner gradient (2 of its 6 units); "block" reruns each candidate block's forward in the inner
     and in the outer backward (2 units)."""
+    arch = cfg.architecture
     from ebt.flops import expected_training_steps, forward_flops_per_token, train_flops_per_token
 
     model = train_flops_per_token(cfg)
-    name = cfg.checkpointing if policy is None else policy
-    if cfg.kind != "ebt" or name in ("none", "auto"):
+    if cfg.kind != "ebt" or policy in ("none", "auto"):
         return model
-    parsed = parse_policy(name)
-    causal_keys = (cfg.context_length + 1) / 2
-    candidate = forward_flops_per_token(cfg, causal_keys + 1) + 2 * cfg.vocab_size * cfg.dim + 2 * cfg.dim
-    second_order_steps = 1 if cfg.truncate else expected_training_steps(cfg)
+    parsed = parse_policy(policy)
+    causal_keys = (arch.context_length + 1) / 2
+    candidate = forward_flops_per_token(cfg, causal_keys + 1) + 2 * arch.vocab_size * arch.dim + 2 * arch.dim
+    second_order_steps = 1 if cfg.thinking.truncate else expected_training_steps(cfg)
     extra = 2 * parsed.step + 2 * parsed.block
     return model + extra * second_order_steps * candidate

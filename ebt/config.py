@@ -1,9 +1,27 @@
-"""`ModelConfig`: every knob of the EBT energy model, its thinking loop and the Transformer++ baseline."""
+"""`ModelConfig`: the EBT energy model and the Transformer++ baseline, in four sections.
+
+    model:
+      kind: ebt            # ebt | transformer
+      size: 4xs            # the size table's n_layers / n_heads / dim (explicit architecture keys win)
+      architecture: {...}  # ArchitectureConfig: the network both kinds share, plus the EBT's energy variant
+      thinking: {...}      # ThinkingConfig: the MCMC loop over candidates (EBT only)
+      loss: {...}          # LossConfig: what training minimises
+      replay: {...}        # ReplayConfig: the replay buffer of finished chains (EBT only)
+
+How a step is computed in memory (activation checkpointing, its recompute chunk, the memory budget) is not the
+model's business: those knobs live in the trainer's config (launch/config.py TrainerConfig) and are applied from
+outside (ebt.checkpointing.apply_checkpointing). A flat key of the earlier single-level config (`mcmc_steps`) is
+refused with one line naming its new place (`model.thinking.mcmc_steps`): MOVED_KEYS.
+
+The reference flag each option reproduces is in brackets (docs/reference-differences.md has the table).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ebt.sizes import SIZES
@@ -16,13 +34,15 @@ NORMALIZE_MODES = ("every_step", "first_step", "none")
 LANGEVIN_PLACEMENTS = ("input", "after_update")
 GRAD_CLAMP_MODES = ("max_change", "absolute")
 CONTRASTIVE_FORMS = ("softmax", "margin")
-CHECKPOINTING = ("none", "block", "mcmc_step", "block+mcmc_step", "auto")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: unknown value {value!r}; expected one of {', '.join(choices)}")
 
 
 @dataclass
-class ModelConfig:
-    kind: str = "ebt"
-    size: str | None = None
+class ArchitectureConfig:
     vocab_size: int = 512
     context_length: int = 64
     dim: int = 128
@@ -36,7 +56,7 @@ class ModelConfig:
     # reference flag weight_initialization_method=xavier); "scaled_normal" = GPT-2/Llama style N(0, init_std)
     # with residual outputs scaled by 1/sqrt(2 n_layers).
     init_scheme: str = "reference"
-    # ---- EBT energy model ----
+    # ---- the EBT's energy network ----
     variant: str = "default"  # default | time_embed | adaln  [ebt_type]
     # Candidate projection: untied Linear(V, D) as in the reference (vocab_to_embed), which also gives EBT and
     # Transformer++ equal parameter counts; True ties it to the token embedding
@@ -47,10 +67,30 @@ class ModelConfig:
     # layer; False modulates only the candidate stream, so the real stream is step-free and cached (this
     # project's variant, same parameters).
     adaln_real_stream: bool = True
-    # Rows of the time_embed/adaln step tables; None: mcmc_steps, as in the reference. Steps beyond the trained
-    # ones (System-2 inference) reuse the last trained landscape, never an untrained row.
+    # Rows of the time_embed/adaln step tables; None: thinking.mcmc_steps, as in the reference. Steps beyond the
+    # trained ones (System-2 inference) reuse the last trained landscape, never an untrained row.
     max_step_embeddings: int | None = None
-    # ---- Thinking loop (MCMC over candidates); the reference flag each option reproduces is in brackets ----
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return int(round(self.dim * self.ffn_mult))
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "context_length", "dim", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("init_scheme", self.init_scheme, INIT_SCHEMES)
+        if self.dim % self.n_heads or self.head_dim % 2:
+            raise ValueError(f"dim: {self.dim} must split into {self.n_heads} heads of even width")
+
+
+@dataclass
+class ThinkingConfig:
     mcmc_steps: int = 2  # energy landscapes (steps before repeats)  [mcmc_num_steps]
     alpha_init: float = 500.0  # [mcmc_step_size]
     alpha_min: float = 1e-4  # alpha is clamped below at this value (the reference's 0.0001)
@@ -99,50 +139,6 @@ class ModelConfig:
     # Second-order graph only on the last step, and the loss on the last step only [truncate_mcmc]. Earlier
     # steps still pass gradient to alpha and the chain unless detach_steps.
     truncate: bool = False
-    # ---- Losses ----
-    ignore_index: int = -100
-    label_smoothing_start: float = 0.0  # per-step label smoothing, linear from the first step to the last
-    label_smoothing_end: float = 0.0  # (the reference's soften_target_prob_dist s is start=s, end=0)
-    # Contrastive energy term [contrastive_loss, contrastive_loss_coeff]: "softmax" = CE over
-    # -[E(true one-hot), E(last step's candidate)] (reference); "margin" = a hinge with contrastive_margin.
-    contrastive_weight: float = 0.0
-    contrastive_form: str = "softmax"
-    contrastive_margin: float = 1.0
-    # Replay buffer [mcmc_replay_buffer, mcmc_replay_buffer_size, mcmc_replay_buffer_sample_bs_percent]: each
-    # training batch is extended by int(replay_fraction * batch) buffered sequences that continue from their
-    # stored final candidates; only fresh sequences are pushed.
-    replay_capacity: int = 0  # sequences kept (0 disables it; the reference keeps 192)
-    replay_fraction: float = 0.0
-    # Memory (ebt.checkpointing): none | block | mcmc_step | block+mcmc_step | auto. Gradients are identical
-    # under every policy; auto asks planning/ (resolved by launch before the model is built) for the fastest one
-    # whose predicted peak fits memory_budget_gb
-    # (None: the device's capacity minus a margin).
-    checkpointing: str = "none"
-    memory_budget_gb: float | None = None
-    # "mcmc_step" recomputes each step's second-order graph for this many sequences at a time (0: the whole
-    # micro-batch); smaller chunks lower the peak, results are unchanged.
-    remat_chunk: int = 0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def ffn_hidden(self) -> int:
-        return int(round(self.dim * self.ffn_mult))
-
-    @property
-    def caches_context(self) -> bool:
-        """Whether the real stream can be computed once and shared by every MCMC step."""
-        step_free = self.variant == "default" or (self.variant == "adaln" and not self.adaln_real_stream)
-        return self.kind == "ebt" and self.use_context_cache and step_free
-
-    @property
-    def step_table_rows(self) -> int:
-        return self.mcmc_steps if self.max_step_embeddings is None else self.max_step_embeddings
 
     @property
     def eval_steps(self) -> int:
@@ -158,32 +154,15 @@ class ModelConfig:
         return self.mcmc_steps + repeated * self.landscape_repeats
 
     def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind: unknown model kind {self.kind!r}; expected one of {', '.join(KINDS)}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant: unknown EBT variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
-        if self.size is not None and self.size not in SIZES:
-            raise ValueError(f"size: unknown size {self.size!r}; expected one of {', '.join(SIZES)}")
-        for name in ("vocab_size", "context_length", "dim", "n_layers", "n_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name, value, choices in (
-            ("init_scheme", self.init_scheme, INIT_SCHEMES),
             ("update_space", self.update_space, UPDATE_SPACES),
             ("normalize", self.normalize, NORMALIZE_MODES),
             ("langevin_placement", self.langevin_placement, LANGEVIN_PLACEMENTS),
             ("grad_clamp_mode", self.grad_clamp_mode, GRAD_CLAMP_MODES),
-            ("contrastive_form", self.contrastive_form, CONTRASTIVE_FORMS),
         ):
-            if value not in choices:
-                raise ValueError(f"{name}: unknown value {value!r}; expected one of {', '.join(choices)}")
+            _check_choice(name, value, choices)
         if self.mcmc_steps < 1:
             raise ValueError(f"mcmc_steps: must be >= 1, got {self.mcmc_steps}")
-        if self.dim % self.n_heads or self.head_dim % 2:
-            raise ValueError(f"dim: {self.dim} must split into {self.n_heads} heads of even width")
-        if self.max_step_embeddings is not None and self.max_step_embeddings < self.mcmc_steps:
-            raise ValueError(f"max_step_embeddings: must be >= mcmc_steps={self.mcmc_steps} (or null), got "
-                             f"{self.max_step_embeddings}")
         if self.alpha_random_scale < 1.0:
             raise ValueError(f"alpha_random_scale: must be >= 1 (1: off), got {self.alpha_random_scale}")
         if self.landscape_repeats < 0 or self.landscape_repeats_min < 0:
@@ -206,24 +185,166 @@ class ModelConfig:
             raise ValueError(f"alpha_jitter: must lie in [0, 1), got {self.alpha_jitter}")
         if self.alpha_init <= self.alpha_min:
             raise ValueError(f"alpha_init: must exceed alpha_min={self.alpha_min}, got {self.alpha_init}")
-        if self.checkpointing not in CHECKPOINTING:
-            raise ValueError(f"checkpointing: unknown policy {self.checkpointing!r}; expected one of "
-                             f"{', '.join(CHECKPOINTING)}")
-        if self.remat_chunk < 0:
-            raise ValueError(f"remat_chunk: must be >= 0 (0: whole micro-batch), got {self.remat_chunk}")
-        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
-            raise ValueError(f"memory_budget_gb: must be > 0, got {self.memory_budget_gb}")
-        if not 0.0 <= self.replay_fraction <= 1.0:
-            raise ValueError(f"replay_fraction: must lie in [0, 1], got {self.replay_fraction}")
+
+
+@dataclass
+class LossConfig:
+    ignore_index: int = -100
+    label_smoothing_start: float = 0.0  # per-step label smoothing, linear from the first step to the last
+    label_smoothing_end: float = 0.0  # (the reference's soften_target_prob_dist s is start=s, end=0)
+    # Contrastive energy term [contrastive_loss, contrastive_loss_coeff]: "softmax" = CE over
+    # -[E(true one-hot), E(last step's candidate)] (reference); "margin" = a hinge with contrastive_margin.
+    contrastive_weight: float = 0.0
+    contrastive_form: str = "softmax"
+    contrastive_margin: float = 1.0
+
+    def validate(self) -> None:
+        _check_choice("contrastive_form", self.contrastive_form, CONTRASTIVE_FORMS)
+
+
+@dataclass
+class ReplayConfig:
+    """[mcmc_replay_buffer, mcmc_replay_buffer_size, mcmc_replay_buffer_sample_bs_percent]: each training batch is
+    extended by int(fraction * batch) buffered sequences that continue from their stored final candidates; only
+    fresh sequences are pushed."""
+
+    capacity: int = 0  # sequences kept (0 disables it; the reference keeps 192)
+    fraction: float = 0.0
+
+    def validate(self) -> None:
+        if self.capacity < 0:
+            raise ValueError(f"capacity: must be >= 0 (0: off), got {self.capacity}")
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"fraction: must lie in [0, 1], got {self.fraction}")
+
+
+SECTIONS: dict[str, type] = {"architecture": ArchitectureConfig, "thinking": ThinkingConfig, "loss": LossConfig,
+                             "replay": ReplayConfig}
+
+# Where each key of the earlier flat `model:` section lives now (dotted from the top of a training config), so a
+# flat key is refused with one line naming its new place. The memory knobs left the model for the trainer.
+MOVED_KEYS: dict[str, str] = {
+    **{f.name: f"model.{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)},
+    "replay_capacity": "model.replay.capacity",
+    "replay_fraction": "model.replay.fraction",
+    "checkpointing": "trainer.checkpointing",
+    "remat_chunk": "trainer.remat_chunk",
+    "memory_budget_gb": "trainer.memory_budget_gb",
+}
+del MOVED_KEYS["capacity"], MOVED_KEYS["fraction"]
+
+
+def moved_key_message(key: str, prefix: str = "model.") -> str | None:
+    """One line for a flat key of the earlier config (None when `key` never was one)."""
+    new = MOVED_KEYS.get(key)
+    return None if new is None else f"config key '{prefix}{key}' has moved: it is now '{new}'"
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "ebt"
+    size: str | None = None
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    thinking: ThinkingConfig = field(default_factory=ThinkingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def caches_context(self) -> bool:
+        """Whether the real stream can be computed once and shared by every MCMC step."""
+        arch = self.architecture
+        step_free = arch.variant == "default" or (arch.variant == "adaln" and not arch.adaln_real_stream)
+        return self.kind == "ebt" and arch.use_context_cache and step_free
+
+    @property
+    def step_table_rows(self) -> int:
+        rows = self.architecture.max_step_embeddings
+        return self.thinking.mcmc_steps if rows is None else rows
+
+    def validate(self) -> None:
+        """Every section's checks; a failure is one `ValueError` line naming the key (`thinking.mcmc_steps: ...`)."""
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: unknown model kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.size is not None and self.size not in SIZES:
+            raise ValueError(f"size: unknown size {self.size!r}; expected one of {', '.join(SIZES)}")
+        for name, cls in SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                raise ValueError(f"{name}: expected a {cls.__name__}, got {type(section).__name__}")
+            try:
+                section.validate()
+            except ValueError as error:
+                raise ValueError(f"{name}.{error}") from None
+        rows, steps = self.architecture.max_step_embeddings, self.thinking.mcmc_steps
+        if rows is not None and rows < steps:
+            raise ValueError(f"architecture.max_step_embeddings: must be >= thinking.mcmc_steps={steps} (or null), "
+                             f"got {rows}")
+
+    # ------------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def from_size(cls, size: str, **overrides: Any) -> ModelConfig:
-        if size not in SIZES:
-            raise ValueError(f"size: unknown size {size!r}; expected one of {', '.join(SIZES)}")
-        spec = SIZES[size]
-        fields = {"size": size, "n_layers": spec.n_layers, "n_heads": spec.n_heads, "dim": spec.dim}
-        fields.update(overrides)
-        return cls(**fields)
+    def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
+        """A `model:` mapping (nested sections; `size` fills the architecture's n_layers / n_heads / dim unless
+        given) to a validated config. A flat key of the earlier config, or an unknown one, is one line."""
+        raw = dict(raw)
+        top = {f.name for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key not in top:
+                raise ValueError(moved_key_message(key) or _unknown_key(key, top, ""))
+        sections: dict[str, Any] = {}
+        for name, section_cls in SECTIONS.items():
+            values = raw.pop(name, None) or {}
+            if isinstance(values, section_cls):
+                values = dataclasses.asdict(values)
+            if not isinstance(values, Mapping):
+                raise ValueError(f"config key 'model.{name}': expected a mapping, got {type(values).__name__}")
+            names = {f.name for f in dataclasses.fields(section_cls)}
+            for key in values:
+                if key not in names:
+                    raise ValueError(_unknown_key(key, names, f"{name}."))
+            sections[name] = dict(values)
+        size = raw.get("size")
+        if size is not None:
+            if size not in SIZES:
+                close = difflib.get_close_matches(str(size), list(SIZES), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(SIZES)}"
+                raise ValueError(f"size: unknown size {size!r}{hint}")
+            spec = SIZES[size]
+            sections["architecture"] = {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "dim": spec.dim,
+                                        **sections["architecture"]}
+        built = {name: SECTIONS[name](**values) for name, values in sections.items()}
+        return cls(**raw, **built)
+
+    @classmethod
+    def from_size(cls, size: str, kind: str = "ebt", **sections: Mapping[str, Any]) -> ModelConfig:
+        """`ModelConfig.from_size("4xs", architecture={"vocab_size": 2048}, thinking={"mcmc_steps": 3})`."""
+        return cls.from_dict({"kind": kind, "size": size, **sections})
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `kind`/`size` replaced and sections updated key by key:
+        `cfg.replace(thinking={"mcmc_steps": 3})` keeps every other thinking key. A new `size` brings its own
+        n_layers / n_heads / dim unless `architecture` names them."""
+        raw = self.to_dict()
+        if changes.get("size") is not None:
+            for key in ("n_layers", "n_heads", "dim"):
+                del raw["architecture"][key]
+        for key, value in changes.items():
+            if key in SECTIONS and isinstance(value, Mapping):
+                raw[key] = {**raw[key], **value}
+            else:
+                raw[key] = value
+        return ModelConfig.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _unknown_key(key: str, names: set[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.5)
+    elsewhere = [new for old, new in MOVED_KEYS.items() if old == key]
+    hint = f"; did you mean '{elsewhere[0]}'?" if elsewhere else (
+        f"; did you mean 'model.{prefix}{close[0]}'?" if close else "")
+    return f"unknown config key 'model.{prefix}{key}'{hint}"

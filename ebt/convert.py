@@ -38,28 +38,28 @@ def key_map(cfg: ModelConfig) -> dict[str, str]:
     if cfg.kind == "transformer":
         names = {"embeddings.weight": "tok_emb.weight", "transformer.norm.weight": "final_norm.weight",
                  "output.weight": "head.weight"}
-        for i in range(cfg.n_layers):
+        for i in range(cfg.architecture.n_layers):
             names.update(_block_map(f"transformer.layers.{i}", f"blocks.{i}"))
         return names
     e = "energy_model"
     names = {"alpha": "alpha_raw", "embeddings.weight": f"{e}.tok_emb.weight",
              "transformer.norm.weight": f"{e}.final_norm.weight"}
-    if cfg.langevin_learnable:
+    if cfg.thinking.langevin_learnable:
         names["langevin_dynamics_noise_std"] = "langevin_std_raw"
-    if not cfg.tie_candidate_embedding:
+    if not cfg.architecture.tie_candidate_embedding:
         names["vocab_to_embed.weight"] = f"{e}.cand_proj.weight"
-    for i in range(cfg.n_layers):
+    for i in range(cfg.architecture.n_layers):
         names.update(_block_map(f"transformer.layers.{i}", f"{e}.blocks.{i}"))
-    if cfg.variant == "adaln":
+    if cfg.architecture.variant == "adaln":
         names["transformer.final_layer.linear.weight"] = f"{e}.energy_head.weight"
         names["transformer.time_embeddings.weight"] = f"{e}.step_emb.weight"
         for suffix in ("weight", "bias"):
             names[f"transformer.final_layer.adaLN_modulation.1.{suffix}"] = f"{e}.adaln_final.{suffix}"
-            for i in range(cfg.n_layers):
+            for i in range(cfg.architecture.n_layers):
                 names[f"transformer.layers.{i}.adaLN_modulation.1.{suffix}"] = f"{e}.adaln.{i}.{suffix}"
     else:
         names["transformer.final_layer.weight"] = f"{e}.energy_head.weight"
-        if cfg.variant == "time_embed":
+        if cfg.architecture.variant == "time_embed":
             names["transformer.time_embeddings.weight"] = f"{e}.step_tokens"
     return names
 
@@ -67,7 +67,7 @@ def key_map(cfg: ModelConfig) -> dict[str, str]:
 def from_reference(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """This project's state dict for `cfg` from a reference one; extra reference entries (a frozen Langevin std)
     are dropped, a missing one raises KeyError naming it."""
-    permutation = rotary_permutation(cfg.n_heads, cfg.head_dim)
+    permutation = rotary_permutation(cfg.architecture.n_heads, cfg.architecture.head_dim)
     out = {}
     for theirs, ours in key_map(cfg).items():
         if theirs not in state:

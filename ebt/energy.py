@@ -45,41 +45,43 @@ class RealContext:
 
 class EnergyTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
+        arch = cfg.architecture
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_emb = nn.Embedding(arch.vocab_size, arch.dim)
         # The reference's vocab_to_embed: candidate distribution [V] -> embedding [D], untied by default.
-        self.cand_proj = None if cfg.tie_candidate_embedding else nn.Linear(cfg.vocab_size, cfg.dim, bias=False)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.cand_proj = None if arch.tie_candidate_embedding else nn.Linear(arch.vocab_size, arch.dim, bias=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(arch.n_layers))
+        self.final_norm = RMSNorm(arch.dim, arch.norm_eps)
         # No bias: a bias only shifts E, never receives a gradient, and then breaks DDP (measured on 2 gloo
         # ranks: a silently wrong first step, then "Expected to have finished reduction";
         # tests/launch/test_train_parity.py guards it).
-        self.energy_head = nn.Linear(cfg.dim, 1, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length + 2, cfg.rope_theta)
+        self.energy_head = nn.Linear(arch.dim, 1, bias=False)
+        self.rope = RotaryEmbedding(arch.head_dim, arch.context_length + 2, arch.rope_theta)
         self.step_tokens = None
         self.step_emb = None
         self.adaln = None
         self.adaln_final = None
         rows = cfg.step_table_rows
-        if cfg.variant == "time_embed":
-            self.step_tokens = nn.Parameter(torch.empty(rows, cfg.dim))
-        elif cfg.variant == "adaln":
-            self.step_emb = nn.Embedding(rows, cfg.dim)
-            self.adaln = nn.ModuleList(nn.Linear(cfg.dim, 6 * cfg.dim) for _ in range(cfg.n_layers))
-            self.adaln_final = nn.Linear(cfg.dim, 2 * cfg.dim)
-        # Set by ebt.checkpointing from cfg.checkpointing ("block" policies); a runtime switch, not a weight.
+        if arch.variant == "time_embed":
+            self.step_tokens = nn.Parameter(torch.empty(rows, arch.dim))
+        elif arch.variant == "adaln":
+            self.step_emb = nn.Embedding(rows, arch.dim)
+            self.adaln = nn.ModuleList(nn.Linear(arch.dim, 6 * arch.dim) for _ in range(arch.n_layers))
+            self.adaln_final = nn.Linear(arch.dim, 2 * arch.dim)
+        # Set by ebt.checkpointing from trainer.checkpointing ("block" policies); a runtime switch, not a weight.
         self.checkpoint_blocks = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         cfg = self.cfg
+        arch = cfg.architecture
         init_weights(self, cfg)
         if self.step_tokens is not None:  # the reference's time embeddings are an nn.Embedding
-            nn.init.normal_(self.step_tokens, mean=0.0, std=1.0 if cfg.init_scheme == "reference" else cfg.init_std)
+            nn.init.normal_(self.step_tokens, mean=0.0, std=1.0 if arch.init_scheme == "reference" else arch.init_std)
         if self.adaln is None:
             return
-        if cfg.init_scheme == "reference":  # the reference leaves its adaLN linears at PyTorch's default init
+        if arch.init_scheme == "reference":  # the reference leaves its adaLN linears at PyTorch's default init
             for linear in (*self.adaln, self.adaln_final):
                 linear.reset_parameters()
             return
@@ -88,14 +90,14 @@ class EnergyTransformer(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
         for linear in self.adaln:
-            gates = linear.bias.view(6, cfg.dim)
+            gates = linear.bias.view(6, arch.dim)
             nn.init.ones_(gates[2])
             nn.init.ones_(gates[5])
 
     def step_index(self, step: int) -> int:
         # Steps past the trained landscapes (System-2 inference) reuse the last trained one: rows beyond
         # mcmc_steps - 1 never receive a gradient.
-        return min(step, self.cfg.mcmc_steps - 1)
+        return min(step, self.cfg.thinking.mcmc_steps - 1)
 
     def modulations(self, step: int) -> list[Modulation] | None:
         """Per-block adaLN (shift, scale, gate) x (attention, MLP) for `step`; None without adaln."""
@@ -121,14 +123,14 @@ class EnergyTransformer(nn.Module):
             step_token = self.step_tokens[self.step_index(step)]
             hidden = torch.cat((step_token.expand(hidden.shape[0], 1, -1), hidden), dim=1)
             offset = 1
-        modulations = self.modulations(step) if self.cfg.adaln_real_stream else None
+        modulations = self.modulations(step) if self.cfg.architecture.adaln_real_stream else None
         _, cache = causal_stack(self.blocks, self.rope, hidden, need_output=False, modulations=modulations)
         return RealContext([k for k, _ in cache], [v for _, v in cache], offset)
 
     def extend_context(self, context: RealContext, new_tokens: torch.Tensor, step: int = 0) -> RealContext:
         """The context after appending `new_tokens` [B, n], computing only the new positions (generation)."""
         past = list(zip(context.keys, context.values, strict=True))
-        modulations = self.modulations(step) if self.cfg.adaln_real_stream else None
+        modulations = self.modulations(step) if self.cfg.architecture.adaln_real_stream else None
         _, cache = causal_stack(self.blocks, self.rope, self.tok_emb(new_tokens), past, need_output=False,
                                 modulations=modulations)
         return RealContext([k for k, _ in cache], [v for _, v in cache], context.offset)

@@ -17,57 +17,62 @@ from ebt.config import ModelConfig
 
 def block_matmul_params(cfg: ModelConfig) -> int:
     """Weights touched by matmuls in one block: q, k, v, o and the three SwiGLU projections."""
-    return 4 * cfg.dim * cfg.dim + 3 * cfg.dim * cfg.ffn_hidden
+    arch = cfg.architecture
+    return 4 * arch.dim * arch.dim + 3 * arch.dim * arch.ffn_hidden
 
 
 def parameter_count(cfg: ModelConfig) -> int:
     """Exact trainable parameter count of build_model(cfg) (checked in tests)."""
-    per_block = block_matmul_params(cfg) + 2 * cfg.dim  # plus two RMSNorm weights
-    total = cfg.n_layers * per_block + cfg.vocab_size * cfg.dim + cfg.dim  # embedding, final norm
+    arch = cfg.architecture
+    per_block = block_matmul_params(cfg) + 2 * arch.dim  # plus two RMSNorm weights
+    total = arch.n_layers * per_block + arch.vocab_size * arch.dim + arch.dim  # embedding, final norm
     if cfg.kind == "transformer":
-        return total + cfg.vocab_size * cfg.dim  # untied head
-    total += cfg.dim + 1 + int(cfg.langevin_learnable)  # energy head, alpha, a learnable noise std
-    if not cfg.tie_candidate_embedding:
-        total += cfg.vocab_size * cfg.dim
-    if cfg.variant == "time_embed":
-        total += cfg.step_table_rows * cfg.dim
-    elif cfg.variant == "adaln":  # step table, per block (D -> 6D) and final (D -> 2D) modulations with biases
-        total += cfg.step_table_rows * cfg.dim + cfg.n_layers * 6 * cfg.dim * (cfg.dim + 1)
-        total += 2 * cfg.dim * (cfg.dim + 1)
+        return total + arch.vocab_size * arch.dim  # untied head
+    total += arch.dim + 1 + int(cfg.thinking.langevin_learnable)  # energy head, alpha, a learnable noise std
+    if not arch.tie_candidate_embedding:
+        total += arch.vocab_size * arch.dim
+    if arch.variant == "time_embed":
+        total += cfg.step_table_rows * arch.dim
+    elif arch.variant == "adaln":  # step table, per block (D -> 6D) and final (D -> 2D) modulations with biases
+        total += cfg.step_table_rows * arch.dim + arch.n_layers * 6 * arch.dim * (arch.dim + 1)
+        total += 2 * arch.dim * (arch.dim + 1)
     return total
 
 
 def forward_flops_per_token(cfg: ModelConfig, visible_keys: float) -> float:
     """One forward of the block stack for one position that attends to `visible_keys` keys on average."""
-    linear = 2 * cfg.n_layers * block_matmul_params(cfg)
-    attention = 2 * 2 * cfg.n_layers * cfg.dim * visible_keys  # scores and weighted values
+    arch = cfg.architecture
+    linear = 2 * arch.n_layers * block_matmul_params(cfg)
+    attention = 2 * 2 * arch.n_layers * arch.dim * visible_keys  # scores and weighted values
     return linear + attention
 
 
 def expected_training_steps(cfg: ModelConfig) -> float:
     """Steps a training forward runs on average: repeated landscapes run U{max(min, 1)..R + 1} times each (the
     last only, with landscape_repeats_final_only), random_steps_min draws K ~ U{min..mcmc_steps}."""
-    if cfg.landscape_repeats:
-        repeats = (max(cfg.landscape_repeats_min, 1) + cfg.landscape_repeats + 1) / 2
-        repeated = 1 if cfg.landscape_repeats_final_only else cfg.mcmc_steps
-        return cfg.mcmc_steps - repeated + repeated * repeats
-    if cfg.random_steps_min is not None:
-        return (cfg.random_steps_min + cfg.mcmc_steps) / 2
-    return float(cfg.mcmc_steps)
+    think = cfg.thinking
+    if think.landscape_repeats:
+        repeats = (max(think.landscape_repeats_min, 1) + think.landscape_repeats + 1) / 2
+        repeated = 1 if think.landscape_repeats_final_only else think.mcmc_steps
+        return think.mcmc_steps - repeated + repeated * repeats
+    if think.random_steps_min is not None:
+        return (think.random_steps_min + think.mcmc_steps) / 2
+    return float(think.mcmc_steps)
 
 
 def train_flops_per_token(cfg: ModelConfig, mcmc_steps: float | None = None) -> float:
     """FLOPs of one training step divided by the tokens it predicts (the average step, for random counts)."""
-    seq = cfg.context_length
+    arch = cfg.architecture
+    seq = arch.context_length
     causal_keys = (seq + 1) / 2
-    vocab_matmul = 2 * cfg.vocab_size * cfg.dim
+    vocab_matmul = 2 * arch.vocab_size * arch.dim
     if cfg.kind == "transformer":
         return 3 * (forward_flops_per_token(cfg, causal_keys) + vocab_matmul)
     steps = expected_training_steps(cfg) if mcmc_steps is None else mcmc_steps
     real = forward_flops_per_token(cfg, causal_keys)
-    candidate = forward_flops_per_token(cfg, causal_keys + 1) + vocab_matmul + 2 * cfg.dim
+    candidate = forward_flops_per_token(cfg, causal_keys + 1) + vocab_matmul + 2 * arch.dim
     real_passes = 1 if cfg.caches_context else steps
-    if cfg.truncate:
+    if cfg.thinking.truncate:
         # Earlier steps run forward + inner gradient only (2 units); the last step is second-order.
         return 3 * real_passes * real + 2 * (steps - 1) * candidate + 6 * candidate
     return 3 * real_passes * real + 6 * steps * candidate

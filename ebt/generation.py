@@ -56,7 +56,7 @@ class Thinking:
         """The thinking steps a model of model_cfg runs: these, else the trained ones; 0 for a Transformer++."""
         if model_cfg.kind != "ebt":
             return 0
-        return self.steps if self.steps is not None else model_cfg.eval_steps
+        return self.steps if self.steps is not None else model_cfg.thinking.eval_steps
 
 
 def prompt_seed(prompt: Sequence[int], seed: int) -> int:

@@ -135,17 +135,17 @@ def think(
     infer_langevin_first_step (see `descend` and `inference_step_size`).
     """
     cfg = model.cfg
-    check_tokens("tokens", tokens, cfg.vocab_size, cfg.context_length)
+    check_tokens("tokens", tokens, cfg.architecture.vocab_size, cfg.architecture.context_length)
     check_positive_int("steps", steps, minimum=0)
     check_positive_int("samples", samples)
     if selection not in SELECTIONS:
         raise ValueError(f"selection: unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
     batch, length = tokens.shape
     if starts is None:
-        starts = prefix_keyed_starts(tokens, seed, samples, cfg.vocab_size, cfg.init_logit_std,
+        starts = prefix_keyed_starts(tokens, seed, samples, cfg.architecture.vocab_size, cfg.thinking.init_logit_std,
                                      model.alpha_raw.dtype)
-    elif tuple(starts.shape) != (batch, samples, length, cfg.vocab_size):
-        expected = (batch, samples, length, cfg.vocab_size)
+    elif tuple(starts.shape) != (batch, samples, length, cfg.architecture.vocab_size):
+        expected = (batch, samples, length, cfg.architecture.vocab_size)
         raise ValueError(f"starts: expected shape {expected}, got {tuple(starts.shape)}")
     flat_tokens = tokens.repeat_interleave(samples, dim=0)
     energy_fn = model.energy_fn(flat_tokens)
@@ -154,7 +154,7 @@ def think(
         starts.flatten(0, 1),
         steps,
         inference_step_size(model, alpha_override),
-        trained_landscapes=cfg.mcmc_steps,
+        trained_landscapes=cfg.thinking.mcmc_steps,
         loop=model.thinking_loop,
         accept_lower=accept_lower,
         noise=noise,
@@ -163,9 +163,9 @@ def think(
         generator=generator,
     )
     energies = energies.view(steps + 1, batch, samples, length).permute(1, 2, 0, 3)
-    logits = logits.view(batch, samples, length, cfg.vocab_size)
+    logits = logits.view(batch, samples, length, cfg.architecture.vocab_size)
     chosen = select_samples(energies, selection)
-    picked = logits.gather(1, chosen[:, None, :, None].expand(-1, 1, -1, cfg.vocab_size)).squeeze(1)
+    picked = logits.gather(1, chosen[:, None, :, None].expand(-1, 1, -1, cfg.architecture.vocab_size)).squeeze(1)
     final_energy = energies[:, :, -1].gather(1, chosen[:, None, :]).squeeze(1)
     return ThinkResult(picked, energies, chosen, final_energy)
 
@@ -210,16 +210,17 @@ def generate(
     without it.
     """
     cfg = model.cfg
-    check_tokens("prompt", prompt, cfg.vocab_size, cfg.context_length)
+    check_tokens("prompt", prompt, cfg.architecture.vocab_size, cfg.architecture.context_length)
     check_positive_int("max_new_tokens", max_new_tokens)
-    if prompt.shape[1] + max_new_tokens > cfg.context_length:
-        raise ValueError(f"max_new_tokens: prompt + {max_new_tokens} exceeds context_length {cfg.context_length}")
+    if prompt.shape[1] + max_new_tokens > cfg.architecture.context_length:
+        raise ValueError(f"max_new_tokens: prompt + {max_new_tokens} exceeds context_length "
+                         f"{cfg.architecture.context_length}")
     if cfg.kind == "transformer":
         return _generate_transformer(model, prompt, max_new_tokens, temperature, top_p, generator, on_token)
-    steps = cfg.eval_steps if steps is None else steps
+    steps = cfg.thinking.eval_steps if steps is None else steps
     check_positive_int("steps", steps, minimum=0)
     energy_model = model.energy_model
-    last = cfg.mcmc_steps - 1
+    last = cfg.thinking.mcmc_steps - 1
     step_keys = sorted({min(n, last) for n in range(steps)} | {last}) if not cfg.caches_context else [0]
     contexts = {k: energy_model.context(prompt.repeat_interleave(samples, 0), k) for k in step_keys}
     keys = PrefixKeys(prompt, seed, samples)
@@ -234,11 +235,12 @@ def generate(
             context = contexts[step if step in contexts else 0]
             return energy_model.candidate_energies(context, probs, step, candidate_index=index)
 
-        starts = keys.starts(cfg.vocab_size, cfg.init_logit_std, dtype)[:, None]  # [B * samples, 1, V]
+        vocab, std = cfg.architecture.vocab_size, cfg.thinking.init_logit_std
+        starts = keys.starts(vocab, std, dtype)[:, None]  # [B * samples, 1, V]
         # With one chain nothing is selected, so its final point needs no energy (one evaluation per token).
-        logits, energies = descend(energy_fn, starts, steps, step_size, trained_landscapes=cfg.mcmc_steps,
+        logits, energies = descend(energy_fn, starts, steps, step_size, trained_landscapes=cfg.thinking.mcmc_steps,
                                    loop=model.thinking_loop, bound=bound, score_final=samples > 1)
-        logits = logits.view(batch, samples, cfg.vocab_size)
+        logits = logits.view(batch, samples, cfg.architecture.vocab_size)
         if samples > 1:
             energies = energies.view(steps + 1, batch, samples, 1).permute(1, 2, 0, 3)
             logits = logits[rows, select_samples(energies, selection)[:, 0]]

@@ -59,14 +59,14 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        dim, hidden = cfg.dim, cfg.ffn_hidden
-        self.n_heads = cfg.n_heads
-        self.attn_norm = RMSNorm(dim, cfg.norm_eps)
+        dim, hidden = cfg.architecture.dim, cfg.architecture.ffn_hidden
+        self.n_heads = cfg.architecture.n_heads
+        self.attn_norm = RMSNorm(dim, cfg.architecture.norm_eps)
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
-        self.ffn_norm = RMSNorm(dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(dim, cfg.architecture.norm_eps)
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
@@ -94,15 +94,16 @@ def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
     "scaled_normal": GPT-2/Llama style N(0, init_std), residual outputs (wo, w2) scaled by 1/sqrt(2 n_layers)
     so the residual stream's variance does not grow with depth.
     """
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    residual_std = cfg.architecture.init_std / math.sqrt(2 * cfg.architecture.n_layers)
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            if cfg.init_scheme == "reference":
+            if cfg.architecture.init_scheme == "reference":
                 nn.init.xavier_normal_(sub.weight)
             else:
-                std = residual_std if name.endswith(("wo", "w2")) else cfg.init_std
+                std = residual_std if name.endswith(("wo", "w2")) else cfg.architecture.init_std
                 nn.init.normal_(sub.weight, mean=0.0, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.Embedding):
-            nn.init.normal_(sub.weight, mean=0.0, std=1.0 if cfg.init_scheme == "reference" else cfg.init_std)
+            nn.init.normal_(sub.weight, mean=0.0,
+                            std=1.0 if cfg.architecture.init_scheme == "reference" else cfg.architecture.init_std)

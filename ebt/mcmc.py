@@ -104,8 +104,9 @@ class ThinkingLoop:
 
     @classmethod
     def from_config(cls, cfg) -> ThinkingLoop:
-        return cls(cfg.update_space, cfg.normalize, cfg.detach_steps, cfg.truncate, cfg.langevin_placement,
-                   cfg.candidate_clamp)
+        think = cfg.thinking
+        return cls(think.update_space, think.normalize, think.detach_steps, think.truncate, think.langevin_placement,
+                   think.candidate_clamp)
 
     def rule(self, executed_step: int) -> StepRule:
         normalize = self.normalize == "every_step" or (self.normalize == "first_step" and executed_step == 0)

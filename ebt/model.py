@@ -61,21 +61,22 @@ def _finite_chains(final: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
 
 class EnergyBasedTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
+        think = cfg.thinking
         super().__init__()
         self.cfg = cfg
         self.energy_model = EnergyTransformer(cfg)
         # The MCMC step size; the optimizer gives parameters named *alpha* their own LR multiplier.
-        self.alpha_raw = nn.Parameter(torch.tensor(float(cfg.alpha_init)))
+        self.alpha_raw = nn.Parameter(torch.tensor(float(think.alpha_init)))
         # The reference's learnable Langevin std (langevin_dynamics_noise_learnable); a plain float otherwise.
         self.langevin_std_raw = (
-            nn.Parameter(torch.tensor(float(cfg.langevin_noise_std))) if cfg.langevin_learnable else None
+            nn.Parameter(torch.tensor(float(think.langevin_noise_std))) if think.langevin_learnable else None
         )
         self.replay_buffer = (
-            ReplayBuffer(cfg.replay_capacity, cfg.replay_fraction) if cfg.replay_capacity > 0 else None
+            ReplayBuffer(cfg.replay.capacity, cfg.replay.fraction) if cfg.replay.capacity > 0 else None
         )
         self.thinking_loop = ThinkingLoop.from_config(cfg)
-        # Activation checkpointing, set once from outside by ebt.checkpointing.apply_checkpointing (ebt.build_model
-        # applies cfg.checkpointing); runtime switches, not weights. checkpoint_policy None is an unresolved
+        # Activation checkpointing, set once from outside by ebt.checkpointing.apply_checkpointing (the trainer
+        # applies trainer.checkpointing); runtime switches, not weights. checkpoint_policy None is an unresolved
         # "auto": the model never plans, a training forward refuses it (ebt.checkpointing.check_resolved).
         self.checkpoint_policy: Policy | None = Policy(block=False, step=False)
         self.remat_chunk = 0  # sequences per "mcmc_step" recompute chunk (0: the whole batch)
@@ -83,28 +84,28 @@ class EnergyBasedTransformer(nn.Module):
 
     @property
     def alpha(self) -> torch.Tensor:
-        return self.alpha_raw.clamp(min=self.cfg.alpha_min)
+        return self.alpha_raw.clamp(min=self.cfg.thinking.alpha_min)
 
     @property
     def langevin_std(self) -> float | torch.Tensor:
         if self.langevin_std_raw is None:
-            return self.cfg.langevin_noise_std
+            return self.cfg.thinking.langevin_noise_std
         return self.langevin_std_raw.clamp(min=1e-6)  # the reference's floor
 
     def grad_bound(self) -> float | torch.Tensor | None:
         """The inner-gradient clamp: grad_clamp, or grad_clamp / alpha (the reference's max change per step)."""
         cfg = self.cfg
-        if cfg.grad_clamp is None:
+        if cfg.thinking.grad_clamp is None:
             return None
-        if cfg.grad_clamp_mode == "absolute":
-            return cfg.grad_clamp
-        return cfg.grad_clamp / self.alpha_raw  # the raw parameter, as the reference (not the per-token alpha)
+        if cfg.thinking.grad_clamp_mode == "absolute":
+            return cfg.thinking.grad_clamp
+        return cfg.thinking.grad_clamp / self.alpha_raw  # the raw parameter, as the reference (not the per-token alpha)
 
     # ---- energies ------------------------------------------------------------------------------------------
     def energies(self, tokens: torch.Tensor, candidate_probs: torch.Tensor, step: int = 0) -> torch.Tensor:
         """E [B, S] of candidate distributions [B, S, V]; candidate i is a guess for token i+1."""
-        check_tokens("tokens", tokens, self.cfg.vocab_size, self.cfg.context_length)
-        check_candidates("candidate_probs", candidate_probs, *tokens.shape, self.cfg.vocab_size)
+        check_tokens("tokens", tokens, self.cfg.architecture.vocab_size, self.cfg.architecture.context_length)
+        check_candidates("candidate_probs", candidate_probs, *tokens.shape, self.cfg.architecture.vocab_size)
         check_positive_int("step", step, minimum=0)
         return self.energy_model.candidate_energies(self.energy_model.context(tokens, step), candidate_probs, step)
 
@@ -118,35 +119,35 @@ class EnergyBasedTransformer(nn.Module):
     def landscape_plan(self, training: bool, draws: Draws) -> list[int]:
         """The landscape of every step one forward runs (see ModelConfig.landscape_repeats)."""
         cfg = self.cfg
-        last = cfg.mcmc_steps - 1
-        if cfg.landscape_repeats:
-            most = cfg.landscape_repeats + 1
+        last = cfg.thinking.mcmc_steps - 1
+        if cfg.thinking.landscape_repeats:
+            most = cfg.thinking.landscape_repeats + 1
             plan: list[int] = []
-            for landscape in range(cfg.mcmc_steps):
+            for landscape in range(cfg.thinking.mcmc_steps):
                 if not training:
                     repeats = most if landscape == last else 1
-                elif cfg.landscape_repeats_final_only and landscape != last:
+                elif cfg.thinking.landscape_repeats_final_only and landscape != last:
                     repeats = 1
                 else:
-                    repeats = draws.repeats(landscape, max(cfg.landscape_repeats_min, 1), most)
+                    repeats = draws.repeats(landscape, max(cfg.thinking.landscape_repeats_min, 1), most)
                 plan.extend([landscape] * repeats)
             return plan
-        steps = cfg.mcmc_steps
-        if training and cfg.random_steps_min is not None:
-            steps = draws.step_count(cfg.random_steps_min, cfg.mcmc_steps)
+        steps = cfg.thinking.mcmc_steps
+        if training and cfg.thinking.random_steps_min is not None:
+            steps = draws.step_count(cfg.thinking.random_steps_min, cfg.thinking.mcmc_steps)
         return list(range(steps))
 
     def step_size(self, shape: tuple[int, ...], training: bool, draws: Draws) -> torch.Tensor:
         """alpha, or per-token alpha [B, S, 1] under the training-time randomisations."""
         cfg = self.cfg
         alpha = self.alpha
-        if training and cfg.alpha_random_scale != 1.0:
-            scale = cfg.alpha_random_scale
+        if training and cfg.thinking.alpha_random_scale != 1.0:
+            scale = cfg.thinking.alpha_random_scale
             low, high = alpha / scale, alpha * scale
             return low + draws.alpha_uniform(shape, alpha) * (high - low)
-        if training and cfg.alpha_jitter > 0:
+        if training and cfg.thinking.alpha_jitter > 0:
             jitter = draws.alpha_uniform(shape, alpha)
-            return alpha * (1 - cfg.alpha_jitter + 2 * cfg.alpha_jitter * jitter)
+            return alpha * (1 - cfg.thinking.alpha_jitter + 2 * cfg.thinking.alpha_jitter * jitter)
         return alpha
 
     # ---- training loss -------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ class EnergyBasedTransformer(nn.Module):
         the loop); False (what `forward` passes) reports it as metrics["nonfinite"] instead.
         """
         cfg = self.cfg
-        check_tokens("tokens", tokens, cfg.vocab_size, cfg.context_length + 1)
+        check_tokens("tokens", tokens, cfg.architecture.vocab_size, cfg.architecture.context_length + 1)
         if tokens.shape[1] < 2:
             raise ValueError(f"tokens: need at least 2 positions (inputs + targets), got {tokens.shape[1]}")
         draws = Draws() if draws is None else draws
@@ -185,12 +186,13 @@ class EnergyBasedTransformer(nn.Module):
         fresh = tokens.shape[0]
         length = tokens.shape[1] - 1
         if init_logits is None:
-            init_logits = draws.starts((fresh, length, cfg.vocab_size), self.alpha_raw, cfg.init_logit_std)
+            init_logits = draws.starts((fresh, length, cfg.architecture.vocab_size), self.alpha_raw,
+                                       cfg.thinking.init_logit_std)
         else:
-            check_candidates("init_logits", init_logits, fresh, length, cfg.vocab_size)
+            check_candidates("init_logits", init_logits, fresh, length, cfg.architecture.vocab_size)
         fresh_tokens, replayed = tokens, 0
         if training and self.replay_buffer is not None:
-            count = min(int(cfg.replay_fraction * fresh), len(self.replay_buffer))
+            count = min(int(cfg.replay.fraction * fresh), len(self.replay_buffer))
             indices = draws.replay_indices(len(self.replay_buffer), count) if count else None
             tokens, init_logits, replayed = self.replay_buffer.mix(tokens, init_logits, indices)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -199,7 +201,7 @@ class EnergyBasedTransformer(nn.Module):
 
         check_resolved(self)  # an unresolved "auto" is planned before building (planning), never here
         energy = self.energy_fn(inputs)
-        noise_std = self.langevin_std if training or cfg.langevin_in_eval else 0.0
+        noise_std = self.langevin_std if training or cfg.thinking.langevin_in_eval else 0.0
         monitor = NonFiniteMonitor()
         trajectory = run_mcmc(
             energy,
@@ -217,8 +219,8 @@ class EnergyBasedTransformer(nn.Module):
         if check_finite:
             monitor.raise_if_nonfinite()
         loss, metrics = self._trajectory_loss(trajectory, targets)
-        if cfg.contrastive_weight > 0:
-            loss = loss + cfg.contrastive_weight * self._contrastive(energy, trajectory, targets)
+        if cfg.loss.contrastive_weight > 0:
+            loss = loss + cfg.loss.contrastive_weight * self._contrastive(energy, trajectory, targets)
         if training and self.replay_buffer is not None:
             self.replay_buffer.push(fresh_tokens, _finite_chains(trajectory.logits[-1][:fresh], init_logits[:fresh]))
         metrics.update(alpha=self.alpha.detach(), replayed=float(replayed), mcmc_steps=float(len(plan)))
@@ -230,17 +232,17 @@ class EnergyBasedTransformer(nn.Module):
     def _trajectory_loss(self, trajectory: Trajectory, targets: torch.Tensor):
         cfg = self.cfg
         steps = len(trajectory.logits)
-        smoothing = smoothing_schedule(cfg.label_smoothing_start, cfg.label_smoothing_end, steps)
+        smoothing = smoothing_schedule(cfg.loss.label_smoothing_start, cfg.loss.label_smoothing_end, steps)
         metrics: dict[str, torch.Tensor | float] = {}
         step_losses = []
         for step, logits in enumerate(trajectory.logits):
-            ce = token_cross_entropy(logits, targets, cfg.ignore_index, smoothing[step])
+            ce = token_cross_entropy(logits, targets, cfg.loss.ignore_index, smoothing[step])
             step_losses.append(ce)
             if smoothing[step] > 0:
                 with torch.no_grad():
-                    ce = token_cross_entropy(logits, targets, cfg.ignore_index)
+                    ce = token_cross_entropy(logits, targets, cfg.loss.ignore_index)
             metrics[f"ce_step_{step}"] = ce.detach()
-        loss = step_losses[-1] if cfg.truncate else torch.stack(step_losses).mean()
+        loss = step_losses[-1] if cfg.thinking.truncate else torch.stack(step_losses).mean()
         final_ce = metrics[f"ce_step_{steps - 1}"]
         metrics.update(loss=loss.detach(), ce=final_ce, ppl=final_ce.exp())
         return loss, metrics
@@ -248,14 +250,14 @@ class EnergyBasedTransformer(nn.Module):
     def _contrastive(self, energy, trajectory: Trajectory, targets: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         dtype = self.alpha_raw.dtype
-        mask = targets != cfg.ignore_index
-        true_probs = torch.nn.functional.one_hot(targets.clamp(min=0), cfg.vocab_size).to(dtype)
+        mask = targets != cfg.loss.ignore_index
+        true_probs = torch.nn.functional.one_hot(targets.clamp(min=0), cfg.architecture.vocab_size).to(dtype)
         last = len(trajectory.logits) - 1
-        true_energy = energy(true_probs, cfg.mcmc_steps - 1)
-        if cfg.contrastive_form == "margin":
+        true_energy = energy(true_probs, cfg.thinking.mcmc_steps - 1)
+        if cfg.loss.contrastive_form == "margin":
             final_probs = torch.softmax(trajectory.logits[-1].detach(), dim=-1)
             predicted_energy = energy(final_probs, trajectory.landscapes[-1])
-            return contrastive_energy_loss(true_energy, predicted_energy, mask.to(dtype), cfg.contrastive_margin)
+            return contrastive_energy_loss(true_energy, predicted_energy, mask.to(dtype), cfg.loss.contrastive_margin)
         # The reference: E of the last step's candidate, with its graph (recomputed here, so any step runner
         # works), against E of the true one-hot, as a 2-way CE over negative energies.
         last_candidate = candidate(trajectory.last_input, self.thinking_loop.rule(last))

@@ -16,11 +16,12 @@ class TransformerPlusPlus(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.context_length + 1, cfg.rope_theta)
+        self.tok_emb = nn.Embedding(cfg.architecture.vocab_size, cfg.architecture.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.architecture.n_layers))
+        self.final_norm = RMSNorm(cfg.architecture.dim, cfg.architecture.norm_eps)
+        self.head = nn.Linear(cfg.architecture.dim, cfg.architecture.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.architecture.head_dim, cfg.architecture.context_length + 1,
+                                    cfg.architecture.rope_theta)
         init_weights(self, cfg)
 
     def logits(self, tokens: torch.Tensor, past: KeyValues | None = None) -> tuple[torch.Tensor, KeyValues]:
@@ -31,10 +32,10 @@ class TransformerPlusPlus(nn.Module):
         return self.loss(tokens)
 
     def loss(self, tokens: torch.Tensor):
-        check_tokens("tokens", tokens, self.cfg.vocab_size, self.cfg.context_length + 1)
+        check_tokens("tokens", tokens, self.cfg.architecture.vocab_size, self.cfg.architecture.context_length + 1)
         if tokens.shape[1] < 2:
             raise ValueError(f"tokens: need at least 2 positions (inputs + targets), got {tokens.shape[1]}")
         logits, _ = self.logits(tokens[:, :-1])
-        loss = token_cross_entropy(logits, tokens[:, 1:], self.cfg.ignore_index)
+        loss = token_cross_entropy(logits, tokens[:, 1:], self.cfg.loss.ignore_index)
         ce = loss.detach()  # metrics stay on the device (no host sync per step); reporters convert them
         return loss, {"loss": ce, "ce": ce, "ppl": ce.exp()}

@@ -111,10 +111,11 @@ def _starts(batch: torch.Tensor, model_cfg, seed: int, samples: int, dtype: torc
     (seed, m, the sequence), as the trainer's validation keys sample 0 (ebt.starts.eval_starts)."""
     from ebt.starts import eval_starts
 
-    shape = (batch.shape[0], samples, batch.shape[1] - 1, model_cfg.vocab_size)
-    if model_cfg.init_logit_std == 0:
+    shape = (batch.shape[0], samples, batch.shape[1] - 1, model_cfg.architecture.vocab_size)
+    if model_cfg.thinking.init_logit_std == 0:
         return torch.zeros(shape, dtype=dtype)
-    return torch.stack([eval_starts(batch, seed, m, model_cfg.vocab_size, model_cfg.init_logit_std, dtype)
+    return torch.stack([eval_starts(batch, seed, m, model_cfg.architecture.vocab_size,
+                                    model_cfg.thinking.init_logit_std, dtype)
                         for m in range(samples)], dim=1)
 
 
@@ -122,8 +123,8 @@ def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress
     """Perplexity (Transformer++) or the thinking grid (EBT) over an iterable of LongTensor[B, S+1]."""
     settings.validate()
     is_ebt = model_cfg.kind == "ebt"
-    cells = grid_cells(settings, model_cfg.eval_steps) if is_ebt else []
-    ignore = model_cfg.ignore_index
+    cells = grid_cells(settings, model_cfg.thinking.eval_steps) if is_ebt else []
+    ignore = model_cfg.loss.ignore_index
     nll = {c.key(): TokenNLL(ignore) for c in cells} if is_ebt else {"plain": TokenNLL(ignore)}
     energies = {c.key(): EnergySums() for c in cells}
     max_samples = max((c.samples for c in cells), default=1)
@@ -165,7 +166,7 @@ def evaluate_batches(model, model_cfg, batches, settings: EvalSettings, progress
              "loss": nll[c.key()].loss, "ppl": nll[c.key()].ppl, "mean_energy_per_step": energies[c.key()].means()}
             for c in cells]
     base = next(g for g in grid if (g["steps"], g["samples"], g["selection"], g["accept_lower"])
-                == (model_cfg.eval_steps, 1, "none", False))
+                == (model_cfg.thinking.eval_steps, 1, "none", False))
     for g in grid:
         g["gain_pct"] = 100.0 * (base["ppl"] - g["ppl"]) / base["ppl"]
     best = min(grid, key=lambda g: g["ppl"])
@@ -247,13 +248,13 @@ def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings:
     torch.manual_seed(settings.seed)
     path = resolve_checkpoint(checkpoint)
     model, model_cfg = load_model(path, device=settings.device)
-    specs = resolve_sources(path, data, ood, settings, model_vocab=model_cfg.vocab_size)
+    specs = resolve_sources(path, data, ood, settings, model_vocab=model_cfg.architecture.vocab_size)
     # Every source is opened before any is evaluated: a glob that matches nothing, a missing path or shards of
     # another tokenizer fail at once, not after the in-distribution evaluation.
-    loaders = [_open(spec, model_cfg.context_length, settings.batch_size) for spec in specs]
+    loaders = [_open(spec, model_cfg.architecture.context_length, settings.batch_size) for spec in specs]
     is_ebt = model_cfg.kind == "ebt"
     settings = _resolve_samples(settings, model_cfg) if is_ebt else settings
-    n_cells = len(grid_cells(settings, model_cfg.eval_steps)) if is_ebt else 1
+    n_cells = len(grid_cells(settings, model_cfg.thinking.eval_steps)) if is_ebt else 1
     results = []
     with EvalProgress(enabled=progress) as bar:
         for spec, loader in zip(specs, loaders, strict=True):
@@ -270,7 +271,7 @@ def run_eval(checkpoint: str | Path, data: str | None, ood: list[str], settings:
     report = {
         "schema": EVAL_SCHEMA, "checkpoint": str(path), "run": _run_name(path), "kind": model_cfg.kind,
         "size": model_cfg.size, "n_params": parameter_count(model_cfg),
-        "mcmc_steps": model_cfg.eval_steps if is_ebt else None,  # the System-1 steps (repeats included)
+        "mcmc_steps": model_cfg.thinking.eval_steps if is_ebt else None,  # the System-1 steps (repeats included)
         "settings": dataclasses.asdict(settings), "sources": results,
     }
     out = Path(out_path) if out_path else path / "eval.json"
@@ -292,18 +293,18 @@ def _open(spec: SourceSpec, context_length: int, batch_size: int):
 
 def _resolve_samples(settings: EvalSettings, model_cfg) -> EvalSettings:
     """The sample counts to evaluate; with identical chains the default grid keeps one sample (said once)."""
-    same_chain = model_cfg.init_logit_std == 0 and settings.noise == 0
+    same_chain = model_cfg.thinking.init_logit_std == 0 and settings.noise == 0
     if settings.samples is None:
         if same_chain:
-            print("ebt eval: note: the checkpoint's model.init_logit_std is 0 and --noise is 0, so every sample "
-                  "of a cell would be the same chain; evaluating 1 sample only (pass --noise to compare samples, "
-                  "or --samples to evaluate more anyway)", file=sys.stderr)
+            print("ebt eval: note: the checkpoint's model.thinking.init_logit_std is 0 and --noise is 0, so every "
+                  "sample of a cell would be the same chain; evaluating 1 sample only (pass --noise to compare "
+                  "samples, or --samples to evaluate more anyway)", file=sys.stderr)
             return dataclasses.replace(settings, samples=[1])
         return dataclasses.replace(settings, samples=list(DEFAULT_SAMPLES))
     if same_chain and max(settings.samples) > 1:
         # Every chain then starts from the same uniform logits and follows the same deterministic descent.
-        print("ebt eval: warning: the checkpoint's model.init_logit_std is 0 and --noise is 0, so all samples of "
-              "a cell are the same chain and the samples/selection columns repeat one result; pass --noise "
+        print("ebt eval: warning: the checkpoint's model.thinking.init_logit_std is 0 and --noise is 0, so all "
+              "samples of a cell are the same chain and the samples/selection columns repeat one result; pass --noise "
               "(or train with init_logit_std > 0) to compare samples", file=sys.stderr)
     return settings
 

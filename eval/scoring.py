@@ -51,7 +51,7 @@ class Scorer(TextModel):
 
         path = resolve_checkpoint(checkpoint)
         model, cfg = load_model(path, device=device)
-        found = find_tokenizer(path, tokenizer, model_vocab=cfg.vocab_size)
+        found = find_tokenizer(path, tokenizer, model_vocab=cfg.architecture.vocab_size)
         scorer = cls(model, cfg, found, thinking, batch_size)
         scorer.checkpoint = path
         return scorer

@@ -150,7 +150,10 @@ def record_from_run_dir(run_dir: Path) -> RunRecord:
     data = yaml.safe_load(config_path.read_text()) or {}
     if not isinstance(data.get("model"), dict):
         raise ValueError(f"{config_path}: no model section")
-    cfg = ModelConfig(**data["model"])
+    try:
+        cfg = ModelConfig.from_dict(data["model"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{config_path}: {str(error).splitlines()[0]}") from None
     rows = read_metrics(run_dir)
     final = next((r for r in reversed(rows) if r.get("final")), None)
     train = [r for r in rows if not r.get("final") and "loss" in r]

@@ -473,7 +473,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, force: bool = Fals
         from launch.run_dir import copy_tokenizer
 
         try:
-            copy_tokenizer(find_tokenizer(source, model_vocab=cfg.vocab_size), tmp)
+            copy_tokenizer(find_tokenizer(source, model_vocab=cfg.architecture.vocab_size), tmp)
         except (ValueError, FileNotFoundError):
             pass
         check_export_target(out, force)  # again, just before the swap: files that appeared meanwhile are kept

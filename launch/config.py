@@ -25,6 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline import DataConfig
 from ebt import ModelConfig
+from ebt.checkpointing import POLICIES
+from ebt.config import moved_key_message
 from ebt.sizes import SIZES
 from fsutil import atomic_write_text
 from launch.allocator import CHOICES as ALLOCATOR_CHOICES
@@ -68,9 +70,15 @@ class TrainerConfig:
     # Peak FLOP/s of one device for MFU; 0 measures a matmul at start-up (CPU) or uses a known table (CUDA).
     peak_flops: float = 0.0
     num_workers: int = 0
-    # Per-rank memory budget for model.checkpointing=auto, which then also picks the micro-batch (a divisor of
-    # micro_batch_size x grad_accum_steps; launch/memory_plan.py). None: model.memory_budget_gb, else the
-    # device's capacity minus a margin.
+    # How a step is held in memory (ebt/checkpointing.py), never what it computes: none | block | mcmc_step |
+    # block+mcmc_step | auto. Gradients are identical under every policy, so resuming may change it. auto asks
+    # planning/ for the fastest policy, recompute chunk and micro-batch (a divisor of micro_batch_size x
+    # grad_accum_steps) whose predicted peak fits memory_budget_gb (launch/memory_plan.py).
+    checkpointing: str = "none"
+    # "mcmc_step" policies recompute each step's second-order graph this many sequences at a time (0: the whole
+    # micro-batch); smaller chunks lower the peak, results are unchanged.
+    remat_chunk: int = 0
+    # Per-rank memory budget for checkpointing=auto. None: the device's capacity minus a margin.
     memory_budget_gb: float | None = None
     # Host allocator of a CPU training process started by `ebt train`: auto (tcmalloc, else jemalloc, else the
     # C library's) | tcmalloc | jemalloc | system. glibc's heap fragments under second-order training
@@ -160,9 +168,17 @@ def _check_keys(raw: Any, schema: type, prefix: str = "") -> None:
     for key, value in raw.items():
         if key not in names:
             full = f"{prefix}{key}"
+            moved = moved_key_message(key, prefix) if prefix == "model." else None
+            if moved:  # a key of the earlier flat model section: say where it lives now
+                raise ValueError(moved)
             # A key given in the wrong section (`lr=...` for `optim.lr`) first, then typos within the section.
             elsewhere = [k for k in _all_keys(TrainConfig) if k.endswith(f".{key}")]
-            close = elsewhere or difflib.get_close_matches(full, [f"{prefix}{n}" for n in names], n=1, cutoff=0.5)
+            # Typos are matched on the key's own name among this section's keys and those of its subsections, so
+            # `model.n_layer` finds `model.architecture.n_layers` rather than a look-alike section name.
+            # A close name in the section itself wins (`modle` -> `model`, not `data.mode`).
+            below = {k.rsplit(".", 1)[-1]: f"{prefix}{k}" for k in reversed(_all_keys(schema))}
+            close = (elsewhere or difflib.get_close_matches(full, [f"{prefix}{n}" for n in names], n=1, cutoff=0.75)
+                     or [below[m] for m in difflib.get_close_matches(key, list(below), n=1, cutoff=0.5)])
             suggestion = f"; did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"unknown config key '{full}'{suggestion}")
         sub = _dataclass_type(hints[key])
@@ -319,13 +335,14 @@ def structured(schema: type[T], raw: dict, prefix: str = "", *, interpolate: boo
     except (ValueError, TypeError) as error:  # the dataclass's own __post_init__ validation
         msg = str(error).splitlines()[0]
         name, sep, rest = msg.partition(": ")
-        if sep and name.isidentifier():  # ModelConfig style "dim: must ..." -> name the full key
+        if sep and all(part.isidentifier() for part in name.split(".")):  # "architecture.dim: must ..." -> full key
             raise ValueError(f"config key '{prefix}{name}': {rest}") from None
         raise ValueError(msg if prefix and msg.startswith(prefix) else f"{prefix}{msg}") from None
 
 
 def _model_from_raw(raw: dict) -> ModelConfig:
-    """Size-table dims first, explicit keys on top, so `size: xs` plus `dim: 512` means what it says."""
+    """Size-table dims first, explicit keys on top, so `size: xs` plus `architecture.dim: 512` means what it
+    says. OmegaConf checks and converts the values' types; ModelConfig validates the result."""
     size = raw.get("size")
     base: dict = {}
     if size is not None:
@@ -334,9 +351,8 @@ def _model_from_raw(raw: dict) -> ModelConfig:
             hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(SIZES)}"
             raise ValueError(f"config key 'model.size': unknown size {size!r}{hint}")
         spec = SIZES[size]
-        base = {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "dim": spec.dim}
-    model = structured(ModelConfig, _merge(base, raw), "model.")
-    return model
+        base = {"architecture": {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "dim": spec.dim}}
+    return structured(ModelConfig, _merge(base, raw), "model.")
 
 
 def build_config(raw: dict) -> TrainConfig:
@@ -346,7 +362,7 @@ def build_config(raw: dict) -> TrainConfig:
     model_raw = raw.pop("model", None) or {}
     cfg: TrainConfig = structured(TrainConfig, {k: v for k, v in raw.items()}, "")
     # The model's vocabulary follows the tokenizer's unless set explicitly.
-    model_raw = {"vocab_size": cfg.data.vocab_size, **model_raw}
+    model_raw = _merge({"architecture": {"vocab_size": cfg.data.vocab_size}}, model_raw)
     cfg.model = _model_from_raw(model_raw)
     validate(cfg)
     return cfg
@@ -401,12 +417,17 @@ def validate(cfg: TrainConfig) -> None:
             raise _err(key, f"must be >= 0, got {value}")
     if t.cpu_allocator not in ALLOCATOR_CHOICES:
         raise _err("trainer.cpu_allocator", f"must be auto, tcmalloc, jemalloc or system, got {t.cpu_allocator!r}")
+    if t.checkpointing not in (*POLICIES, "auto"):
+        raise _err("trainer.checkpointing", f"unknown policy {t.checkpointing!r}; expected one of "
+                   f"{', '.join((*POLICIES, 'auto'))}")
+    if t.remat_chunk < 0:
+        raise _err("trainer.remat_chunk", f"must be >= 0 (0: whole micro-batch), got {t.remat_chunk}")
     if t.memory_budget_gb is not None:
         if not t.memory_budget_gb > 0:
             raise _err("trainer.memory_budget_gb", f"must be > 0, got {t.memory_budget_gb}")
-        if cfg.model.checkpointing != "auto":
-            raise _err("trainer.memory_budget_gb", "is only used with model.checkpointing=auto, not "
-                       f"{cfg.model.checkpointing!r}")
+        if t.checkpointing != "auto":
+            raise _err("trainer.memory_budget_gb", "is only used with trainer.checkpointing=auto, not "
+                       f"{t.checkpointing!r}")
     if o.lr is not None and not o.lr > 0:
         raise _err("optim.lr", f"must be > 0, got {o.lr}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
@@ -443,8 +464,8 @@ def validate(cfg: TrainConfig) -> None:
                    f"not {d.strategy!r}")
     if d.fsdp_regather and d.strategy != "fsdp":
         raise _err("distributed.fsdp_regather", f"is only used with distributed.strategy=fsdp, not {d.strategy!r}")
-    if cfg.model.context_length < 2:
-        raise _err("model.context_length", "must be >= 2")
+    if cfg.model.architecture.context_length < 2:
+        raise _err("model.architecture.context_length", "must be >= 2")
 
 
 def deepspeed_stage(path: str) -> int:
@@ -458,8 +479,14 @@ def deepspeed_stage(path: str) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-# Memory settings (ebt.checkpointing) change how a step is computed, never its result: resuming may change them.
-MODEL_RESUME_KEYS_IGNORED: tuple[str, ...] = ("checkpointing", "memory_budget_gb", "remat_chunk")
+def _dotted(tree: dict, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def check_resume_compatible(saved: dict, cfg: TrainConfig, run_dir: Path, world_changed: bool = False) -> None:
@@ -469,12 +496,14 @@ def check_resume_compatible(saved: dict, cfg: TrainConfig, run_dir: Path, world_
     global batch is then micro_batch_size x grad_accum_steps x ranks, so these two may change with it (the
     trainer logs the old and new global batch; keeping it equal continues the same optimisation)."""
     current = config_to_dict(cfg)
-    for section in ("model",):
-        for key, old in saved.get(section, {}).items():
-            new = current[section].get(key)
-            if key not in MODEL_RESUME_KEYS_IGNORED and old != new:
-                raise ValueError(f"config key '{section}.{key}': the run in {run_dir} was trained with {old!r} "
-                                 f"but this config says {new!r}; pick a new name= or remove the run dir")
+    # The memory knobs (trainer.checkpointing, remat_chunk, memory_budget_gb) change how a step is computed,
+    # never its result, and are not compared: resuming may change them.
+    now = _dotted(current["model"], "model.")
+    for key, old in _dotted(saved.get("model", {}), "model.").items():
+        new = now.get(key)
+        if old != new:
+            raise ValueError(f"config key '{key}': the run in {run_dir} was trained with {old!r} "
+                             f"but this config says {new!r}; pick a new name= or remove the run dir")
     for key in ("seed",) if world_changed else ("micro_batch_size", "grad_accum_steps", "seed"):
         old, new = saved.get("trainer", {}).get(key), current["trainer"][key]
         if old is not None and old != new:

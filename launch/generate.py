@@ -31,23 +31,25 @@ def _generate(args: argparse.Namespace) -> int:
         for option, value in (("--steps", args.steps), ("--samples", args.samples)):
             if value is not None:
                 raise ValueError(f"{option}: a Transformer++ does not think; it is only used with an EBT checkpoint")
-    tokenizer = find_tokenizer(path, args.tokenizer, model_vocab=cfg.vocab_size)
+    tokenizer = find_tokenizer(path, args.tokenizer, model_vocab=cfg.architecture.vocab_size)
     torch.set_flush_denormal(True)
     thinking = Thinking(steps=args.steps, samples=args.samples or 1, seed=args.seed)
-    if cfg.kind == "ebt" and cfg.init_logit_std == 0 and thinking.samples > 1:
-        print("ebt generate: note: the checkpoint's model.init_logit_std is 0, so all --samples chains start from "
-              "the same logits and agree; one sample gives the same text", file=sys.stderr)
+    if cfg.kind == "ebt" and cfg.thinking.init_logit_std == 0 and thinking.samples > 1:
+        print("ebt generate: note: the checkpoint's model.thinking.init_logit_std is 0, so all --samples chains "
+              "start from the same logits and agree; one sample gives the same text", file=sys.stderr)
     text_model = TextModel(model, cfg, tokenizer, thinking)
     prompt = text_model.encode(args.prompt)
     # The prompt follows the end-of-document token (TextModel.generate), as every document in training does.
-    room = cfg.context_length - 1 - len(prompt)
+    room = cfg.architecture.context_length - 1 - len(prompt)
     if room < 1:
         raise ValueError(f"--prompt: {len(prompt)} tokens leave no room in the model's context of "
-                         f"{cfg.context_length} tokens (model.context_length); shorten the prompt")
+                         f"{cfg.architecture.context_length} tokens (model.architecture.context_length); shorten the "
+                         "prompt")
     wanted = args.max_new_tokens if args.max_new_tokens is not None else min(DEFAULT_MAX_NEW_TOKENS, room)
     if wanted > room:
         raise ValueError(f"--max-new-tokens: {wanted} does not fit: the prompt is {len(prompt)} tokens and the "
-                         f"model's context {cfg.context_length} (model.context_length); at most {room}")
+                         f"model's context {cfg.architecture.context_length} (model.architecture.context_length); "
+                         f"at most {room}")
 
     def show(text: str) -> None:
         sys.stdout.write(text)

@@ -1,11 +1,11 @@
-"""`model.checkpointing: auto` in the trainer: choose the recompute policy, its chunk and the micro-batch once,
+"""`trainer.checkpointing: auto` in the trainer: choose the recompute policy, its chunk and the micro-batch once,
 before the model, the optimizer and the data loader are built.
 
 The per-rank batch (trainer.micro_batch_size x trainer.grad_accum_steps) is what the user fixed: it sets the
 global batch and so the optimisation. `auto` only decides how that batch is computed. It takes the largest
 micro-batch that divides it and whose predicted peak (planning) fits the budget under some policy, then the
-fastest such policy; accumulation makes up the rest. The budget is trainer.memory_budget_gb, else
-model.memory_budget_gb, else the device's capacity minus a margin (on CPU: available memory shared by the
+fastest such policy; accumulation makes up the rest. The budget is trainer.memory_budget_gb, else the
+device's capacity minus a margin (on CPU: available memory shared by the
 ranks on the node). Under distributed.strategy=fsdp the prediction is per rank with parameters and optimizer
 state sharded over the world size (planning.state_bytes).
 
@@ -49,7 +49,7 @@ class MemoryPlan:
 
 
 def configured_budget_gb(cfg: TrainConfig) -> float | None:
-    return cfg.trainer.memory_budget_gb if cfg.trainer.memory_budget_gb is not None else cfg.model.memory_budget_gb
+    return cfg.trainer.memory_budget_gb
 
 
 def default_budget_gb(device: torch.device) -> float:
@@ -81,11 +81,11 @@ def make_plan(cfg: TrainConfig, device: torch.device) -> MemoryPlan:
     try:
         chosen = plan(cfg.model, per_rank, device, budget, divides=per_rank, shard_world=shard_world(cfg))
     except ValueError:
-        key = "trainer.memory_budget_gb" if explicit is not None else "model.checkpointing"
+        key = "trainer.memory_budget_gb" if explicit is not None else "trainer.checkpointing"
         raise ValueError(f"config key '{key}': {budget:.2f} GB does not fit micro-batch 1 under any "
-                         f"checkpointing policy (model {cfg.model.size or f'dim {cfg.model.dim}'}, context "
-                         f"{cfg.model.context_length}, K={cfg.model.mcmc_steps}); raise the budget or shrink "
-                         "the model") from None
+                         f"checkpointing policy (model {cfg.model.size or f'dim {cfg.model.architecture.dim}'}, "
+                         f"context {cfg.model.architecture.context_length}, K={cfg.model.thinking.mcmc_steps}); raise "
+                         "the budget or shrink the model") from None
     return MemoryPlan(chosen.policy, chosen.remat_chunk, chosen.micro_batch_size,
                       per_rank // chosen.micro_batch_size, chosen.predicted_peak_gb, budget, explicit is not None)
 
@@ -116,8 +116,8 @@ def reusable(saved: MemoryPlan | None, cfg: TrainConfig) -> bool:
 
 
 def resolve(cfg: TrainConfig, device: torch.device, resuming: bool) -> MemoryPlan | None:
-    """This rank's plan (None unless model.checkpointing is auto): the saved one when resuming allows it."""
-    if cfg.model.checkpointing != "auto":
+    """This rank's plan (None unless trainer.checkpointing is auto): the saved one when resuming allows it."""
+    if cfg.trainer.checkpointing != "auto":
         return None
     saved = load_plan(cfg.run_dir) if resuming else None
     return saved if reusable(saved, cfg) else make_plan(cfg, device)
@@ -127,8 +127,8 @@ def apply(cfg: TrainConfig, plan: MemoryPlan | None) -> TrainConfig:
     """The config the trainer computes with: concrete policy, chunk, micro-batch and accumulation."""
     if plan is None:
         return cfg
-    model = dataclasses.replace(cfg.model, checkpointing=plan.policy, remat_chunk=plan.remat_chunk)
     # The budget has done its work: the applied config is a plain, explicit one (and validates as such).
-    trainer = dataclasses.replace(cfg.trainer, micro_batch_size=plan.micro_batch_size,
-                                  grad_accum_steps=plan.grad_accum_steps, memory_budget_gb=None)
-    return dataclasses.replace(cfg, model=model, trainer=trainer)
+    trainer = dataclasses.replace(cfg.trainer, checkpointing=plan.policy, remat_chunk=plan.remat_chunk,
+                                  micro_batch_size=plan.micro_batch_size, grad_accum_steps=plan.grad_accum_steps,
+                                  memory_budget_gb=None)
+    return dataclasses.replace(cfg, trainer=trainer)

@@ -15,7 +15,7 @@ from launch.schedule import group_peak_lr
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """Groups with their own peak LR and weight decay.
 
-    alpha (any parameter named *alpha*): LR x model.alpha_lr_mult and no decay; decaying a step size toward 0
+    alpha (any parameter named *alpha*): LR x model.thinking.alpha_lr_mult and no decay; decaying a step size toward 0
     would fight the MCMC. Norm gains and biases (1-D tensors): no decay unless optim.decay_norms_and_biases.
     """
     decay, no_decay, alpha = [], [], []

@@ -92,7 +92,10 @@ def model_config(checkpoint: Path) -> ModelConfig:
     section = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{path}: no model section")
-    return ModelConfig(**section)
+    try:
+        return ModelConfig.from_dict(section)
+    except (ValueError, TypeError) as error:  # e.g. a flat key of a config written before the sections
+        raise ValueError(f"{path}: {str(error).splitlines()[0]}") from None
 
 
 def data_config(checkpoint: Path) -> DataConfig | None:

@@ -65,7 +65,7 @@ class TextModel:
 
     @property
     def context_length(self) -> int:
-        return self.cfg.context_length
+        return self.cfg.architecture.context_length
 
     def encode(self, text: str) -> list[int]:
         return list(self.processor.encode(text))

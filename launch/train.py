@@ -101,9 +101,10 @@ def preflight(cfg: TrainConfig, ranks_here: int | None = None) -> None:
 
 
 def _check_data(cfg: TrainConfig) -> None:
-    """Prepare the data and refuse a run whose train or val split serves no window of model.context_length + 1
-    tokens. Validation first reads the val split at the first evaluation, by default after the last step, so an
-    empty one (data.source a single .txt file: one document) failed a run that had trained every step (issue 21).
+    """Prepare the data and refuse a run whose train or val split serves no window of
+    model.architecture.context_length + 1 tokens. Validation first reads the val split at the first evaluation, by
+    default after the last step, so an empty one (data.source a single .txt file: one document) failed a run that
+    had trained every step (issue 21).
     A source that leaves a split empty is refused before anything is prepared for it (require_splits); prepared
     shards are checked from their manifest, so a read-only cache that holds them serves as it is."""
     import dataclasses
@@ -113,7 +114,7 @@ def _check_data(cfg: TrainConfig) -> None:
     # Progress from the first rank only, as Trainer.setup_data does; every rank prepares under the data lock.
     progress = cfg.data.progress and int(os.environ.get("RANK", "0")) == 0
     prepare_if_needed(dataclasses.replace(cfg.data, progress=progress), require_splits=True)
-    check_splits(cfg.data, cfg.model.context_length)
+    check_splits(cfg.data, cfg.model.architecture.context_length)
 
 
 def _check_runs_dir(cfg: TrainConfig) -> None:
@@ -144,9 +145,10 @@ def _check_vocab(cfg: TrainConfig) -> None:
         vocab, where = load_meta(data.tokenizer).vocab_size, f"the tokenizer {data.tokenizer}"
     else:
         vocab, where = data.vocab_size, "the tokenizer (data.vocab_size)"
-    if cfg.model.vocab_size != vocab:
-        raise ValueError(f"config key 'model.vocab_size': {cfg.model.vocab_size} differs from the {vocab} pieces "
-                         f"of {where}; leave model.vocab_size unset to follow the tokenizer")
+    if cfg.model.architecture.vocab_size != vocab:
+        raise ValueError(f"config key 'model.architecture.vocab_size': {cfg.model.architecture.vocab_size} differs "
+                         f"from the {vocab} pieces of {where}; leave model.architecture.vocab_size unset to follow the "
+                         "tokenizer")
 
 
 def _planning_device():
@@ -161,7 +163,7 @@ def _check_memory(cfg: TrainConfig, ranks_here: int | None) -> None:
     """An explicit checkpointing policy at trainer.micro_batch_size must fit the machine (auto plans its own
     micro-batch and refuses by itself). Only the clearly impossible is refused: the prediction is compared with
     all the memory available, not with a budget, and bf16 activations are counted at 2 bytes."""
-    if cfg.model.checkpointing == "auto" or cfg.distributed.strategy != "ddp":
+    if cfg.trainer.checkpointing == "auto" or cfg.distributed.strategy != "ddp":
         return  # ZeRO shards the optimizer state, which the planner counts whole
     import planning
     from launch.distributed import resolve_precision
@@ -171,19 +173,20 @@ def _check_memory(cfg: TrainConfig, ranks_here: int | None) -> None:
     try:
         precision = resolve_precision(cfg.trainer.precision, device.type == "cuda")
         dtype_bytes = 2 if precision == "bf16" else 4
-        predicted = planning.predict_peak_bytes(cfg.model, cfg.model.checkpointing, cfg.trainer.micro_batch_size,
-                                                device, dtype_bytes=dtype_bytes)
+        predicted = planning.predict_peak_bytes(cfg.model, cfg.trainer.checkpointing, cfg.trainer.micro_batch_size,
+                                                device, dtype_bytes=dtype_bytes, remat_chunk=cfg.trainer.remat_chunk)
         available = planning.device_capacity_bytes(device) / ranks
     except Exception:  # noqa: BLE001 - a config the planner cannot model is left to the run itself
         return
     if predicted > available:
         where = f"{device.type} memory" + (f" per rank ({ranks} ranks on this machine)" if ranks > 1 else "")
         raise ValueError(
-            f"config key 'model.context_length': a training step at context length {cfg.model.context_length} "
+            "config key 'model.architecture.context_length': a training step at context length "
+            f"{cfg.model.architecture.context_length} "
             f"with micro-batch {cfg.trainer.micro_batch_size} (trainer.micro_batch_size) is predicted to peak at "
-            f"{predicted / 1e9:,.1f} GB (planning, checkpointing {cfg.model.checkpointing}), but only "
-            f"{available / 1e9:,.1f} GB of {where} is available; lower model.context_length or "
-            "trainer.micro_batch_size, or set model.checkpointing=auto to recompute and split the batch")
+            f"{predicted / 1e9:,.1f} GB (planning, checkpointing {cfg.trainer.checkpointing}), but only "
+            f"{available / 1e9:,.1f} GB of {where} is available; lower model.architecture.context_length or "
+            "trainer.micro_batch_size, or set trainer.checkpointing=auto to recompute and split the batch")
 
 
 def _launch_local_processes(args: argparse.Namespace) -> int:
@@ -298,7 +301,7 @@ def _global_batch_note(cfg: TrainConfig, nproc: int) -> str:
             if t.micro_batch_size % nproc == 0 else "")
     return (f"ebt train: --nproc {nproc}: trainer.micro_batch_size={t.micro_batch_size} is per process, so a step "
             f"takes {nproc} x {t.micro_batch_size} x {t.grad_accum_steps} (grad_accum_steps) = {nproc * one} "
-            f"sequences of {cfg.model.context_length} tokens, {nproc}x the batch of one process{hint}")
+            f"sequences of {cfg.model.architecture.context_length} tokens, {nproc}x the batch of one process{hint}")
 
 
 def _use_configured_cpu_allocator(cfg: TrainConfig) -> str | None:

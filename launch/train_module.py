@@ -49,7 +49,7 @@ class TrainModule:
         return float(loss) * count, count
 
     def _targets(self, tokens: torch.Tensor) -> int:
-        return int((tokens[:, 1:] != self.model_cfg.ignore_index).sum())
+        return int((tokens[:, 1:] != self.model_cfg.loss.ignore_index).sum())
 
     def flops_per_token(self) -> float:
         return train_flops_per_token(self.model_cfg)
@@ -71,15 +71,15 @@ class EBTTrainModule(TrainModule):
     def loss(self, wrapped: nn.Module, tokens: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, dict]:
         step = kwargs.pop("step", None)
         cfg = self.model_cfg
-        if step is not None and "init_logits" not in kwargs and cfg.init_logit_std > 0:
-            kwargs["init_logits"] = sequence_keyed_starts(tokens, self.seed, step, cfg.vocab_size,
-                                                          cfg.init_logit_std, torch.float32)
+        if step is not None and "init_logits" not in kwargs and cfg.thinking.init_logit_std > 0:
+            kwargs["init_logits"] = sequence_keyed_starts(tokens, self.seed, step, cfg.architecture.vocab_size,
+                                                          cfg.thinking.init_logit_std, torch.float32)
         return super().loss(wrapped, tokens, **kwargs)
 
     @property
     def metric_keys(self) -> tuple[str, ...]:  # type: ignore[override]
         # Every step a forward can run (repeated landscapes add steps); rows omit those no micro-batch ran.
-        steps = tuple(f"ce_step_{k}" for k in range(self.model_cfg.max_executed_steps))
+        steps = tuple(f"ce_step_{k}" for k in range(self.model_cfg.thinking.max_executed_steps))
         return ("loss", "ppl", "alpha", "energy_gap") + steps
 
     @torch.no_grad()
@@ -92,10 +92,11 @@ class EBTTrainModule(TrainModule):
         if count == 0:
             return 0.0, 0
         dtype = model.alpha_raw.dtype
-        if cfg.init_logit_std > 0:
-            starts = eval_starts(tokens, EVAL_START_SEED, 0, cfg.vocab_size, cfg.init_logit_std, dtype)
+        if cfg.thinking.init_logit_std > 0:
+            starts = eval_starts(tokens, EVAL_START_SEED, 0, cfg.architecture.vocab_size, cfg.thinking.init_logit_std,
+                                 dtype)
         else:  # zeros, as the model would draw them, without touching any RNG stream (CUDA's included)
-            starts = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, cfg.vocab_size, dtype=dtype,
+            starts = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, cfg.architecture.vocab_size, dtype=dtype,
                                  device=tokens.device)
         _, metrics = model.loss(tokens, init_logits=starts)
         return float(metrics.get("ce", metrics["loss"])) * count, count

@@ -32,6 +32,7 @@ import torch
 import data_pipeline
 from data_pipeline.loader import global_eval_share
 from ebt import build_model
+from ebt.checkpointing import apply_checkpointing
 from launch import memory_plan
 from launch.callbacks import PREEMPTED, Callback, default_callbacks
 from launch.callbacks.checkpoint import INTERRUPTED
@@ -204,9 +205,11 @@ class Trainer:
         rank."""
         cfg = self.cfg
         seed_everything(cfg.trainer.seed)  # same seed everywhere: identical initial weights without a broadcast
-        # build_model applies cfg.model's activation checkpointing once (ebt.checkpointing.apply_checkpointing).
-        # The policy is concrete here: "auto" was planned for this micro-batch in __init__ (launch/memory_plan.py).
         model = build_model(cfg.model)
+        # Memory policy from outside the model, once (as torchtitan applies activation checkpointing). It is
+        # concrete here: "auto" was planned for this micro-batch in __init__ (launch/memory_plan.py).
+        if cfg.model.kind == "ebt":
+            apply_checkpointing(model, cfg.trainer.checkpointing, cfg.trainer.remat_chunk)
         self.raw_model = model
         self.module = make_train_module(cfg.model, cfg.trainer.seed)
         # As torchtitan's parallelize_fn: parallelism that changes the parameters (sharding) goes on the built
@@ -219,7 +222,8 @@ class Trainer:
         self.strategy.wrap(model, optimizer)
         self.model.train()
         t = cfg.trainer
-        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * cfg.model.context_length
+        context = cfg.model.architecture.context_length
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum_steps * self.world * context
         self.flops_per_token = self.module.flops_per_token()
         # MFU's peak in the precision the step's matmuls run in (the autocast dtype of the mixed precision, else
         # the parameters'): the data sheet on known GPUs, on CPU a calibration load cannot lower; trainer.peak_flops
@@ -237,11 +241,12 @@ class Trainer:
         # wait on that lock, which has no collective timeout (a long tokenisation must not trip
         # distributed.timeout_s), and ranks on nodes without a shared filesystem prepare their own copy.
         data_pipeline.prepare_if_needed(dataclasses.replace(cfg.data, progress=cfg.data.progress and self.is_main))
-        if cfg.model.vocab_size != data_pipeline.vocab_size(cfg.data):
-            raise ValueError(f"config key 'model.vocab_size': {cfg.model.vocab_size} differs from the tokenizer's "
-                             f"{data_pipeline.vocab_size(cfg.data)} (data.vocab_size)")
+        if cfg.model.architecture.vocab_size != data_pipeline.vocab_size(cfg.data):
+            raise ValueError(f"config key 'model.architecture.vocab_size': {cfg.model.architecture.vocab_size} "
+                             f"differs from the tokenizer's {data_pipeline.vocab_size(cfg.data)} (data.vocab_size)")
         self.loader = data_pipeline.build_loader(
-            cfg.data, split="train", context_length=cfg.model.context_length, micro_batch_size=t.micro_batch_size,
+            cfg.data, split="train", context_length=cfg.model.architecture.context_length,
+            micro_batch_size=t.micro_batch_size,
             rank=self.rank, world_size=self.world, seed=t.seed, num_workers=t.num_workers)
 
     def _resume(self) -> None:
@@ -431,7 +436,7 @@ class Trainer:
         with self.strategy.gathered(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.trainer.seed + 17)
             whole = data_pipeline.build_eval_loader(
-                cfg.data, split="val", context_length=cfg.model.context_length,
+                cfg.data, split="val", context_length=cfg.model.architecture.context_length,
                 micro_batch_size=cfg.trainer.micro_batch_size, rank=0, world_size=1)
             share = global_eval_share(whole, limit=self.eval_sequences(), rank=self.rank, world_size=self.world,
                                       batch_size=cfg.trainer.micro_batch_size)

@@ -33,10 +33,10 @@ from planning.host import DEFAULT_MARGIN
 
 # Bump whenever a change to tracing, rescaling, the constants or the search can change what a plan says: every
 # cached plan is then made afresh.
-PLANNER_VERSION = 2  # 2: the replay buffer is counted (planning/search.py replay_buffer_bytes)
+PLANNER_VERSION = 3  # 2: the replay buffer is counted; 3: nested ModelConfig, the memory policy keyed apart
 CACHE_ENV = "EBT_PLAN_CACHE"
-# Fields of ModelConfig that do not enter a GPU plan: the size's name (its dimensions do) and the CPU budget.
-_IGNORED_FIELDS = ("size", "memory_budget_gb")
+# Fields of ModelConfig that do not enter a GPU plan: the size's name (its dimensions do).
+_IGNORED_FIELDS = ("size",)
 
 
 def cache_dir() -> Path:
@@ -48,10 +48,11 @@ def cache_dir() -> Path:
 
 
 def plan_key(cfg: ModelConfig, per_rank_batch: int, capacity_bytes: float, gpu: str, strategy: str, world: int,
-             margin: float) -> dict:
-    model = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _IGNORED_FIELDS}
+             margin: float, policy: str = "auto", remat_chunk: int = 0) -> dict:
+    model = {k: v for k, v in cfg.to_dict().items() if k not in _IGNORED_FIELDS}
     return {"planner": PLANNER_VERSION, "torch": torch.__version__, "dtype": "bf16-autocast+fp32-adamw",
-            "model": model, "per_rank_batch": per_rank_batch, "capacity_bytes": float(capacity_bytes), "gpu": gpu,
+            "model": model, "policy": policy, "remat_chunk": remat_chunk, "per_rank_batch": per_rank_batch,
+            "capacity_bytes": float(capacity_bytes), "gpu": gpu,
             "strategy": strategy, "world": world, "margin": margin}
 
 
@@ -81,19 +82,20 @@ def _write(path: Path, key: dict, result: GpuPlan | str) -> None:
 
 def cached_plan_cuda(cfg: ModelConfig, per_rank_batch: int, capacity_bytes: float, gpu: str = "gpu",
                      strategy: str = "ddp", world: int = 1, margin: float = DEFAULT_MARGIN,
-                     label: str | None = None) -> GpuPlan:
+                     label: str | None = None, policy: str = "auto", remat_chunk: int = 0) -> GpuPlan:
     """`plan_cuda`, read from the plan cache when this exact question was planned before (same result, same
     ValueError when it does not fit); otherwise planned with progress on stdout and stored. `label` names the
     run in the progress line (default: the size or width)."""
-    key = plan_key(cfg, per_rank_batch, capacity_bytes, gpu, strategy, world, margin)
+    key = plan_key(cfg, per_rank_batch, capacity_bytes, gpu, strategy, world, margin, policy, remat_chunk)
     path = cache_dir() / f"{_digest(key)}.json"
     result = _read(path, key)
     if result is None:
-        name = label or cfg.size or f"width {cfg.dim}"
+        name = label or cfg.size or f"width {cfg.architecture.dim}"
         with status(f"planning memory: {name} {cfg.kind} on {gpu} ({strategy} x{world}, {per_rank_batch} "
                       "sequences per rank; cached afterwards)"):
             try:
-                result = plan_cuda(cfg, per_rank_batch, capacity_bytes, gpu, strategy, world, margin)
+                result = plan_cuda(cfg, per_rank_batch, capacity_bytes, gpu, strategy, world, margin, policy,
+                                   remat_chunk)
             except ValueError as error:
                 result = str(error)
         _write(path, key, result)

@@ -21,19 +21,20 @@ if TYPE_CHECKING:
 def _tiny_dims(cfg: ModelConfig, chunks: int = 1) -> dict[str, int]:
     """Small dimensions whose values, and the products of them that occur in shapes, are unambiguous: no two
     products with different meanings share a value, and none equals a dimension that does not scale (heads,
-    K, small constants). With `chunks` > 1 the batch is chunks x C, C standing for cfg.remat_chunk."""
-    fixed = {1, 2, 3, 4} | {m * cfg.n_heads for m in (1, 2, 3, 4)} | {cfg.mcmc_steps, cfg.n_layers, chunks}
+    K, small constants). With `chunks` > 1 the batch is chunks x C, C standing for the recompute chunk."""
+    arch = cfg.architecture
+    fixed = {1, 2, 3, 4} | {m * arch.n_heads for m in (1, 2, 3, 4)} | {cfg.thinking.mcmc_steps, arch.n_layers, chunks}
     batches = [(b, None) for b in (5, 7, 3)] if chunks == 1 else [(chunks * c, c) for c in (5, 7, 3, 11)]
     for head, (batch, chunk), seq, vocab in itertools.product((26, 10, 14, 22), batches, (13, 11, 17, 19),
                                                                 (41, 37, 43)):
-        dim = cfg.n_heads * head
-        dims = {"B": batch, "S": seq, "V": vocab, "D": dim, "F": max(1, int(round(dim * cfg.ffn_mult))), "hd": head}
+        dim = arch.n_heads * head
+        dims = {"B": batch, "S": seq, "V": vocab, "D": dim, "F": max(1, int(round(dim * arch.ffn_mult))), "hd": head}
         if chunk is not None:
             dims["C"] = chunk
-        table = _product_table(dims, cfg.n_heads)
+        table = _product_table(dims, arch.n_heads)
         if all(len(meanings) == 1 for meanings in table.values()) and not fixed & set(table):
             return dims
-    raise ValueError(f"planner: found no unambiguous tiny replica for n_heads={cfg.n_heads}")
+    raise ValueError(f"planner: found no unambiguous tiny replica for n_heads={arch.n_heads}")
 
 
 def _atoms(dims: dict[str, int], heads: int) -> dict[str, tuple[int, tuple[str, ...]]]:
@@ -94,18 +95,19 @@ def _scale_table(tiny: dict[str, int], target: dict[str, int], heads: int) -> di
 
 
 def _target_dims(cfg: ModelConfig, batch: int) -> dict[str, int]:
-    return {"B": batch, "S": cfg.context_length, "V": cfg.vocab_size, "D": cfg.dim, "F": cfg.ffn_hidden,
-            "hd": cfg.head_dim}
+    arch = cfg.architecture
+    return {"B": batch, "S": arch.context_length, "V": arch.vocab_size, "D": arch.dim, "F": arch.ffn_hidden,
+            "hd": arch.head_dim}
 
 
-def _rescaled_bytes(trace: Trace, cfg: ModelConfig, batch: int, chunks: int,
+def _rescaled_bytes(trace: Trace, cfg: ModelConfig, batch: int, chunks: int, remat_chunk: int,
                     element_bytes) -> dict[int, float]:
     """Bytes of every traced tensor at the target size: each dimension rescaled, `element_bytes(traced size)`
     per element."""
     target = _target_dims(cfg, batch)
     if chunks > 1:
-        target["C"] = cfg.remat_chunk
-    table = _scale_table(trace.dims, target, cfg.n_heads)
+        target["C"] = remat_chunk
+    table = _scale_table(trace.dims, target, cfg.architecture.n_heads)
     sizes: dict[int, float] = {}
     for ident, shape in trace.shapes.items():
         numel = 1.0

@@ -6,7 +6,6 @@ each plan on disk.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from ebt.config import ModelConfig
@@ -40,7 +39,8 @@ class CudaPeak:
         return DEFAULT_CUDA.factor * self.tensors + self.reserved
 
 
-def cuda_peak(cfg: ModelConfig, policy: str, batch: int, strategy: str = "ddp", world: int = 1) -> CudaPeak:
+def cuda_peak(cfg: ModelConfig, policy: str, batch: int, strategy: str = "ddp", world: int = 1,
+              remat_chunk: int = 0) -> CudaPeak:
     """Analytic per-GPU peak of a bf16-autocast training step with fp32 master weights and fp32 AdamW. The tiny
     replica is traced under bf16 autocast (on the CPU: the same autocast op lists decide which activations are
     bf16 and which stay fp32, e.g. softmax and norms) and every tensor is rescaled to the target dims at its
@@ -51,9 +51,9 @@ def cuda_peak(cfg: ModelConfig, policy: str, batch: int, strategy: str = "ddp", 
       trace has autocast's bf16 weight copies, and its fp32 full gradients (bf16 under fsdp's mixed precision)
       are kept: conservative by 2 bytes per parameter."""
     params = float(parameter_count(cfg))
-    chunks = _chunks(cfg, policy, batch)
+    chunks = _chunks(policy, batch, remat_chunk)
     trace = trace_step(cfg, policy, chunks=chunks, autocast_bf16=True)
-    sizes = _rescaled_bytes(trace, cfg, batch, chunks, lambda size: size)
+    sizes = _rescaled_bytes(trace, cfg, batch, chunks, remat_chunk, lambda size: size)
     traced = _replay_peak(trace, sizes)
     if strategy == "fsdp":
         extras, state = params * 4 / world, STATE_COPIES * 4 * params / world
@@ -82,9 +82,10 @@ class GpuPlan:
 
 
 def plan_cuda(cfg: ModelConfig, per_rank_batch: int, capacity_bytes: float, gpu: str = "gpu",
-              strategy: str = "ddp", world: int = 1, margin: float = DEFAULT_MARGIN) -> GpuPlan:
+              strategy: str = "ddp", world: int = 1, margin: float = DEFAULT_MARGIN, policy: str = "auto",
+              remat_chunk: int = 0) -> GpuPlan:
     """The largest micro-batch dividing `per_rank_batch` (the rest by accumulation) whose predicted per-GPU peak
-    fits capacity x (1 - margin) under some policy, with the fastest such policy. With cfg.checkpointing other
+    fits capacity x (1 - margin) under some policy, with the fastest such policy. With a `policy` other
     than "auto" only that policy (and its chunk) is considered. Raises ValueError (with the smallest peak) when
     not even micro-batch 1 fits."""
     budget = capacity_bytes * (1 - margin)
@@ -92,26 +93,26 @@ def plan_cuda(cfg: ModelConfig, per_rank_batch: int, capacity_bytes: float, gpu:
     for batch in range(per_rank_batch, 0, -1):
         if per_rank_batch % batch:
             continue
-        if cfg.checkpointing == "auto":
+        if policy == "auto":
             options = _options_fastest_first(cfg, batch)
         else:
-            options = [(cfg.checkpointing, cfg.remat_chunk)]
-        for policy, chunk in options:
-            peak = cuda_peak(dataclasses.replace(cfg, remat_chunk=chunk), policy, batch, strategy, world).total
+            options = [(policy if cfg.kind == "ebt" else "none", remat_chunk)]
+        for option, chunk in options:
+            peak = cuda_peak(cfg, option, batch, strategy, world, remat_chunk=chunk).total
             if best is None or peak < best[0]:
-                best = (peak, policy, chunk, batch)
+                best = (peak, option, chunk, batch)
             if peak <= budget:
-                return GpuPlan(gpu, capacity_bytes / 1e9, budget / 1e9, policy, chunk, batch, per_rank_batch // batch,
+                return GpuPlan(gpu, capacity_bytes / 1e9, budget / 1e9, option, chunk, batch, per_rank_batch // batch,
                                peak / 1e9)
     peak, policy, chunk, batch = best if best is not None else (float("nan"), "none", 0, 1)
     raise ValueError(f"{gpu}: needs {peak / 1e9:.1f} GB per GPU even at micro-batch {batch} with checkpointing "
                      f"{policy} ({strategy} over {world} ranks); the budget is {budget / 1e9:.1f} GB")
 
 
-def traced_autocast_peak_bytes(cfg: ModelConfig, batch: int) -> float:
+def traced_autocast_peak_bytes(cfg: ModelConfig, batch: int, policy: str = "none", remat_chunk: int = 0) -> float:
     """The tensor peak of `cfg` itself under bf16 autocast (CPU), fp32 parameters and AdamW: the quantity
     `cuda_peak` predicts without its reserve (activations + parameter extras + state, single process)."""
-    dims = {"B": batch, "S": cfg.context_length}
-    trace = _trace(cfg, dims, autocast_bf16=True)
+    dims = {"B": batch, "S": cfg.architecture.context_length}
+    trace = _trace(cfg, dims, True, policy, remat_chunk)
     sizes = {i: float(_numel(shape)) * trace.element_size[i] for i, shape in trace.shapes.items()}
     return _replay_peak(trace, sizes) + STATE_COPIES * 4 * parameter_count(cfg)

@@ -36,10 +36,10 @@ def replay_buffer_bytes(cfg: ModelConfig, dtype_bytes: int = 4) -> float:
     capacity x (S+1) int64 tokens plus capacity x S x V candidate logits. It grows with the vocabulary: at the
     quickstart's 512 x 64 x 2048 that is 268 MB, at the ladder's 32,768-word vocabulary and context 256 ~17 GB.
     Not in the trace (the traced replica runs without a buffer), so it is added here."""
-    if cfg.kind != "ebt" or cfg.replay_capacity == 0:
+    if cfg.kind != "ebt" or cfg.replay.capacity == 0:
         return 0.0
-    length = cfg.context_length
-    return float(cfg.replay_capacity * ((length + 1) * 8 + length * cfg.vocab_size * dtype_bytes))
+    length = cfg.architecture.context_length
+    return float(cfg.replay.capacity * ((length + 1) * 8 + length * cfg.architecture.vocab_size * dtype_bytes))
 
 
 def state_bytes(cfg: ModelConfig, dtype_bytes: int = 4, shard_world: int | None = None) -> float:
@@ -53,22 +53,24 @@ def state_bytes(cfg: ModelConfig, dtype_bytes: int = 4, shard_world: int | None 
     return STATE_COPIES * params / shard_world + params + replay
 
 
-def traced_tensor_peak_bytes(cfg: ModelConfig, batch: int) -> float:
+def traced_tensor_peak_bytes(cfg: ModelConfig, batch: int, policy: str = "none", remat_chunk: int = 0) -> float:
     """The tensor peak of `cfg` itself (no replica, no rescaling): what `tensor_peak_bytes` predicts."""
-    dims = {"B": batch, "S": cfg.context_length}
-    trace = _trace(cfg, dims)
+    dims = {"B": batch, "S": cfg.architecture.context_length}
+    trace = _trace(cfg, dims, False, policy, remat_chunk)
     return _replay_peak(trace, {i: float(_numel(shape)) * trace.element_size[i] for i, shape in trace.shapes.items()},
                         ) + state_bytes(cfg, next(iter(trace.element_size.values()), 4))
 
 
 def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: int = 4,
-                      heap_threshold: float | None = None, shard_world: int | None = None) -> float:
+                      heap_threshold: float | None = None, shard_world: int | None = None,
+                      remat_chunk: int = 0) -> float:
     """Peak bytes of live tensors during one (non-first) training step at the target size, per rank (with
     `heap_threshold`: heap-resident allocations at their high-water mark, see _replay_peak; with `shard_world`:
-    parameters and optimizer state sharded by fsdp, see state_bytes)."""
-    chunks = _chunks(cfg, policy, batch)
+    parameters and optimizer state sharded by fsdp, see state_bytes; `remat_chunk`: sequences per recompute chunk
+    of an "mcmc_step" policy, 0: the whole batch)."""
+    chunks = _chunks(policy, batch, remat_chunk)
     trace = trace_step(cfg, policy, chunks=chunks)
-    sizes = _rescaled_bytes(trace, cfg, batch, chunks,
+    sizes = _rescaled_bytes(trace, cfg, batch, chunks, remat_chunk,
                             lambda size: dtype_bytes if size >= 4 else size)
     return _replay_peak(trace, sizes, heap_threshold) + state_bytes(cfg, dtype_bytes, shard_world)
 
@@ -78,12 +80,12 @@ def tensor_peak_bytes(cfg: ModelConfig, policy: str, batch: int, dtype_bytes: in
 
 def predict_peak_bytes(cfg: ModelConfig, policy: str, batch: int, device: torch.device | str = "cpu",
                        calibration: Calibration | None = None, dtype_bytes: int = 4,
-                       shard_world: int | None = None) -> float:
+                       shard_world: int | None = None, remat_chunk: int = 0) -> float:
     """Peak memory of one rank's training step (see tensor_peak_bytes for `shard_world`)."""
     device = torch.device(device)
     cal = calibration or calibration_for(device)
     return cal.base_bytes + cal.factor * tensor_peak_bytes(cfg, policy, batch, dtype_bytes,
-                                                           shard_world=shard_world)
+                                                           shard_world=shard_world, remat_chunk=remat_chunk)
 
 
 def _options_fastest_first(cfg: ModelConfig, batch: int) -> list[tuple[str, int]]:
@@ -105,8 +107,7 @@ def _options_fastest_first(cfg: ModelConfig, batch: int) -> list[tuple[str, int]
 
 def _predict(cfg: ModelConfig, policy: str, chunk: int, batch: int, device: torch.device,
              shard_world: int | None = None) -> float:
-    return predict_peak_bytes(dataclasses.replace(cfg, remat_chunk=chunk), policy, batch, device,
-                              shard_world=shard_world)
+    return predict_peak_bytes(cfg, policy, batch, device, shard_world=shard_world, remat_chunk=chunk)
 
 
 def choose(cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
@@ -166,14 +167,12 @@ def calibrate(measured_peak_bytes: float, base_bytes: float, cfg: ModelConfig, p
     return cal
 
 
-def resolve_checkpointing(cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
-                          budget_gb: float | None = None) -> ModelConfig:
-    """The config a model is built with: cfg.checkpointing="auto" replaced by the fastest (policy, remat_chunk)
-    whose predicted peak for `batch` fits `budget_gb` (default cfg.memory_budget_gb, else the device's capacity
-    minus a margin), as `choose`; any other policy is returned unchanged. `ebt train` plans the micro-batch too
-    (launch/memory_plan.py); this is for a model used directly (tests, benchmarks, notebooks)."""
-    if cfg.checkpointing != "auto":
-        return cfg
-    budget = cfg.memory_budget_gb if budget_gb is None else budget_gb
-    policy, chunk = choose(cfg, batch, device, budget)
-    return dataclasses.replace(cfg, checkpointing=policy, remat_chunk=chunk)
+def resolve_checkpointing(cfg: ModelConfig, policy: str, batch: int, device: torch.device | str = "cpu",
+                          budget_gb: float | None = None, remat_chunk: int = 0) -> tuple[str, int]:
+    """(policy, remat_chunk) a model is built with: "auto" replaced by the fastest pair whose predicted peak for
+    `batch` fits `budget_gb` (default: the device's capacity minus a margin), as `choose`; any other policy is
+    returned with `remat_chunk` unchanged. `ebt train` plans the micro-batch too (launch/memory_plan.py); this is
+    for a model used directly (tests, benchmarks, notebooks)."""
+    if policy != "auto" or cfg.kind != "ebt":
+        return (policy if cfg.kind == "ebt" else "none"), remat_chunk
+    return choose(cfg, batch, device, budget_gb)

@@ -10,7 +10,6 @@ Traces are cached in this process (`_trace_cached`); plans built from them are c
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import weakref
@@ -89,23 +88,24 @@ def _tensors(out) -> Iterable[torch.Tensor]:
             yield from _tensors(item)
 
 
-def _tiny_config(cfg: ModelConfig, policy: str, steps: int, dims: dict[str, int]) -> ModelConfig:
-    return dataclasses.replace(cfg, vocab_size=dims["V"], context_length=dims["S"], dim=dims["D"],
-                               checkpointing=policy, mcmc_steps=steps, size=None, memory_budget_gb=None,
-                               replay_capacity=0, replay_fraction=0.0, remat_chunk=dims.get("C", 0))
+def _tiny_config(cfg: ModelConfig, steps: int, dims: dict[str, int]) -> ModelConfig:
+    return cfg.replace(size=None, architecture={"vocab_size": dims["V"], "context_length": dims["S"], "dim": dims["D"]},
+                       thinking={"mcmc_steps": steps}, replay={"capacity": 0, "fraction": 0.0})
 
 
 @lru_cache(maxsize=64)
 def _trace_cached(cfg_json: str, policy: str, steps: int, chunks: int, autocast_bf16: bool = False) -> Trace:
-    cfg = ModelConfig(**json.loads(cfg_json))
+    cfg = ModelConfig.from_dict(json.loads(cfg_json))
     dims = _tiny_dims(cfg, chunks)
-    return _trace(_tiny_config(cfg, policy, steps, dims), dims, autocast_bf16)
+    return _trace(_tiny_config(cfg, steps, dims), dims, autocast_bf16, policy, dims.get("C", 0))
 
 
-def _trace(tiny: ModelConfig, dims: dict[str, int], autocast_bf16: bool = False) -> Trace:
+def _trace(tiny: ModelConfig, dims: dict[str, int], autocast_bf16: bool = False, policy: str = "none",
+           remat_chunk: int = 0) -> Trace:
     """Two training steps of `tiny` on a [dims B, dims S + 1] batch under the allocation tracker (with
     `autocast_bf16`: the forward under CPU bf16 autocast, parameters and optimizer in fp32)."""
     from ebt import build_model
+    from ebt.checkpointing import apply_checkpointing
 
     TRACE_COUNT[0] += 1
     generator_state = torch.random.get_rng_state()
@@ -114,8 +114,10 @@ def _trace(tiny: ModelConfig, dims: dict[str, int], autocast_bf16: bool = False)
     torch.manual_seed(0)
     try:
         model = build_model(tiny).train()
+        if tiny.kind == "ebt":
+            apply_checkpointing(model, policy, remat_chunk)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        tokens = torch.randint(0, tiny.vocab_size, (dims["B"], dims["S"] + 1))
+        tokens = torch.randint(0, tiny.architecture.vocab_size, (dims["B"], dims["S"] + 1))
         tracker = _AllocationTracker()
         start = 0
         for step in range(2):
@@ -140,10 +142,10 @@ def _trace(tiny: ModelConfig, dims: dict[str, int], autocast_bf16: bool = False)
     return Trace(dims, tracker.shapes, tracker.element_size, tracker.events, start, tracker.ops)
 
 
-def _chunks(cfg: ModelConfig, policy: str, batch: int) -> int:
-    if "mcmc_step" not in policy or not 0 < cfg.remat_chunk < batch:
+def _chunks(policy: str, batch: int, remat_chunk: int) -> int:
+    if "mcmc_step" not in policy or not 0 < remat_chunk < batch:
         return 1
-    return -(-batch // cfg.remat_chunk)
+    return -(-batch // remat_chunk)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -185,7 +187,5 @@ def _replay_peak(trace: Trace, sizes: dict[int, float], heap_threshold: float | 
 
 def trace_step(cfg: ModelConfig, policy: str, steps: int | None = None, chunks: int = 1,
                autocast_bf16: bool = False) -> Trace:
-    # The replica sets its own batch, chunk and budget: keep them out of the cache key.
-    key = dataclasses.replace(cfg, remat_chunk=0, checkpointing="none", memory_budget_gb=None)
-    return _trace_cached(json.dumps(dataclasses.asdict(key), sort_keys=True), policy,
-                         cfg.mcmc_steps if steps is None else steps, chunks, autocast_bf16)
+    return _trace_cached(json.dumps(cfg.to_dict(), sort_keys=True), policy,
+                         cfg.thinking.mcmc_steps if steps is None else steps, chunks, autocast_bf16)

@@ -118,7 +118,8 @@ def collect_rows(spec: SweepSpec) -> list[dict[str, Any]]:
         events = state.events(plan.name)
         row: dict[str, Any] = {
             "run": plan.name, "sweep": spec.name, "size": m.size, "kind": m.kind, "lr": plan.config.peak_lr,
-            "seed": plan.config.trainer.seed, "context_length": m.context_length, "params": parameter_count(m),
+            "seed": plan.config.trainer.seed, "context_length": m.architecture.context_length,
+            "params": parameter_count(m),
             "flops_per_token": fpt, "max_steps": plan.max_steps, "tokens_per_step": plan.tokens_per_step,
             "budget_tokens": plan.point.get("tokens"), "budget_flops": plan.point.get("flops"),
             "state": states[plan.name], "finished": result is not None,

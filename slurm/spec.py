@@ -170,7 +170,8 @@ class RunPlan:
     @property
     def tokens_per_step(self) -> int:
         t = self.config.trainer
-        return t.micro_batch_size * t.grad_accum_steps * self.resources.world_size * self.config.model.context_length
+        context = self.config.model.architecture.context_length
+        return t.micro_batch_size * t.grad_accum_steps * self.resources.world_size * context
 
 
 @dataclass
@@ -252,7 +253,7 @@ class SweepSpec:
                 spec = SIZES[value]
                 dims = {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "dim": spec.dim,
                         **self.size_dims.get(value, {})}  # size_dims: a stand-in's widths for the size
-                post.update({"model.size": value, **{f"model.{k}": v for k, v in dims.items()}})
+                post.update({"model.size": value, **{f"model.architecture.{k}": v for k, v in dims.items()}})
             elif key == "kind":
                 post["model.kind"] = value
             elif key == "lr":
@@ -292,7 +293,7 @@ class SweepSpec:
             # The run computes exactly what the dry-run printed: the plan becomes explicit config.
             merged.update({"trainer.micro_batch_size": chosen.micro_batch_size,
                            "trainer.grad_accum_steps": chosen.grad_accum_steps,
-                           "model.checkpointing": chosen.policy, "model.remat_chunk": chosen.remat_chunk})
+                           "trainer.checkpointing": chosen.policy, "trainer.remat_chunk": chosen.remat_chunk})
         budget = [k for k in BUDGET_AXES if point.get(k) is not None]
         if budget:
             key = budget[0]
@@ -302,7 +303,7 @@ class SweepSpec:
             else:
                 micro = merged.get("trainer.micro_batch_size", t.micro_batch_size)
                 accum = merged.get("trainer.grad_accum_steps", t.grad_accum_steps)
-                tokens_per_step = micro * accum * world * cfg.model.context_length
+                tokens_per_step = micro * accum * world * cfg.model.architecture.context_length
                 tokens = float(value)
                 if key == "flops":
                     from ebt.flops import train_flops_per_token
@@ -338,11 +339,12 @@ class SweepSpec:
         plans: dict[str, Any] = {}
         for gpu, capacity in targets.items():
             try:
-                plans[gpu] = cached_plan_cuda(cfg.model, per_rank, capacity, gpu, strategy, world)
+                plans[gpu] = cached_plan_cuda(cfg.model, per_rank, capacity, gpu, strategy, world,
+                                              policy=cfg.trainer.checkpointing, remat_chunk=cfg.trainer.remat_chunk)
             except ValueError as error:
                 plans[gpu] = str(error)
         if isinstance(plans[target], str):
-            label = size or f"width {cfg.model.dim}"
+            label = size or f"width {cfg.model.architecture.dim}"
             raise ValueError(f"run '{name}': size {label} does not fit {target_gb:g} GB per GPU: {plans[target]}; "
                              f"use distributed.strategy=fsdp, more GPUs or a larger gpu_mem_gb")
         return plans, target
@@ -394,15 +396,15 @@ _NAME_PREFIX = {"lr": "lr", "tokens": "t", "flops": "f", "steps": "n", "seed": "
 
 def run_name(sweep: str, point: dict[str, Any]) -> str:
     """`<sweep>-<size>-<kind>-lr<lr>-t<tokens>-s<seed>[-<key><value>...]` from the point's own values only. A point
-    that clears `model.size` (explicit widths below the size table) is named by its width: `w<model.dim>` in the
-    size's place."""
+    that clears `model.size` (explicit widths below the size table) is named by its width:
+    `w<model.architecture.dim>` in the size's place."""
     parts = [sweep]
     skip: set[str] = set()
     if "model.size" in point and point["model.size"] is None:
         skip.add("model.size")
-        if point.get("model.dim") is not None:
-            parts.append(f"w{_fmt_number(point['model.dim'])}")
-            skip.add("model.dim")
+        if point.get("model.architecture.dim") is not None:
+            parts.append(f"w{_fmt_number(point['model.architecture.dim'])}")
+            skip.add("model.architecture.dim")
     for axis in AXES:
         if axis not in point or point[axis] is None:
             continue

@@ -212,13 +212,14 @@ def print_memory_plans(plans: list[RunPlan], out: Callable[[str], None]) -> None
         if not p.gpu_plans:
             continue
         m, t = p.config.model, p.config.trainer
-        key = (m.size, m.dim, m.kind, p.resources)
+        key = (m.size, m.architecture.dim, m.kind, p.resources)
         if key in seen:
             continue
         seen.add(key)
         for gpu, chosen in p.gpu_plans.items():
             mark = "*" if gpu == p.planned_for else ""
-            common = [m.size or f"w{m.dim}", m.kind, p.config.distributed.strategy, str(p.resources.world_size),
+            common = [m.size or f"w{m.architecture.dim}", m.kind, p.config.distributed.strategy,
+                      str(p.resources.world_size),
                       str(t.micro_batch_size * t.grad_accum_steps), gpu + mark]
             if isinstance(chosen, str):
                 rows.append(common + ["-", "-", "-", "does not fit: " + chosen.split(": ", 1)[-1]])

@@ -56,7 +56,7 @@ def thinking_cells(settings: TaskSettings, model_cfg) -> list[tuple[int | None, 
     if model_cfg.kind != "ebt":
         return [(None, 1, "none")]
     cells = []
-    for steps in settings.steps or [model_cfg.eval_steps]:
+    for steps in settings.steps or [model_cfg.thinking.eval_steps]:
         for samples in settings.samples:
             for selection in settings.selections if samples > 1 else ["none"]:
                 cells.append((steps, samples, selection))
@@ -89,11 +89,12 @@ def run_task_eval(checkpoint: str | Path, task_name: str, data: str | None, sett
     torch.set_flush_denormal(True)
     path = resolve_checkpoint(checkpoint)
     model, model_cfg = load_model(path, device=settings.device)
-    tokenizer = find_tokenizer(path, settings.tokenizer, model_vocab=model_cfg.vocab_size)
+    tokenizer = find_tokenizer(path, settings.tokenizer, model_vocab=model_cfg.architecture.vocab_size)
     examples = load_examples(task_name, data, settings.limit)
-    if model_cfg.kind == "ebt" and model_cfg.init_logit_std == 0 and max(settings.samples) > 1:
-        print("ebt eval: warning: the checkpoint's model.init_logit_std is 0, so every chain of a token starts from "
-              "the same logits and follows the same descent: cells with several samples repeat the 1-sample result",
+    if model_cfg.kind == "ebt" and model_cfg.thinking.init_logit_std == 0 and max(settings.samples) > 1:
+        print("ebt eval: warning: the checkpoint's model.thinking.init_logit_std is 0, so every chain of a token "
+              "starts from the same logits and follows the same descent: cells with several samples repeat the "
+              "1-sample result",
               file=sys.stderr)
     cells = []
     with EvalProgress(enabled=progress) as bar:
@@ -112,7 +113,7 @@ def run_task_eval(checkpoint: str | Path, task_name: str, data: str | None, sett
     report = {
         "schema": EVAL_SCHEMA, "checkpoint": str(path), "run": _run_name(path), "kind": model_cfg.kind,
         "size": model_cfg.size, "n_params": parameter_count(model_cfg),
-        "mcmc_steps": model_cfg.eval_steps if is_ebt else None, "settings": dataclasses.asdict(settings),
+        "mcmc_steps": model_cfg.thinking.eval_steps if is_ebt else None, "settings": dataclasses.asdict(settings),
         "sources": [],
         "tasks": [{"task": task_name, "data": data or f"hf:{task.hub.describe()}", "description": task.description,
                    "metric_names": list(task.metric_names), "cells": cells}],

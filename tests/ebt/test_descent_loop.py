@@ -118,7 +118,7 @@ def test_generation_starts_each_position_where_think_over_the_whole_text_does(va
     """Generation's cached, incremental path (prefix keys extended per token, one candidate position per step)
     against thinking over the whole text again for every token, with random (keyed) starts."""
     model = tiny_model(variant=variant, mcmc_steps=2, context_length=12)
-    assert model.cfg.init_logit_std > 0
+    assert model.cfg.thinking.init_logit_std > 0
     prompt = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(4))
     fast = generate(model, prompt, max_new_tokens=5, steps=3, samples=samples, seed=8)
     slow = prompt
@@ -134,7 +134,7 @@ def test_generate_thinks_for_the_eval_steps_by_default():
     """One definition of "the trained steps" (ModelConfig.eval_steps, what `ebt generate` and `ebt eval` use):
     with landscape repeats it differs from mcmc_steps."""
     model = tiny_model(mcmc_steps=2, landscape_repeats=2, context_length=12, alpha_init=20.0)
-    assert model.cfg.eval_steps == 4
+    assert model.cfg.thinking.eval_steps == 4
     prompt = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(0))
     by_steps = {steps: generate(model, prompt, 6, steps=steps) for steps in (2, 4)}
     assert not torch.equal(by_steps[2], by_steps[4])  # the check below can tell them apart

@@ -43,7 +43,7 @@ def test_think_with_zero_steps_returns_the_starting_logits():
     model = tiny_model()
     tokens = torch.randint(0, 11, (2, 6))
     result = model.think(tokens, steps=0, generator=torch.Generator().manual_seed(3), seed=3)
-    start = prefix_keyed_starts(tokens, 3, 1, 11, model.cfg.init_logit_std, model.alpha_raw.dtype)[:, 0]
+    start = prefix_keyed_starts(tokens, 3, 1, 11, model.cfg.thinking.init_logit_std, model.alpha_raw.dtype)[:, 0]
     assert torch.equal(result.logits, start)
 
 

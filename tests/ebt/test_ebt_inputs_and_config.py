@@ -3,8 +3,9 @@
 import pytest
 import torch
 from ebt_factories import tiny_model
+from model_configs import model_config, sized_config
 
-from ebt import SIZES, ModelConfig, build_model
+from ebt import SIZES, build_model
 from ebt.draws import Draws
 from ebt.flops import parameter_count, train_flops_per_token
 
@@ -32,40 +33,40 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(call, name):
 @pytest.mark.parametrize(
     "fields, name",
     [
-        ({"mcmc_steps": 0}, "mcmc_steps"),
-        ({"variant": "fancy"}, "variant"),
+        ({"mcmc_steps": 0}, "thinking.mcmc_steps"),
+        ({"variant": "fancy"}, "architecture.variant"),
         ({"kind": "rnn"}, "kind"),
         ({"size": "huge"}, "size"),
-        ({"dim": 10, "n_heads": 3}, "dim"),
+        ({"dim": 10, "n_heads": 3}, "architecture.dim"),
     ],
 )
 def test_bad_config_raises_value_error_naming_the_key(fields, name):
     with pytest.raises(ValueError, match=rf"^{name}:"):
-        ModelConfig(**fields)
+        model_config(**fields)
 
 
 def test_unknown_size_in_from_size():
     with pytest.raises(ValueError, match="^size:"):
-        ModelConfig.from_size("gigantic")
+        sized_config("gigantic")
 
 
 @pytest.mark.parametrize("kind", ["ebt", "transformer"])
 @pytest.mark.parametrize("variant", ["default", "time_embed", "adaln"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_parameter_count_matches_the_model(kind, variant, tied):
-    cfg = ModelConfig(kind=kind, variant=variant, tie_candidate_embedding=tied, vocab_size=50, dim=16, n_heads=2)
+    cfg = model_config(kind=kind, variant=variant, tie_candidate_embedding=tied, vocab_size=50, dim=16, n_heads=2)
     assert parameter_count(cfg) == sum(p.numel() for p in build_model(cfg).parameters())
 
 
 def test_size_table_and_flop_model():
     assert [SIZES[s].n_layers for s in ("4xs", "xxs", "small", "xl")] == [2, 6, 12, 24]
-    ebt = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256)
-    tpp = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256, kind="transformer")
+    ebt = sized_config("xxs", vocab_size=8192, context_length=256)
+    tpp = sized_config("xxs", vocab_size=8192, context_length=256, kind="transformer")
     ratio = train_flops_per_token(ebt) / train_flops_per_token(tpp)
     assert 4.5 < ratio < 6.0  # 3 + 2 * 6 units against 3 (ebt/flops.py's unit count)
-    uncached = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256, variant="time_embed")
+    uncached = sized_config("xxs", vocab_size=8192, context_length=256, variant="time_embed")
     assert train_flops_per_token(uncached) > train_flops_per_token(ebt)
-    more_steps = ModelConfig.from_size("xxs", vocab_size=8192, context_length=256, mcmc_steps=4)
+    more_steps = sized_config("xxs", vocab_size=8192, context_length=256, mcmc_steps=4)
     assert train_flops_per_token(more_steps) > 1.8 * train_flops_per_token(ebt) - 3 * 1e9
 
 
@@ -132,8 +133,8 @@ def test_flops_count_the_steps_random_schemes_run_on_average():
     truncated ones run every step but the last first-order."""
     base = dict(vocab_size=2048, context_length=64, mcmc_steps=1, landscape_repeats=2, landscape_repeats_min=2)
     for truncate in (False, True):
-        cfg = ModelConfig.from_size("4xs", truncate=truncate, **base)
+        cfg = sized_config("4xs", truncate=truncate, **base)
         mean = (train_flops_per_token(cfg, mcmc_steps=2) + train_flops_per_token(cfg, mcmc_steps=3)) / 2
         assert train_flops_per_token(cfg) == pytest.approx(mean)
-    random_k = ModelConfig.from_size("4xs", vocab_size=2048, context_length=64, mcmc_steps=3, random_steps_min=1)
+    random_k = sized_config("4xs", vocab_size=2048, context_length=64, mcmc_steps=3, random_steps_min=1)
     assert train_flops_per_token(random_k) == pytest.approx(train_flops_per_token(random_k, mcmc_steps=2))

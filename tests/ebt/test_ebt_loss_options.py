@@ -13,11 +13,14 @@ def test_ignored_targets_do_not_count():
     tokens = torch.randint(0, 11, (1, 7))
     init = torch.randn(1, 6, 11, dtype=torch.float64)
     prefix, _ = model.loss(tokens[:, :4], init_logits=init[:, :3])
-    trajectory = run_mcmc(model.energy_fn(tokens[:, :-1]), init, model.cfg.mcmc_steps, model.alpha, create_graph=False)
+    trajectory = run_mcmc(model.energy_fn(tokens[:, :-1]), init, model.cfg.thinking.mcmc_steps, model.alpha,
+                          create_graph=False)
     targets = tokens[:, 1:].clone()
-    targets[:, 3:] = model.cfg.ignore_index
-    masked = torch.stack([token_cross_entropy(x, targets, model.cfg.ignore_index) for x in trajectory.logits]).mean()
-    unmasked = torch.stack([token_cross_entropy(x, tokens[:, 1:], model.cfg.ignore_index) for x in trajectory.logits])
+    targets[:, 3:] = model.cfg.loss.ignore_index
+    masked = torch.stack([token_cross_entropy(x, targets,
+                                              model.cfg.loss.ignore_index) for x in trajectory.logits]).mean()
+    unmasked = torch.stack([token_cross_entropy(x, tokens[:, 1:],
+                                                model.cfg.loss.ignore_index) for x in trajectory.logits])
     assert abs(masked.item() - prefix.item()) < 1e-12
     assert abs(unmasked.mean().item() - prefix.item()) > 1e-6
 

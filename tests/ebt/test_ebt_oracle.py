@@ -19,8 +19,8 @@ def test_energies_match_naive_causal_lm(variant, seed):
         seed, variant=variant, dim=dims[0], n_heads=dims[1], n_layers=1 + seed % 3,
         tie_candidate_embedding=seed != 1, adaln_real_stream=scope != "candidates",
     )
-    tokens = torch.randint(0, model.cfg.vocab_size, (batch, length), generator=generator)
-    logits = torch.randn(batch, length, model.cfg.vocab_size, generator=generator, dtype=torch.float64)
+    tokens = torch.randint(0, model.cfg.architecture.vocab_size, (batch, length), generator=generator)
+    logits = torch.randn(batch, length, model.cfg.architecture.vocab_size, generator=generator, dtype=torch.float64)
     probs = torch.softmax(logits, -1)
     for step in (0, 1, 5):  # past the trained landscapes (and the table): both reuse the last trained one
         got = model.energies(tokens, probs, step=step)

@@ -62,9 +62,10 @@ def float64_default():
 def build_pair(recipe: str, variant: str | None, reference_flags: dict, ours: list[str]):
     """(reference model, our model with its weights, our TrainConfig)."""
     kind = "transformer" if recipe == "transformer" else "ebt"
-    overrides = [f"model.vocab_size={VOCAB}", f"model.dim={DIM}",
-                 f"model.n_layers={LAYERS}", f"model.n_heads={HEADS}", f"model.context_length={CONTEXT}",
-                 f"optim.lr={LR}", *([f"model.variant={variant}"] if variant else []), *ours]
+    overrides = [f"model.architecture.vocab_size={VOCAB}", f"model.architecture.dim={DIM}",
+                 f"model.architecture.n_layers={LAYERS}", f"model.architecture.n_heads={HEADS}",
+                 f"model.architecture.context_length={CONTEXT}",
+                 f"optim.lr={LR}", *([f"model.architecture.variant={variant}"] if variant else []), *ours]
     cfg = load_config(RECIPES / f"{recipe}.yaml", overrides)
     ref_module = load_reference()
     hp = ref_module.reference_hparams(
@@ -121,7 +122,7 @@ def run(recipe: str, variant: str | None = None, reference_flags: dict | None = 
         if kind == "ebt":
             starts = record["randn"][0][:BATCH] if record["randn"] else torch.zeros(BATCH, CONTEXT, VOCAB)
             draws = RecordedDraws({k: v for k, v in record.items() if k != "randn"})
-            loss, _ = model.loss(tokens, init_logits=starts * cfg.model.init_logit_std, draws=draws)
+            loss, _ = model.loss(tokens, init_logits=starts * cfg.model.thinking.init_logit_std, draws=draws)
             assert not draws.unused(), f"draws the model never used: {draws.unused()}"
         else:
             loss, _ = model.loss(tokens)
@@ -170,22 +171,24 @@ def test_transformer_baseline_matches_the_reference():
 # Reference flags beyond the job scripts, each against the option that reproduces it (S1 base unless named).
 OPTION_CASES = {
     "contrastive": ({"contrastive_loss": True, "contrastive_loss_coeff": 0.05},
-                    ["model.contrastive_weight=0.05", "model.contrastive_form=softmax"]),
+                    ["model.loss.contrastive_weight=0.05", "model.loss.contrastive_form=softmax"]),
     "clamp-max-change": ({"clamp_futures_grad": True, "clamp_futures_grad_max_change": 2.0},
-                         ["model.grad_clamp=2.0", "model.grad_clamp_mode=max_change"]),
-    "normalize-first-step": ({"normalize_initial_condition_only_first_step": True}, ["model.normalize=first_step"]),
+                         ["model.thinking.grad_clamp=2.0", "model.thinking.grad_clamp_mode=max_change"]),
+    "normalize-first-step": ({"normalize_initial_condition_only_first_step": True},
+                             ["model.thinking.normalize=first_step"]),
     "no-normalize": ({"normalize_initial_condition": False, "mcmc_step_size": 0.05},
-                     ["model.normalize=none", "model.alpha_init=0.05"]),
-    "absolute-clamp": ({"absolute_clamp": 0.5}, ["model.candidate_clamp=0.5"]),
-    "soften-targets": ({"soften_target_prob_dist": 0.2}, ["model.label_smoothing_start=0.2"]),
+                     ["model.thinking.normalize=none", "model.thinking.alpha_init=0.05"]),
+    "absolute-clamp": ({"absolute_clamp": 0.5}, ["model.thinking.candidate_clamp=0.5"]),
+    "soften-targets": ({"soften_target_prob_dist": 0.2}, ["model.loss.label_smoothing_start=0.2"]),
     "final-landscape-repeats": ({"randomize_mcmc_num_steps": 2, "randomize_mcmc_num_steps_final_landscape": True},
-                                ["model.landscape_repeats=2", "model.landscape_repeats_final_only=true"]),
-    "zeros-start": ({"denoising_initial_condition": "zeros"}, ["model.init_logit_std=0"]),
-    "tied-projection": ({"vocab_to_embed_uses_prob_dist": True}, ["model.tie_candidate_embedding=true"]),
+                                ["model.thinking.landscape_repeats=2",
+                                 "model.thinking.landscape_repeats_final_only=true"]),
+    "zeros-start": ({"denoising_initial_condition": "zeros"}, ["model.thinking.init_logit_std=0"]),
+    "tied-projection": ({"vocab_to_embed_uses_prob_dist": True}, ["model.architecture.tie_candidate_embedding=true"]),
     "learnable-langevin": ({"langevin_dynamics_noise": 0.5, "langevin_dynamics_noise_learnable": True},
-                           ["model.langevin_noise_std=0.5", "model.langevin_learnable=true"]),
+                           ["model.thinking.langevin_noise_std=0.5", "model.thinking.langevin_learnable=true"]),
     "s2-jitter-no-truncate": ({"truncate_mcmc": False, "mcmc_num_steps": 2},
-                              ["model.truncate=false", "model.mcmc_steps=2"]),
+                              ["model.thinking.truncate=false", "model.thinking.mcmc_steps=2"]),
 }
 
 
@@ -199,21 +202,21 @@ def test_each_reference_option_matches(case):
 
 # One option flipped on this project's side: the comparison must fail (it is not blind to that option).
 MUTATIONS = [
-    ("ebt_s1", "model.update_space=logits"),
-    ("ebt_s1", "model.normalize=first_step"),
-    ("ebt_s1", "model.detach_steps=false"),
-    ("ebt_s1", "model.truncate=true"),
-    ("ebt_s1", "model.init_logit_std=0.5"),
-    ("ebt_s1", "model.alpha_lr_mult=100"),
+    ("ebt_s1", "model.thinking.update_space=logits"),
+    ("ebt_s1", "model.thinking.normalize=first_step"),
+    ("ebt_s1", "model.thinking.detach_steps=false"),
+    ("ebt_s1", "model.thinking.truncate=true"),
+    ("ebt_s1", "model.thinking.init_logit_std=0.5"),
+    ("ebt_s1", "model.thinking.alpha_lr_mult=100"),
     ("ebt_s1", "optim.decay_norms_and_biases=false"),
     ("ebt_s1", "optim.betas=[0.9,0.95]"),
-    ("ebt_s2", "model.detach_steps=true"),
-    ("ebt_s2", "model.truncate=false"),
-    ("ebt_s2", "model.langevin_placement=after_update"),
-    ("ebt_s2", "model.langevin_noise_std=2.0"),
-    ("ebt_s2", "model.alpha_random_scale=1.5"),
-    ("ebt_s2", "model.replay_fraction=0.25"),
-    ("ebt_s2", "model.replay_capacity=3"),
+    ("ebt_s2", "model.thinking.detach_steps=true"),
+    ("ebt_s2", "model.thinking.truncate=false"),
+    ("ebt_s2", "model.thinking.langevin_placement=after_update"),
+    ("ebt_s2", "model.thinking.langevin_noise_std=2.0"),
+    ("ebt_s2", "model.thinking.alpha_random_scale=1.5"),
+    ("ebt_s2", "model.replay.fraction=0.25"),
+    ("ebt_s2", "model.replay.capacity=3"),
 ]
 
 
@@ -228,22 +231,24 @@ def test_flipping_one_option_breaks_parity(recipe, flip):
 
 
 def test_adaln_real_stream_flip_breaks_parity():
-    worst = run("ebt_s1", "adaln", ours=["model.adaln_real_stream=false"], steps=1)
+    worst = run("ebt_s1", "adaln", ours=["model.architecture.adaln_real_stream=false"], steps=1)
     assert worst["loss"] > 1e-8, worst
 
 
 @pytest.mark.parametrize("recipe", ["ebt_s1", "ebt_s2"])
 def test_validation_loss_matches_the_reference(recipe):
     """The reference's val phase: no randomised step sizes or repeats (the last landscape runs R + 1 steps), no
-    replay, but Langevin noise (model.langevin_in_eval=true restores it; this project's default is noise-free)."""
-    reference, model, cfg, _ = build_pair(recipe, "time_embed", {}, ["model.langevin_in_eval=true"])
+    replay, but Langevin noise (model.thinking.langevin_in_eval=true restores it; this project's default is
+    noise-free)."""
+    reference, model, cfg, _ = build_pair(recipe, "time_embed", {}, ["model.thinking.langevin_in_eval=true"])
     model.eval()
     tokens = torch.randint(1, VOCAB, (BATCH, CONTEXT + 1), generator=torch.Generator().manual_seed(2))
     with fp64_reference(), recording_draws() as record:
         expected = float(reference.forward_loss_wrapper({"input_ids": tokens}, "val")["loss"].detach())
     draws = RecordedDraws({k: v for k, v in record.items() if k != "randn"})
     with torch.no_grad():
-        loss, metrics = model.loss(tokens, init_logits=record["randn"][0] * cfg.model.init_logit_std, draws=draws)
+        loss, metrics = model.loss(tokens, init_logits=record["randn"][0] * cfg.model.thinking.init_logit_std,
+                                   draws=draws)
     assert not draws.unused()
     assert abs(float(loss) - expected) / abs(expected) < 1e-9
     assert metrics["mcmc_steps"] == (3 if recipe == "ebt_s2" else 2)

@@ -7,8 +7,8 @@ import torch
 from ebt_factories import tiny_model
 
 from benchmarks.experimental.step_runners import use_step_impl
-from ebt import ModelConfig
 from ebt.checkpointing import parse_policy
+from launch.config import build_config
 
 # "policy/n": recompute n sequences at a time (cfg.remat_chunk); the test batch has 3 sequences.
 POLICIES = ["block", "mcmc_step", "block+mcmc_step", "mcmc_step/1", "block+mcmc_step/2"]
@@ -98,12 +98,12 @@ def test_auto_resolves_to_a_policy_with_identical_gradients():
     from ebt.checkpointing import UnresolvedCheckpointingError
     from planning import resolve_checkpointing
 
-    unresolved = tiny_model(mcmc_steps=2, checkpointing="auto", memory_budget_gb=64.0)
-    resolved = resolve_checkpointing(unresolved.cfg, 3)
-    assert resolved.checkpointing in ("none", "block", "mcmc_step", "block+mcmc_step")
-    compare([f"{resolved.checkpointing}/{resolved.remat_chunk}"], steps=2, memory_budget_gb=64.0)
+    unresolved = tiny_model(mcmc_steps=2, checkpointing="auto")
+    policy, chunk = resolve_checkpointing(unresolved.cfg, "auto", 3, budget_gb=64.0)
+    assert policy in ("none", "block", "mcmc_step", "block+mcmc_step")
+    compare([f"{policy}/{chunk}"], steps=2)
     tokens = torch.randint(0, 11, (3, 7))
-    with pytest.raises(UnresolvedCheckpointingError, match=r"^model.checkpointing: 'auto' is resolved before"):
+    with pytest.raises(UnresolvedCheckpointingError, match=r"^trainer.checkpointing: 'auto' is resolved before"):
         unresolved.loss(tokens)
     with torch.no_grad():  # no second-order graph to checkpoint: evaluation runs plain steps
         assert torch.isfinite(unresolved.loss(tokens)[0])
@@ -162,11 +162,11 @@ def test_inference_and_no_grad_paths_ignore_the_policy():
 
 
 def test_bad_policy_is_one_line_naming_the_key():
-    with pytest.raises(ValueError, match=r"^checkpointing: unknown policy 'mcmc'"):
-        ModelConfig(checkpointing="mcmc")
-    with pytest.raises(ValueError, match=r"^memory_budget_gb: must be > 0"):
-        ModelConfig(memory_budget_gb=0.0)
-    with pytest.raises(ValueError, match=r"^remat_chunk: must be >= 0"):
-        ModelConfig(remat_chunk=-1)
+    with pytest.raises(ValueError, match=r"^config key 'trainer.checkpointing': unknown policy 'mcmc'"):
+        build_config({"trainer": {"checkpointing": "mcmc"}})
+    with pytest.raises(ValueError, match=r"^config key 'trainer.memory_budget_gb': must be > 0"):
+        build_config({"trainer": {"checkpointing": "auto", "memory_budget_gb": 0.0}})
+    with pytest.raises(ValueError, match=r"^config key 'trainer.remat_chunk': must be >= 0"):
+        build_config({"trainer": {"remat_chunk": -1}})
     with pytest.raises(ValueError, match="unknown policy 'auto'"):
         parse_policy("auto")  # auto must be resolved by the planner first

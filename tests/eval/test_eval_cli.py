@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from model_configs import model_config
 from safetensors.torch import save_model
 
 from data_pipeline import DataConfig, prepare_if_needed
-from ebt import ModelConfig, build_model
+from ebt import build_model
 from eval.report import build_report
 from launch.cli import main
 
@@ -44,7 +45,7 @@ def setup(tmp_path_factory):
     checkpoints = {}
     for kind in ("ebt", "transformer"):
         torch.manual_seed(0)
-        cfg = ModelConfig(kind=kind, vocab_size=info["vocab_size"], context_length=CTX, dim=32, n_layers=1,
+        cfg = model_config(kind=kind, vocab_size=info["vocab_size"], context_length=CTX, dim=32, n_layers=1,
                           n_heads=2, alpha_init=5.0)
         out = root / f"ckpt-{kind}"
         out.mkdir()
@@ -93,8 +94,8 @@ def test_eval_json_feeds_the_report(setup, tmp_path):
             run = runs / f"{kind}-{size}"
             run.mkdir(parents=True)
             (run / "config.yaml").write_text(yaml.safe_dump({"name": run.name, "model": {
-                "kind": kind, "size": size, "vocab_size": 256, "context_length": 32, "dim": 64 * (i + 1),
-                "n_layers": 2, "n_heads": 2}}))
+                "kind": kind, "size": size, "architecture": {"vocab_size": 256, "context_length": 32,
+                                                             "dim": 64 * (i + 1), "n_layers": 2, "n_heads": 2}}}))
             rows = [{"step": 1, "tokens": 1000, "loss": 6.0}, {"step": 1, "tokens": 1000, "final": True,
                                                                "val_loss": 3.0 + 2.0 / (i + 1)}]
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -139,7 +140,7 @@ def test_eval_errors_are_one_line(setup, tmp_path, capsys, extra, message):
 
 def _eval_argv_for_untrained(ckpt, vocab_size: int, setup, out) -> list[str]:
     """`ebt eval` arguments for an untrained EBT of `vocab_size` saved as a run dir at `ckpt`."""
-    cfg = ModelConfig(kind="ebt", vocab_size=vocab_size, context_length=CTX, dim=32, n_layers=1, n_heads=2)
+    cfg = model_config(kind="ebt", vocab_size=vocab_size, context_length=CTX, dim=32, n_layers=1, n_heads=2)
     ckpt.mkdir()
     save_model(build_model(cfg), str(ckpt / "model.safetensors"))
     (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(cfg)}))
@@ -157,7 +158,7 @@ def test_identical_chains_are_flagged(setup, tmp_path, capsys):
     """init_logit_std=0 without --noise: every sample is the same chain, which the grid would silently repeat."""
     cfg_path = setup["ckpt"]["ebt"] / "config.yaml"
     raw = yaml.safe_load(cfg_path.read_text())
-    raw["model"]["init_logit_std"] = 0.0
+    raw["model"]["thinking"]["init_logit_std"] = 0.0
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes((setup["ckpt"]["ebt"] / "model.safetensors").read_bytes())
@@ -247,7 +248,7 @@ def test_eval_progress_counts_batches_and_is_silent_when_disabled():
 def test_default_grid_skips_sample_counts_that_cannot_differ(setup, tmp_path, capsys):
     """init_logit_std=0, no --noise and no --samples: one sample per cell, and one note saying why."""
     raw = yaml.safe_load((setup["ckpt"]["ebt"] / "config.yaml").read_text())
-    raw["model"]["init_logit_std"] = 0.0
+    raw["model"]["thinking"]["init_logit_std"] = 0.0
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes((setup["ckpt"]["ebt"] / "model.safetensors").read_bytes())

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from model_configs import model_config
 
 from ebt import ModelConfig, build_model
 from ebt.starts import eval_starts
@@ -19,7 +20,7 @@ VOCAB, CTX = 64, 12
 
 def tiny(kind: str, **kw) -> tuple[torch.nn.Module, ModelConfig]:
     torch.manual_seed(0)
-    cfg = ModelConfig(kind=kind, vocab_size=VOCAB, context_length=CTX, dim=32, n_layers=1, n_heads=2,
+    cfg = model_config(kind=kind, vocab_size=VOCAB, context_length=CTX, dim=32, n_layers=1, n_heads=2,
                       alpha_init=5.0, **kw)
     return build_model(cfg).eval(), cfg
 
@@ -124,7 +125,7 @@ def test_steps_zero_perplexity_is_the_perplexity_of_the_initial_candidates():
     cell = next(g for g in res["grid"] if g["steps"] == 0)
     nll, count = 0.0, 0
     for batch in data:
-        init = eval_starts(batch, settings.seed, 0, VOCAB, cfg.init_logit_std, torch.float32)
+        init = eval_starts(batch, settings.seed, 0, VOCAB, cfg.thinking.init_logit_std, torch.float32)
         nll += F.cross_entropy(init.reshape(-1, VOCAB).double(), batch[:, 1:].reshape(-1), reduction="sum").item()
         count += batch[:, 1:].numel()
     assert cell["loss"] == pytest.approx(nll / count, rel=1e-12)

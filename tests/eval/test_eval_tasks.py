@@ -129,10 +129,10 @@ def test_ebt_log_likelihood_is_the_log_softmax_of_the_final_thinking_logits(scor
     tokens = [scorer.eos_id, *context, *continuation]
     inputs = torch.tensor([tokens[:-1]])
     cfg = scorer.cfg
-    assert cfg.init_logit_std > 0  # the starts matter
+    assert cfg.thinking.init_logit_std > 0  # the starts matter
     for steps, samples in ((0, 1), (3, 2)):
         thinking = Thinking(steps=steps, samples=samples, seed=4)
-        starts = prefix_keyed_starts(inputs, 4, samples, cfg.vocab_size, cfg.init_logit_std)
+        starts = prefix_keyed_starts(inputs, 4, samples, cfg.architecture.vocab_size, cfg.thinking.init_logit_std)
         logits = scorer.model.think(inputs, steps, samples, "min", starts=starts).logits[0]
         logprobs = torch.log_softmax(logits.double(), -1)
         n = len(continuation)
@@ -164,7 +164,7 @@ def test_scores_do_not_depend_on_batching(scorers):
 
 def test_rolling_log_likelihood_predicts_every_token_exactly_once(scorers, monkeypatch):
     scorer = scorers["transformer"]
-    vocab = scorer.cfg.vocab_size
+    vocab = scorer.cfg.architecture.vocab_size
     # Uniform logits: each predicted token adds exactly -log V, so the sum counts the predictions.
     monkeypatch.setattr(scorer.model, "logits", lambda tokens, past=None: (torch.zeros(*tokens.shape, vocab), None))
     ids = scorer.encode("def f(x):\n    return x + 1\n" * 6)

@@ -230,8 +230,9 @@ def test_report_from_bare_run_dirs(tmp_path):
             run = runs / f"{kind}-{size}"
             run.mkdir(parents=True)
             (run / "config.yaml").write_text(
-                f"name: {kind}-{size}\nmodel:\n  kind: {kind}\n  size: {size}\n  vocab_size: 256\n"
-                f"  context_length: 32\n  dim: {64 * (i + 1)}\n  n_layers: 2\n  n_heads: 2\n")
+                f"name: {kind}-{size}\nmodel:\n  kind: {kind}\n  size: {size}\n  architecture:\n"
+                f"    vocab_size: 256\n    context_length: 32\n    dim: {64 * (i + 1)}\n    n_layers: 2\n"
+                "    n_heads: 2\n")
             loss = 3.0 + 2.0 / (i + 1)
             rows = [{"step": 1, "tokens": 1000, "loss": loss + 1}, {"step": 2, "tokens": 2000, "loss": loss},
                     {"step": 2, "tokens": 2000, "final": True, "val_loss": loss}]

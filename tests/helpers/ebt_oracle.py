@@ -50,35 +50,37 @@ def causal_lm_last_energy(model, sequence: torch.Tensor, step: int) -> torch.Ten
     length = sequence.shape[0]
     mask = torch.full((length, length), float("-inf"), dtype=sequence.dtype).triu(1)
     hidden = sequence
-    step_row = min(step, cfg.mcmc_steps - 1)  # past the trained landscapes: the last trained one
-    adaln = cfg.variant == "adaln"
-    everywhere = cfg.adaln_real_stream
+    step_row = min(step, cfg.thinking.mcmc_steps - 1)  # past the trained landscapes: the last trained one
+    adaln = cfg.architecture.variant == "adaln"
+    everywhere = cfg.architecture.adaln_real_stream
     condition = None
     if adaln:
         condition = torch.nn.functional.silu(energy_model.step_emb.weight[step_row])
     for layer, block in enumerate(energy_model.blocks):
-        normed = rms_norm(hidden, block.attn_norm.weight, cfg.norm_eps)
+        normed = rms_norm(hidden, block.attn_norm.weight, cfg.architecture.norm_eps)
         if adaln:
             linear = energy_model.adaln[layer]
-            shift1, scale1, gate1, shift2, scale2, gate2 = (linear.weight @ condition + linear.bias).split(cfg.dim)
+            dim = cfg.architecture.dim
+            shift1, scale1, gate1, shift2, scale2, gate2 = (linear.weight @ condition + linear.bias).split(dim)
             normed = modulated(normed, shift1, scale1, everywhere)
-        heads = cfg.n_heads
+        heads = cfg.architecture.n_heads
         q = (normed @ block.wq.weight.T).view(length, heads, -1).transpose(0, 1)
         k = (normed @ block.wk.weight.T).view(length, heads, -1).transpose(0, 1)
         v = (normed @ block.wv.weight.T).view(length, heads, -1).transpose(0, 1)
-        q, k = rotate(q, cfg.rope_theta), rotate(k, cfg.rope_theta)
+        q, k = rotate(q, cfg.architecture.rope_theta), rotate(k, cfg.architecture.rope_theta)
         scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + mask
         attended = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(length, -1) @ block.wo.weight.T
         hidden = hidden + (gated(attended, gate1, everywhere) if adaln else attended)
-        normed = rms_norm(hidden, block.ffn_norm.weight, cfg.norm_eps)
+        normed = rms_norm(hidden, block.ffn_norm.weight, cfg.architecture.norm_eps)
         if adaln:
             normed = modulated(normed, shift2, scale2, everywhere)
         gate = normed @ block.w1.weight.T
         mlp = ((gate * torch.sigmoid(gate)) * (normed @ block.w3.weight.T)) @ block.w2.weight.T
         hidden = hidden + (gated(mlp, gate2, everywhere) if adaln else mlp)
-    last = rms_norm(hidden[-1], energy_model.final_norm.weight, cfg.norm_eps)
+    last = rms_norm(hidden[-1], energy_model.final_norm.weight, cfg.architecture.norm_eps)
     if adaln:
-        shift, scale = (energy_model.adaln_final.weight @ condition + energy_model.adaln_final.bias).split(cfg.dim)
+        final = energy_model.adaln_final
+        shift, scale = (final.weight @ condition + final.bias).split(cfg.architecture.dim)
         last = last * (1 + scale) + shift
     return last @ energy_model.energy_head.weight[0]
 
@@ -92,8 +94,8 @@ def oracle_energies(model, tokens: torch.Tensor, candidate_probs: torch.Tensor, 
     for b in range(batch):
         for i in range(length):
             parts = [energy_model.tok_emb.weight[tokens[b, : i + 1]], (candidate_probs[b, i] @ cand_weight)[None]]
-            if model.cfg.variant == "time_embed":
-                step_row = min(step, model.cfg.mcmc_steps - 1)
+            if model.cfg.architecture.variant == "time_embed":
+                step_row = min(step, model.cfg.thinking.mcmc_steps - 1)
                 parts.insert(0, energy_model.step_tokens[step_row][None])
             out[b, i] = causal_lm_last_energy(model, torch.cat(parts), step)
     return out

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from model_configs import nested
 
 from data_pipeline import DataConfig, prepare_if_needed
 from fsutil import read_metrics_rows
@@ -44,7 +45,8 @@ def data_section() -> dict:
 
 
 def tiny_raw(kind: str = "ebt", **sections: dict) -> dict:
-    """A complete raw training config for a tiny model; `sections` update the named sections."""
+    """A complete raw training config for a tiny model; `sections` update the named sections (`model` with flat
+    keys, model_configs.nested's shorthand, nested here)."""
     raw = {
         "name": "tiny",
         "model": {"kind": kind, "dim": 32, "n_layers": 1, "n_heads": 2, "context_length": 16, "mcmc_steps": 2},
@@ -59,6 +61,7 @@ def tiny_raw(kind: str = "ebt", **sections: dict) -> dict:
             raw[key] = {**raw.get(key, {}), **value}
         else:
             raw[key] = value
+    raw["model"] = nested(**raw["model"])
     return raw
 
 
@@ -214,7 +217,7 @@ def tiny_model_raw(tmp_path: Path, data: dict) -> dict:
     """A tiny training config over `data` (no session corpus needed), with runs under tmp_path."""
     return {
         "name": "tiny", "runs_dir": str(tmp_path / "runs"),
-        "model": {"kind": "ebt", "dim": 32, "n_layers": 1, "n_heads": 2, "context_length": 16, "mcmc_steps": 2},
+        "model": nested(kind="ebt", dim=32, n_layers=1, n_heads=2, context_length=16, mcmc_steps=2),
         "data": {"cache_dir": str(tmp_path / "cache"), "vocab_size": 512, "tokenizer_max_sentences": 2000,
                  "num_proc": 1, "progress": False, **data},
         "trainer": {"max_steps": 2, "micro_batch_size": 2, "eval_batches": 1},

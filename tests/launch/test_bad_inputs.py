@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from data_support import tiny  # noqa: F401 - session fixture
+from model_configs import model_config
 from train_support import (
     data_section,
     env,
@@ -46,9 +47,10 @@ QUICKSTART = REPO / "configs" / "train" / "quickstart.yaml"
 def test_a_context_length_beyond_memory_is_refused_before_any_file_is_written(tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     before = file_tree(tmp_path)
-    line = run_cli(capfd, ["train", str(QUICKSTART), "model.context_length=1000000", f"runs_dir={tmp_path}/runs",
+    line = run_cli(capfd, ["train", str(QUICKSTART), "model.architecture.context_length=1000000",
+                           f"runs_dir={tmp_path}/runs",
                            f"data.cache_dir={tmp_path}/cache"],
-                   "ebt train: error: ", "model.context_length", "trainer.micro_batch_size", "GB")
+                   "ebt train: error: ", "model.architecture.context_length", "trainer.micro_batch_size", "GB")
     assert "available" in line and "predicted" in line
     assert file_tree(tmp_path) == before
 
@@ -66,7 +68,7 @@ def test_an_empty_or_non_utf8_data_file_is_named_and_leaves_no_lock(tmp_path, mo
     assert file_tree(tmp_path) == before  # no cache dir, no .lock, no runs dir
 
 
-@pytest.mark.parametrize("override, key", [("model.vocab_size=1", "model.vocab_size"),
+@pytest.mark.parametrize("override, key", [("model.architecture.vocab_size=1", "model.architecture.vocab_size"),
                                            ("data.vocab_size=1", "data.vocab_size")])
 def test_a_bad_vocab_size_names_the_key_and_leaves_no_lock(tmp_path, monkeypatch, capfd, override, key):
     monkeypatch.chdir(tmp_path)
@@ -173,9 +175,8 @@ def _export_dir(path: Path, cfg) -> Path:
 
 
 def _tiny_model_cfg(**changes):
-    from ebt import ModelConfig
 
-    return ModelConfig(**{"kind": "ebt", "vocab_size": 64, "context_length": 16, "dim": 32, "n_layers": 1,
+    return model_config(**{"kind": "ebt", "vocab_size": 64, "context_length": 16, "dim": 32, "n_layers": 1,
                           "n_heads": 2, **changes})
 
 
@@ -208,8 +209,9 @@ def test_weights_that_do_not_match_their_config_name_the_checkpoint_and_key(tmp_
     from ebt import build_model
 
     ckpt = CheckpointManager(tmp_path / "checkpoints", keep_last=1).save(
-        1, {"model": build_model(_tiny_model_cfg()).state_dict()}, {}, "model:\n  kind: ebt\n  vocab_size: 64\n"
-        "  context_length: 16\n  dim: 32\n  n_layers: 2\n  n_heads: 2\n")
+        1, {"model": build_model(_tiny_model_cfg()).state_dict()}, {},
+        "model:\n  kind: ebt\n  architecture:\n    vocab_size: 64\n    context_length: 16\n    dim: 32\n"
+        "    n_layers: 2\n    n_heads: 2\n")
     with pytest.raises(ValueError, match=r"^checkpoint .*step_1: weight '.*blocks\.1\..*' .*is missing") as error:
         load_model(ckpt)
     assert len(str(error.value).splitlines()) == 1

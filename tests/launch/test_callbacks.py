@@ -51,7 +51,7 @@ class FakeTrainer:
         self.evaluated: list[int] = []
         self.logs: list[str] = []
         self.wandb_id = "abc123"
-        self.user_cfg = build_config({"name": "fake", "model": {"kind": "ebt", "vocab_size": 64}})
+        self.user_cfg = build_config({"name": "fake", "model": {"kind": "ebt", "architecture": {"vocab_size": 64}}})
         self.cfg = self.user_cfg
         self.memory_plan = None
         self.step_time = self.data_time = 0.0
@@ -306,7 +306,7 @@ def test_progress_is_silent_when_disabled_or_off_rank_0(tmp_path):
 
 
 def test_default_callbacks_follow_the_config_in_the_order_the_logs_need():
-    raw = {"name": "x", "model": {"kind": "ebt", "vocab_size": 64},
+    raw = {"name": "x", "model": {"kind": "ebt", "architecture": {"vocab_size": 64}},
            "trainer": {"eval_every": 7, "log_every": 3, "max_steps": 50},
            "checkpoint": {"every": 9, "save_final": False}, "logging": {"wandb": True, "progress": False}}
     callbacks = default_callbacks(build_config(raw))
@@ -332,7 +332,7 @@ def stub_trainer(tmp_path: Path, callbacks: list, steps: int, fail_at: int | Non
 
         def __init__(self) -> None:
             FakeTrainer.__init__(self, tmp_path)
-            self.cfg = build_config({"name": "fake", "model": {"kind": "ebt", "vocab_size": 64},
+            self.cfg = build_config({"name": "fake", "model": {"kind": "ebt", "architecture": {"vocab_size": 64}},
                                      "trainer": {"max_steps": steps}})
             self.callbacks = callbacks
             self.nonfinite_total = 0
@@ -419,7 +419,7 @@ def test_fit_tears_down_what_started_when_something_raises(tmp_path):
 
 
 def test_the_default_callbacks_on_the_real_loop_write_rows_checkpoint_and_stop_on_preemption(tmp_path):
-    cfg = build_config({"name": "fake", "model": {"kind": "ebt", "vocab_size": 64},
+    cfg = build_config({"name": "fake", "model": {"kind": "ebt", "architecture": {"vocab_size": 64}},
                         "trainer": {"max_steps": 6, "log_every": 2, "eval_every": 3},
                         "checkpoint": {"every": 4}, "logging": {"wandb": False, "progress": False}})
     trainer = stub_trainer(tmp_path, default_callbacks(cfg), steps=6)

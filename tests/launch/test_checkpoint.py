@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from model_configs import model_config
 from omegaconf import OmegaConf
 
 from ebt import ModelConfig, build_model
@@ -16,7 +17,7 @@ from launch.run_dir import load_model
 
 
 def tiny_model_cfg(kind: str = "ebt") -> ModelConfig:
-    return ModelConfig(kind=kind, vocab_size=64, context_length=8, dim=16, n_layers=1, n_heads=2)
+    return model_config(kind=kind, vocab_size=64, context_length=8, dim=16, n_layers=1, n_heads=2)
 
 
 def save(mgr: CheckpointManager, step: int, model: torch.nn.Module, cfg: ModelConfig) -> None:
@@ -82,7 +83,7 @@ def test_load_model_and_export_round_trip(tmp_path, kind, capsys):
     mgr = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=2)
     save(mgr, 3, model, cfg)
 
-    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.context_length + 1))
+    tokens = torch.randint(0, cfg.architecture.vocab_size, (2, cfg.architecture.context_length + 1))
     model.eval()
     torch.manual_seed(1)
     expected = model.loss(tokens)[0]

@@ -191,8 +191,8 @@ def test_a_pickle_that_runs_code_is_refused_in_one_line(tmp_path, capsys):
     assert "\n" not in message and str(crafted / "model.pt") in message and "system" in message
     assert not marker.exists()
     # Through a command: a checkpoint dir with a valid manifest around the crafted file.
-    (crafted / "config.yaml").write_text("model:\n  vocab_size: 64\n  context_length: 8\n  dim: 16\n"
-                                         "  n_layers: 1\n  n_heads: 2\n")
+    (crafted / "config.yaml").write_text("model:\n  architecture:\n    vocab_size: 64\n    context_length: 8\n"
+                                         "    dim: 16\n    n_layers: 1\n    n_heads: 2\n")
     files = {name: {"sha256": hashlib.sha256((crafted / name).read_bytes()).hexdigest(),
                     "bytes": (crafted / name).stat().st_size} for name in ("model.pt", "config.yaml")}
     (crafted / "manifest.json").write_text(json.dumps({"step": 1, "world_size": 1, "files": files}))

@@ -30,26 +30,29 @@ def one_line_error(capsys, argv: list[str]) -> str:
 
 def test_quickstart_and_every_model_size_load():
     cfg = load_config(QUICKSTART)
-    assert cfg.model.kind == "ebt" and cfg.model.size == "4xs" and (cfg.model.dim, cfg.model.n_layers) == (128, 2)
-    assert cfg.model.vocab_size == cfg.data.vocab_size  # follows the tokenizer unless set
+    assert cfg.model.kind == "ebt" and cfg.model.size == "4xs" and (cfg.model.architecture.dim,
+                                                                    cfg.model.architecture.n_layers) == (128, 2)
+    assert cfg.model.architecture.vocab_size == cfg.data.vocab_size  # follows the tokenizer unless set
     for path in sorted((REPO / "configs" / "model").glob("*.yaml")):
         sized = load_config([QUICKSTART, path])
         from ebt.sizes import SIZES
 
         spec = SIZES[path.stem]
-        assert (sized.model.size, sized.model.dim, sized.model.n_layers, sized.model.n_heads) == (
+        assert (sized.model.size, sized.model.architecture.dim, sized.model.architecture.n_layers,
+                sized.model.architecture.n_heads) == (
             path.stem, spec.dim, spec.n_layers, spec.n_heads)
 
 
 def test_overrides_types_and_size_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {size: xs}\noptim: {betas: [0.9, 0.99]}\n")
-    cfg = load_config(path, ["optim.lr=3e-4", "trainer.max_steps=7", "model.dim=768", "name=other",
-                             "logging.wandb=false", "model.vocab_size=1000"])
+    cfg = load_config(path, ["optim.lr=3e-4", "trainer.max_steps=7", "model.architecture.dim=768", "name=other",
+                             "logging.wandb=false", "model.architecture.vocab_size=1000"])
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.trainer.max_steps, int) and cfg.trainer.max_steps == 7
-    assert (cfg.model.dim, cfg.model.n_layers) == (768, 12)  # explicit key wins over the size table
+    arch = cfg.model.architecture
+    assert (arch.dim, arch.n_layers) == (768, 12)  # explicit key wins over the size table
     assert cfg.name == "other" and cfg.logging.wandb is False and cfg.optim.betas == [0.9, 0.99]
-    assert cfg.model.vocab_size == 1000
+    assert cfg.model.architecture.vocab_size == 1000
     # No optim.lr: the size table's reference peak LR.
     assert load_config(path).peak_lr == pytest.approx(9.0e-4)  # the reference's xs LR (model_utils.py)
 
@@ -62,13 +65,13 @@ def test_overrides_types_and_size_defaults(tmp_path):
         ("modle.dim=3", "'modle'; did you mean 'model'?"),
         ("lr=3", "unknown config key 'lr'; did you mean 'optim.lr'?"),
         ("trainer.lr=3", "unknown config key 'trainer.lr'; did you mean 'optim.lr'?"),
-        ("model.n_layer=3", "did you mean 'model.n_layers'?"),
+        ("model.n_layer=3", "did you mean 'model.architecture.n_layers'?"),
         ("trainer.max_steps=abc", "config key 'trainer.max_steps'"),
         ("optim.lr=fast", "config key 'optim.lr'"),
         ("logging.wandb=maybe", "config key 'logging.wandb'"),
         ("model.size=xxxs", "'model.size': unknown size 'xxxs'"),
         ("model.kind=rnn", "config key 'model.kind': unknown model kind 'rnn'"),
-        ("model.dim=101", "config key 'model.dim'"),
+        ("model.architecture.dim=101", "config key 'model.architecture.dim'"),
         ("trainer.precision=fp8", "'trainer.precision'"),
         ("trainer.micro_batch_size=0", "'trainer.micro_batch_size': must be >= 1"),
         ("distributed.fsdp_regather=true", "'distributed.fsdp_regather': is only used with distributed.strategy=fsdp"),

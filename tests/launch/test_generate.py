@@ -53,7 +53,7 @@ def expected_text(run, prompt: str, new: int, seed: int = 0, **kwargs) -> str:
     tokenizer = str(run / "tokenizer")
     processor, eos = load_processor(tokenizer), load_meta(tokenizer).eos_id
     ids = [eos, *processor.encode(prompt)]
-    steps = cfg.mcmc_steps if cfg.kind == "ebt" else None
+    steps = cfg.thinking.mcmc_steps if cfg.kind == "ebt" else None
     out = generate(model, torch.tensor([ids]), new, steps=steps, generator=torch.Generator().manual_seed(seed),
                    seed=seed, **kwargs)[0, len(ids):].tolist()
     if eos in out:
@@ -117,7 +117,7 @@ def one_line(capsys, code: int, *fragments: str) -> None:
 @pytest.mark.parametrize(
     ("kind", "extra", "fragments"),
     [
-        ("ebt", ["--prompt", "x " * 40], ["--prompt", "leave no room", "model.context_length"]),
+        ("ebt", ["--prompt", "x " * 40], ["--prompt", "leave no room", "model.architecture.context_length"]),
         ("ebt", ["--max-new-tokens", "100"], ["--max-new-tokens: 100 does not fit", "at most"]),
         ("ebt", ["--top-p", "0.9"], ["--top-p: only used when sampling"]),
         ("ebt", ["--temperature", "-1"], ["--temperature"]),

@@ -54,7 +54,7 @@ def test_every_groups_lr_equals_lambdalr_over_the_whole_schedule(warmup, min_sca
         assert lr_multiplier(cfg, step) == fn(step)
         former.step()
         scheduler.step()
-    alpha_peak = cfg.peak_lr * cfg.model.alpha_lr_mult
+    alpha_peak = cfg.peak_lr * cfg.model.thinking.alpha_lr_mult
     assert new.param_groups[-1]["lr"] == alpha_peak * min_scale or warmup >= cfg.trainer.max_steps
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_configs import model_config
 from train_support import data_section, env, file_tree, run_cli, tiny_model_raw, tiny_raw, write_config
 
 from launch.cli import main
@@ -91,9 +92,9 @@ def truncated_export(path: Path) -> tuple[Path, int, int]:
     from omegaconf import OmegaConf
     from safetensors.torch import save_model
 
-    from ebt import ModelConfig, build_model
+    from ebt import build_model
 
-    cfg = ModelConfig(kind="ebt", vocab_size=64, context_length=16, dim=32, n_layers=1, n_heads=2)
+    cfg = model_config(kind="ebt", vocab_size=64, context_length=16, dim=32, n_layers=1, n_heads=2)
     path.mkdir(parents=True)
     weights = path / "model.safetensors"
     save_model(build_model(cfg), str(weights))
@@ -167,8 +168,8 @@ def test_prepared_shards_with_an_empty_val_split_are_refused_before_the_first_st
 
 
 @pytest.mark.parametrize("text, fragments", [
-    ("model:\n  dim: 32\n  n_layers: 1\n  dim: 48\n",
-     ["not valid YAML at line 4", "duplicate key 'model.dim'", "first at line 2"]),
+    ("model:\n  architecture:\n    dim: 32\n    n_layers: 1\n    dim: 48\n",
+     ["not valid YAML at line 5", "duplicate key 'model.architecture.dim'", "first at line 3"]),
     ("model:\n  dim: 32\ntrainer: {max_steps: 2\n", ["not valid YAML at line 4", "flow mapping at line 3"]),
 ], ids=["duplicate-key", "syntax"])
 def test_a_yaml_error_names_the_file_line_and_key(tmp_path, monkeypatch, capfd, text, fragments):

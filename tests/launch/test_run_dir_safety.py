@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from model_configs import model_config
 from train_support import file_tree, kill_group, read_rows, run_cli, start_train, tiny_raw, write_config
 
 from launch.cli import main
@@ -29,9 +30,9 @@ def _source(path: Path) -> Path:
     from omegaconf import OmegaConf
     from safetensors.torch import save_model
 
-    from ebt import ModelConfig, build_model
+    from ebt import build_model
 
-    cfg = ModelConfig(kind="ebt", vocab_size=64, context_length=16, dim=32, n_layers=1, n_heads=2)
+    cfg = model_config(kind="ebt", vocab_size=64, context_length=16, dim=32, n_layers=1, n_heads=2)
     path.mkdir(parents=True)
     save_model(build_model(cfg), str(path / "model.safetensors"))
     (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"model": dataclasses.asdict(cfg)})))

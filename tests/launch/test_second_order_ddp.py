@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_configs import nested
 from parity_tolerance import fp32_ratio_check, rank_threads
 
 HERE = Path(__file__).resolve().parent
@@ -22,9 +23,9 @@ pytestmark = pytest.mark.slow
 def raw_config(policy: str) -> dict:
     return {
         "name": f"ddp-{policy.replace('+', '-')}",
-        "model": {"kind": "ebt", "dim": 32, "n_layers": 2, "n_heads": 2, "context_length": 16, "mcmc_steps": 2,
-                  "vocab_size": 64, "alpha_init": 5.0, "checkpointing": policy, "remat_chunk": 1},
-        "trainer": {"micro_batch_size": GLOBAL_BATCH // 2, "max_steps": 1},
+        "model": nested(kind="ebt", dim=32, n_layers=2, n_heads=2, context_length=16, mcmc_steps=2,
+                        vocab_size=64, alpha_init=5.0),
+        "trainer": {"micro_batch_size": GLOBAL_BATCH // 2, "max_steps": 1, "checkpointing": policy, "remat_chunk": 1},
         "optim": {"lr": 1e-3, "clip_grad_norm": 0.0},
         "logging": {"wandb": False, "progress": False},
         "distributed": {"strategy": "ddp"},
@@ -44,8 +45,9 @@ def worker(policy: str, out: str) -> None:
     rank, world = trainer.rank, trainer.world
     gen = torch.Generator().manual_seed(123)
     m = cfg.model
-    tokens = torch.randint(0, m.vocab_size, (GLOBAL_BATCH, m.context_length + 1), generator=gen)
-    init = torch.randn(GLOBAL_BATCH, m.context_length, m.vocab_size, generator=gen)
+    tokens = torch.randint(0, m.architecture.vocab_size, (GLOBAL_BATCH, m.architecture.context_length + 1),
+                           generator=gen)
+    init = torch.randn(GLOBAL_BATCH, m.architecture.context_length, m.architecture.vocab_size, generator=gen)
     share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     _, finite = trainer.forward_backward(tokens[share], last_micro=True, init_logits=init[share])
     assert finite

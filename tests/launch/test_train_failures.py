@@ -90,7 +90,7 @@ def test_param_groups_and_schedule():
     groups = {g["name"]: g for g in param_groups(model, cfg)}
     names = {id(p): n for n, p in model.named_parameters()}
     assert [names[id(p)] for p in groups["alpha"]["params"]] == ["alpha_raw"]
-    assert groups["alpha"]["lr"] == pytest.approx(1e-3 * cfg.model.alpha_lr_mult)
+    assert groups["alpha"]["lr"] == pytest.approx(1e-3 * cfg.model.thinking.alpha_lr_mult)
     assert groups["alpha"]["weight_decay"] == 0.0
     assert all(p.ndim == 1 for p in groups["no_decay"]["params"]) and groups["no_decay"]["weight_decay"] == 0.0
     assert any("norm" in names[id(p)] for p in groups["no_decay"]["params"])

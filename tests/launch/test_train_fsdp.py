@@ -44,11 +44,11 @@ MAX_STEPS = 24
 CONTEXT = 32
 
 
-def fsdp_raw(**model: object) -> dict:
+def fsdp_raw(trainer: dict | None = None, **model: object) -> dict:
     # Two layers: the blocks are their own FSDP units, the root holds the rest. Width 64 and context 32 make a
     # step slow enough (~0.1 s) that kill -9 lands mid-run rather than after the last step.
     return tiny_raw(model={"n_layers": 2, "dim": 64, "context_length": CONTEXT, **model},
-                    trainer={"max_steps": MAX_STEPS, "micro_batch_size": 2},
+                    trainer={"max_steps": MAX_STEPS, "micro_batch_size": 2, **(trainer or {})},
                     checkpoint={"every": 4, "keep_last": 3}, distributed={"strategy": "fsdp"})
 
 
@@ -150,7 +150,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
             assert after[0]["tokens"] == before[0]["tokens"] - 2 * CONTEXT  # half the sequences per step from here
     # The finished 1-rank runs checkpointed at world 1 and load without a process group.
     model, cfg = load_model(tmp_path / "runs" / "same_batch")
-    assert cfg.n_layers == 2 and model.alpha_raw.shape == torch.Size([])
+    assert cfg.architecture.n_layers == 2 and model.alpha_raw.shape == torch.Size([])
 
 
 def test_load_model_reads_a_sharded_checkpoint_exactly(tmp_path):
@@ -188,8 +188,8 @@ def test_load_model_reads_a_sharded_checkpoint_exactly(tmp_path):
 
 
 def test_checkpointing_auto_plans_per_rank_and_trains_under_fsdp(tmp_path):
-    """model.checkpointing=auto under fsdp: the plan is made (per rank, sharded state), saved and trained with."""
-    raw = fsdp_raw(checkpointing="auto")
+    """trainer.checkpointing=auto under fsdp: the plan is made (per rank, sharded state), saved and trained with."""
+    raw = fsdp_raw(trainer={"checkpointing": "auto"})
     raw["trainer"].update(max_steps=3, memory_budget_gb=64.0)
     config = write_config(tmp_path, raw)
     done = run_train(tmp_path, config, "name=auto", nproc=2)

@@ -1,4 +1,4 @@
-"""model.checkpointing=auto in the trainer: the planner picks policy, chunk and micro-batch under
+"""trainer.checkpointing=auto in the trainer: the planner picks policy, chunk and micro-batch under
 trainer.memory_budget_gb, keeps the per-rank batch, computes exactly what the same explicit settings compute, and
 a resume reuses the saved plan."""
 
@@ -21,8 +21,9 @@ STEPS = 6
 
 
 def auto_raw(tmp_path, **trainer) -> dict:
-    return tiny_raw(model={"checkpointing": "auto"}, runs_dir=str(tmp_path / "runs"),
-                    trainer={"max_steps": STEPS, "micro_batch_size": 4, "grad_accum_steps": 1, **trainer},
+    return tiny_raw(runs_dir=str(tmp_path / "runs"),
+                    trainer={"max_steps": STEPS, "micro_batch_size": 4, "grad_accum_steps": 1, "checkpointing": "auto",
+                             **trainer},
                     checkpoint={"every": 3, "keep_last": 3})
 
 
@@ -51,7 +52,7 @@ def test_plan_splits_the_per_rank_batch_to_fit_the_budget(tmp_path):
     assert (plan.micro_batch_size, plan.grad_accum_steps) == (2, 2)
     assert plan.predicted_peak_gb <= budget and plan.budget_explicit
     applied = memory_plan.apply(cfg, plan)
-    assert (applied.model.checkpointing, applied.model.remat_chunk) == (plan.policy, plan.remat_chunk)
+    assert (applied.trainer.checkpointing, applied.trainer.remat_chunk) == (plan.policy, plan.remat_chunk)
     assert applied.trainer.micro_batch_size * applied.trainer.grad_accum_steps == 4
     # A generous budget keeps the whole batch in one micro-batch with the fastest policy.
     roomy = memory_plan.make_plan(build_config(auto_raw(tmp_path, memory_budget_gb=100.0)), planner.torch.device("cpu"))
@@ -60,7 +61,7 @@ def test_plan_splits_the_per_rank_batch_to_fit_the_budget(tmp_path):
 
 def test_budget_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"^config key 'trainer.memory_budget_gb': is only used with "
-                                         r"model.checkpointing=auto, not 'none'$"):
+                                         r"trainer.checkpointing=auto, not 'none'$"):
         build_config(tiny_raw(trainer={"memory_budget_gb": 4}))
     with pytest.raises(ValueError, match=r"^config key 'trainer.memory_budget_gb': must be > 0, got -1"):
         build_config(auto_raw(tmp_path, memory_budget_gb=-1))
@@ -78,11 +79,11 @@ def test_auto_trains_like_its_explicit_plan_and_resume_reuses_the_plan(tmp_path,
     saved = json.loads((run_dir / memory_plan.PLAN_FILE).read_text())
     assert (saved["micro_batch_size"], saved["grad_accum_steps"]) == (2, 2)
     kept = build_config(json.loads(json.dumps(_yaml(run_dir / "config.yaml"))))
-    assert (kept.model.checkpointing, kept.trainer.micro_batch_size) == ("auto", 4)  # the user's config
+    assert (kept.trainer.checkpointing, kept.trainer.micro_batch_size) == ("auto", 4)  # the user's config
 
     explicit = auto_raw(tmp_path) | {"name": "explicit"}
-    explicit["model"] = {**explicit["model"], "checkpointing": saved["policy"], "remat_chunk": saved["remat_chunk"]}
-    explicit["trainer"] = {**explicit["trainer"], "micro_batch_size": 2, "grad_accum_steps": 2}
+    explicit["trainer"] = {**explicit["trainer"], "checkpointing": saved["policy"], "remat_chunk": saved["remat_chunk"],
+                           "micro_batch_size": 2, "grad_accum_steps": 2}
     run_training(build_config(explicit))
     expected = training_rows(tmp_path / "runs" / "explicit")
     assert [r["step"] for r in expected] == list(range(1, STEPS + 1))

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_configs import nested
 from parity_tolerance import fp32_ratio_check, rank_threads
 
 HERE = Path(__file__).resolve().parent
@@ -40,12 +41,13 @@ CASES = [("ebt", None), ("transformer", None), ("ebt", "ebt_s1"), ("ebt", "ebt_s
 def parity_raw(kind: str, strategy: str, zero_stage: int | None, recipe: str | None = None) -> dict:
     import yaml
 
-    model = {"kind": kind, "mcmc_steps": 2, "alpha_init": 5.0}
+    model = nested(kind=kind, mcmc_steps=2, alpha_init=5.0)
     if recipe is not None:
         model = yaml.safe_load((REPO / "configs" / "recipes" / f"{recipe}.yaml").read_text())["model"]
+    dims = {"dim": 32, "n_layers": 2, "n_heads": 2, "context_length": 16, "vocab_size": 64}
     raw = {
         "name": f"parity-{recipe or kind}-{strategy}",
-        "model": {**model, "dim": 32, "n_layers": 2, "n_heads": 2, "context_length": 16, "vocab_size": 64},
+        "model": {**model, "architecture": {**model.get("architecture", {}), **dims}},
         "trainer": {"micro_batch_size": GLOBAL_BATCH // 2, "max_steps": 1},
         "optim": {"lr": 1e-3, "clip_grad_norm": 0.0},
         "logging": {"wandb": False, "progress": False},
@@ -95,11 +97,13 @@ def worker(strategy: str, zero_stage: int | None, out: str) -> None:
         assert world == 2, world
         gen = torch.Generator().manual_seed(123)
         m = cfg.model
-        tokens = torch.randint(0, m.vocab_size, (GLOBAL_BATCH, m.context_length + 1), generator=gen)
-        init = torch.randn(GLOBAL_BATCH, m.context_length, m.vocab_size, generator=gen)
+        tokens = torch.randint(0, m.architecture.vocab_size, (GLOBAL_BATCH, m.architecture.context_length + 1),
+                               generator=gen)
+        init = torch.randn(GLOBAL_BATCH, m.architecture.context_length, m.architecture.vocab_size, generator=gen)
         share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-        uniform = torch.rand(GLOBAL_BATCH, m.context_length, 1, generator=gen)
-        noise = torch.randn(m.max_executed_steps, GLOBAL_BATCH, m.context_length, m.vocab_size, generator=gen)
+        uniform = torch.rand(GLOBAL_BATCH, m.architecture.context_length, 1, generator=gen)
+        noise = torch.randn(m.thinking.max_executed_steps, GLOBAL_BATCH, m.architecture.context_length,
+                            m.architecture.vocab_size, generator=gen)
         kwargs = {"init_logits": init[share], "draws": BatchDraws(uniform, noise, share)} if kind == "ebt" else {}
         _, finite = trainer.forward_backward(tokens[share], last_micro=True, **kwargs)
         assert finite
@@ -139,8 +143,8 @@ FSDP_CASES = [
     ("transformer", "transformer", None, {}),
     # Activation checkpointing recomputes each MCMC step (or each block) inside the outer backward, with the
     # gathered parameters: both must stay exact under sharding.
-    ("ebt_mcmc_step", "ebt", None, {"checkpointing": "mcmc_step", "remat_chunk": 1}),
-    ("ebt_time_embed_block", "ebt", None, {"variant": "time_embed", "checkpointing": "block"}),
+    ("ebt_mcmc_step", "ebt", None, {"trainer.checkpointing": "mcmc_step", "trainer.remat_chunk": 1}),
+    ("ebt_time_embed_block", "ebt", None, {"variant": "time_embed", "trainer.checkpointing": "block"}),
     ("ebt_s1", "ebt", "ebt_s1", {}),
     # The replay buffer is per rank (each rank replays its own sequences), so from step 2 on it cannot match
     # one process's buffer over the whole batch: off for the three-step comparison. Its checkpointing is covered
@@ -152,7 +156,10 @@ FSDP_STEPS = 3
 
 def fsdp_raw(kind: str, recipe: str | None, overrides: dict) -> dict:
     raw = parity_raw(kind, "fsdp", None, recipe)
-    raw["model"].update(overrides)
+    model = nested(**{k: v for k, v in overrides.items() if not k.startswith("trainer.")})
+    for section, values in model.items():
+        raw["model"][section] = {**raw["model"].get(section, {}), **values} if isinstance(values, dict) else values
+    raw["trainer"].update({k.removeprefix("trainer."): v for k, v in overrides.items() if k.startswith("trainer.")})
     # Clipping on: the gradient norm is then a collective over every rank's shards, and it is active (EBT
     # gradients at init are far above 1), so a wrong norm changes the weights.
     raw["optim"] = {"lr": 1e-3, "clip_grad_norm": 1.0, "warmup_steps": 0}
@@ -230,10 +237,13 @@ def fsdp_worker(dtype_name: str, mutation: str, out: str, only: str, regather: b
         share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         case: dict = {"grad_diffs": {}, "grad_scales": {}}
         for step in range(FSDP_STEPS):
-            tokens = torch.randint(0, m.vocab_size, (GLOBAL_BATCH, m.context_length + 1), generator=gen)
-            init = torch.randn(GLOBAL_BATCH, m.context_length, m.vocab_size, generator=gen, dtype=dtype)
-            uniform = torch.rand(GLOBAL_BATCH, m.context_length, 1, generator=gen, dtype=dtype)
-            noise = torch.randn(m.max_executed_steps, GLOBAL_BATCH, m.context_length, m.vocab_size, generator=gen,
+            tokens = torch.randint(0, m.architecture.vocab_size, (GLOBAL_BATCH, m.architecture.context_length + 1),
+                                   generator=gen)
+            init = torch.randn(GLOBAL_BATCH, m.architecture.context_length, m.architecture.vocab_size, generator=gen,
+                               dtype=dtype)
+            uniform = torch.rand(GLOBAL_BATCH, m.architecture.context_length, 1, generator=gen, dtype=dtype)
+            noise = torch.randn(m.thinking.max_executed_steps, GLOBAL_BATCH, m.architecture.context_length,
+                                m.architecture.vocab_size, generator=gen,
                                 dtype=dtype)
             kwargs = {"init_logits": init[share], "draws": BatchDraws(uniform, noise, share)} if kind == "ebt" else {}
             _, finite = trainer.forward_backward(tokens[share], last_micro=True, **kwargs)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_configs import nested
 from train_support import VOCAB, env, read_rows, tiny_raw, training_rows, write_config
 
 pytestmark = pytest.mark.slow
@@ -22,7 +23,7 @@ def recipe_run(tmp_path: Path, recipe: str, steps: int, name: str) -> subprocess
     raw = tiny_raw(trainer={"max_steps": steps, "micro_batch_size": 8}, checkpoint={"every": 4, "keep_last": 3},
                    optim={"lr": 3e-3, "warmup_steps": 3})
     # Only sizes here: the recipe (the first file) supplies every training semantic.
-    raw["model"] = {"dim": 32, "n_layers": 1, "n_heads": 2, "context_length": 16}
+    raw["model"] = nested(dim=32, n_layers=1, n_heads=2, context_length=16)
     config = write_config(tmp_path, raw)
     cmd = [sys.executable, "-m", "launch.cli", "train", str(RECIPES / f"{recipe}.yaml"), str(config), f"name={name}"]
     return subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)

@@ -109,13 +109,13 @@ def test_truncated_newest_checkpoint_falls_back_says_so_and_continues_exactly(re
 def test_resuming_with_a_different_model_names_the_key(reference, monkeypatch, capsys):
     work, config, _ = reference(1)
     monkeypatch.chdir(work)  # in-process: the check runs before any training, so no subprocess is needed
-    for override, fragment in (("model.dim=64", "config key 'model.dim'"),
+    for override, fragment in (("model.architecture.dim=64", "config key 'model.architecture.dim'"),
                                ("trainer.micro_batch_size=2", "config key 'trainer.micro_batch_size'"),
                                ("checkpoint.resume=false", "config key 'checkpoint.resume'")):
         assert cli_main(["train", str(config), "name=ref", override]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"ebt train: error: {fragment}"), err
-        if override == "model.dim=64":
+        if override == "model.architecture.dim=64":
             assert "trained with 32" in err[0] and "64" in err[0]
 
 

@@ -22,7 +22,8 @@ GLOBAL_BATCH = 4
 def manual_val_loss(trainer: Trainer, n_sequences: int) -> tuple[float, int]:
     """Token-weighted loss over the first n_sequences val windows (0: all), one sequence at a time."""
     cfg = trainer.cfg
-    loader = data_pipeline.build_eval_loader(cfg.data, split="val", context_length=cfg.model.context_length,
+    loader = data_pipeline.build_eval_loader(cfg.data, split="val",
+                                             context_length=cfg.model.architecture.context_length,
                                              micro_batch_size=1)
     nll, count, seen = 0.0, 0, 0
     for batch in loader:

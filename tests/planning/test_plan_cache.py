@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from model_configs import sized_config
 
-from ebt import ModelConfig
 from launch.cli import main
 from planning import cache, cached_plan_cuda, plan_cuda, tracer
 
@@ -34,7 +34,8 @@ def test_a_second_dry_run_plans_from_the_cache(tmp_path, capsys, plan_cache):
     spec = {"name": "c", "base": str(REPO / "configs" / "train" / "quickstart.yaml"),
             "runs_dir": str(tmp_path / "runs"), "sweep_dir": str(tmp_path / "sweep"),
             "grid": {"size": ["4xs"], "kind": ["ebt", "transformer"], "steps": [5, 7]},
-            "overrides": {"model.checkpointing": "auto", "model.context_length": 32, "trainer.precision": "bf16"},
+            "overrides": {"trainer.checkpointing": "auto", "model.architecture.context_length": 32,
+                          "trainer.precision": "bf16"},
             "resources": {"default": {"tasks_per_node": 2, "gpus_per_node": 2}}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -60,15 +61,15 @@ def test_a_second_dry_run_plans_from_the_cache(tmp_path, capsys, plan_cache):
 
 
 def test_the_key_holds_what_determines_a_plan_and_errors_are_cached(plan_cache):
-    cfg = ModelConfig.from_size("4xs", vocab_size=2048, context_length=32, mcmc_steps=2, checkpointing="auto")
+    cfg = sized_config("4xs", vocab_size=2048, context_length=32, mcmc_steps=2)
     first = cached_plan_cuda(cfg, 8, 80e9, "H100")
     assert first == plan_cuda(cfg, 8, 80e9, "H100")
     assert traces_run(lambda: cached_plan_cuda(cfg, 8, 80e9, "H100")) == 0
-    # Another world size, model field or GPU is another plan; the size's name and the CPU budget are not.
+    # Another world size, model field, policy or GPU is another plan; the size's name is not.
     assert traces_run(lambda: cached_plan_cuda(cfg, 8, 80e9, "H100", "ddp", 8)) > 0
-    assert traces_run(lambda: cached_plan_cuda(ModelConfig(**{**cfg.to_dict(), "mcmc_steps": 3}), 8, 80e9,
-                                               "H100")) > 0
-    renamed = ModelConfig(**{**cfg.to_dict(), "size": None, "memory_budget_gb": 3.0})
+    assert traces_run(lambda: cached_plan_cuda(cfg.replace(thinking={"mcmc_steps": 3}), 8, 80e9, "H100")) > 0
+    assert traces_run(lambda: cached_plan_cuda(cfg, 8, 80e9, "H100", policy="mcmc_step")) > 0
+    renamed = cfg.replace(size=None)
     assert traces_run(lambda: cached_plan_cuda(renamed, 8, 80e9, "H100")) == 0
     # A GPU too small for micro-batch 1: the same one-line error, from the cache the second time.
     with pytest.raises(ValueError, match=r"^tiny: needs .* GB per GPU even at micro-batch \d+ with") as cold:

@@ -74,16 +74,17 @@ def test_planned_configs_carry_the_plan_and_the_paper_batch():
     assert len(budgets) >= 3
     for p in plans:
         c, t = p.config, p.config.trainer
-        assert c.model.context_length == 256
+        assert c.model.architecture.context_length == 256
         assert t.micro_batch_size * t.grad_accum_steps * p.resources.world_size == 256
-        assert c.model.checkpointing != "auto" and t.precision == "bf16"
+        assert c.trainer.checkpointing != "auto" and t.precision == "bf16"
         assert c.distributed.strategy == ("fsdp" if c.model.size in ("large", "xl") else "ddp")
         chosen = p.gpu_plans[p.planned_for]
-        assert (t.micro_batch_size, t.grad_accum_steps, c.model.checkpointing) == \
+        assert (t.micro_batch_size, t.grad_accum_steps, c.trainer.checkpointing) == \
             (chosen.micro_batch_size, chosen.grad_accum_steps, chosen.policy)
         # The recipes by kind: S1's probability-space update for EBTs, Transformer++ for the baseline.
         if c.model.kind == "ebt":
-            assert (c.model.update_space, c.model.variant, c.model.mcmc_steps) == ("probs", "time_embed", 2)
+            assert (c.model.thinking.update_space, c.model.architecture.variant,
+                    c.model.thinking.mcmc_steps) == ("probs", "time_embed", 2)
 
 
 def test_a_size_that_cannot_fit_is_refused_in_one_line(tmp_path, capsys):
@@ -109,7 +110,7 @@ def test_cpu_stand_in_is_the_same_grid_at_tiny_widths():
     assert cpu.bases == ladder.bases and cpu.size_overrides == ladder.size_overrides
     for p in cpu_plans:
         assert p.resources.gpus_per_node == 0 and p.resources.world_size == 1 and not p.gpu_plans
-        assert p.config.model.dim == cpu.size_dims[p.config.model.size]["dim"] <= 64
+        assert p.config.model.architecture.dim == cpu.size_dims[p.config.model.size]["dim"] <= 64
         assert 2 <= p.max_steps <= 6
 
 

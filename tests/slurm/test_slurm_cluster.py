@@ -82,7 +82,7 @@ def data_overrides(tmp_path_factory):
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     overrides = {"data.source": str(corpus), "data.cache_dir": str(root / "cache"), "data.val_fraction": 0.1,
-                 "data.vocab_size": 512, "data.progress": False, "model.context_length": 32,
+                 "data.vocab_size": 512, "data.progress": False, "model.architecture.context_length": 32,
                  "trainer.micro_batch_size": 4, "trainer.eval_every": 0, "trainer.eval_batches": 2,
                  "trainer.log_every": 1, "trainer.peak_flops": 1.0e10, "logging.wandb": False,
                  "logging.progress": False, "checkpoint.every": 1000}

@@ -41,7 +41,7 @@ def write_spec(tmp_path: Path, **fields) -> Path:
 def test_grid_times_runs_with_size_table_lr_and_budgets(tmp_path):
     path = write_spec(tmp_path, grid={"size": ["4xs", "3xs"], "kind": ["ebt", "transformer"], "seed": [0, 1]},
                       runs=[{"tokens": "2.0e6"}, {"steps": 7, "lr": 5e-4}],
-                      overrides={"model.context_length": 32, "trainer.grad_accum_steps": 2},
+                      overrides={"model.architecture.context_length": 32, "trainer.grad_accum_steps": 2},
                       global_batch_size=16,
                       resources={"default": {"mem_gb": 2, "time_min": 30}, "3xs": {"nodes": 2, "partition": "big"}})
     plans = load_spec(path).plan()
@@ -58,8 +58,9 @@ def test_grid_times_runs_with_size_table_lr_and_budgets(tmp_path):
     assert q.config.trainer.micro_batch_size == 16 // (2 * 2)  # two nodes: half the micro batch
     assert q.tokens_per_step == 16 * 32
     # The size sets the dims even though the base config includes configs/model/4xs.yaml with explicit dims.
-    assert (q.config.model.n_layers, q.config.model.n_heads, q.config.model.dim) == (4, 4, 256)
-    assert (p.config.model.n_layers, p.config.model.dim) == (2, 128)
+    assert (q.config.model.architecture.n_layers, q.config.model.architecture.n_heads,
+            q.config.model.architecture.dim) == (4, 4, 256)
+    assert (p.config.model.architecture.n_layers, p.config.model.architecture.dim) == (2, 128)
     # Names depend on the point only: planning again gives the same names and hashes.
     again = {p.name: p.config_hash for p in load_spec(path).plan()}
     assert again == {p.name: p.config_hash for p in plans}
@@ -67,7 +68,7 @@ def test_grid_times_runs_with_size_table_lr_and_budgets(tmp_path):
 
 def test_flops_budget_and_trainer_key_axis(tmp_path):
     path = write_spec(tmp_path, grid={"kind": ["ebt"], "flops": [1e12], "optim.warmup_steps": [3, 5]},
-                      overrides={"model.context_length": 32, "trainer.micro_batch_size": 4})
+                      overrides={"model.architecture.context_length": 32, "trainer.micro_batch_size": 4})
     plans = load_spec(path).plan()
     assert [p.config.optim.warmup_steps for p in plans] == [3, 5]
     fpt = train_flops_per_token(plans[0].config.model)
@@ -171,7 +172,8 @@ def test_changed_base_config_is_refused_naming_the_file(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- issue 14
 def test_points_that_clear_model_size_are_named_by_width():
-    point = {"model.size": None, "model.dim": 32, "model.n_layers": 1, "model.n_heads": 2, "kind": "ebt",
+    point = {"model.size": None, "model.architecture.dim": 32, "model.architecture.n_layers": 1,
+             "model.architecture.n_heads": 2, "kind": "ebt",
              "tokens": 6.0e5, "seed": 0}
     name = run_name("cpu-micro", point)
     assert name == "cpu-micro-w32-ebt-t600k-s0-n_heads2-n_layers1"
