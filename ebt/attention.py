@@ -16,16 +16,18 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_length: int) -> torch.Tensor:
-    """q [B,H,n,d] over k, v [B,H,past_length+n,d]: query t sees keys 0..past_length+t."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_length: int,
+                     scale: float | None = None) -> torch.Tensor:
+    """q [B,H,n,d] over k, v [B,H,past_length+n,d]: query t sees keys 0..past_length+t. `scale`: the score
+    scale (None: 1/sqrt(d))."""
     new = q.shape[-2]
     if past_length == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if new == 1:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     query_pos = torch.arange(new, device=q.device)[:, None] + past_length
     visible = query_pos >= torch.arange(past_length + new, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
 
 
 def visibility_bias(last_visible: torch.Tensor, real_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -42,9 +44,11 @@ def candidate_attention(
     k_real: torch.Tensor,
     v_real: torch.Tensor,
     bias: torch.Tensor,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Candidates q, k_self, v_self [B,H,Sc,d] attend to k_real, v_real [B,H,T,d] under `bias` and to themselves."""
-    q = q * q.shape[-1] ** -0.5
+    """Candidates q, k_self, v_self [B,H,Sc,d] attend to k_real, v_real [B,H,T,d] under `bias` and to themselves;
+    scores scaled by `scale` (None: 1/sqrt(d))."""
+    q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
     real_scores = torch.matmul(q, k_real.transpose(-1, -2)) + bias
     self_scores = (q * k_self).sum(-1, keepdim=True)
     weights = torch.softmax(torch.cat((real_scores, self_scores), dim=-1), dim=-1)

@@ -1,4 +1,4 @@
-"""`ModelConfig`: the EBT energy model and the Transformer++ baseline, in four sections.
+"""`ModelConfig`: the EBT energy model and the Transformer++ baseline, in sections.
 
     model:
       kind: ebt            # ebt | transformer
@@ -7,6 +7,8 @@
       thinking: {...}      # ThinkingConfig: the MCMC loop over candidates (EBT only)
       loss: {...}          # LossConfig: what training minimises
       replay: {...}        # ReplayConfig: the replay buffer of finished chains (EBT only)
+      parametrization: sp  # sp | mup: how initialisation, LRs and multipliers scale with width
+      mup: {...}           # MupConfig: mup's base width and readout multiplier
 
 How a step is computed in memory (activation checkpointing, its recompute chunk, the memory budget) is not the
 model's business: those knobs live in the trainer's config (launch/config.py TrainerConfig) and are applied from
@@ -34,6 +36,7 @@ NORMALIZE_MODES = ("every_step", "first_step", "none")
 LANGEVIN_PLACEMENTS = ("input", "after_update")
 GRAD_CLAMP_MODES = ("max_change", "absolute")
 CONTRASTIVE_FORMS = ("softmax", "margin")
+PARAMETRIZATIONS = ("sp", "mup")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -218,13 +221,40 @@ class ReplayConfig:
             raise ValueError(f"fraction: must lie in [0, 1], got {self.fraction}")
 
 
-SECTIONS: dict[str, type] = {"architecture": ArchitectureConfig, "thinking": ThinkingConfig, "loss": LossConfig,
-                             "replay": ReplayConfig}
+@dataclass
+class MupConfig:
+    """The base shapes of `parametrization: mup` (ebt/parametrization.py says what scales with what, and why).
+
+    At dim == base_dim (and head_dim == base_head_dim) μP is SP: same initialisation, same updates."""
+
+    base_dim: int = 128  # the width whose tuned hyperparameters transfer (the small proxy model's dim)
+    base_head_dim: int | None = None  # None: the model's own head_dim (widths grow by adding heads)
+    output_mult: float = 1.0  # the readout's multiplier at the base width (energy head, Transformer++ logits)
+    # alpha (the MCMC step size) x (dim / base_dim) ** alpha_width_exponent at init. 0 is what the derivation
+    # in ebt/parametrization.py gives; the knob exists to test it (benchmarks/coord_check.py).
+    alpha_width_exponent: float = 0.0
+
+    def validate(self) -> None:
+        if self.base_dim < 1:
+            raise ValueError(f"base_dim: must be >= 1, got {self.base_dim}")
+        if self.base_head_dim is not None and (self.base_head_dim < 2 or self.base_head_dim % 2
+                                               or self.base_dim % self.base_head_dim):
+            raise ValueError(f"base_head_dim: must be even and divide base_dim={self.base_dim}, "
+                             f"got {self.base_head_dim}")
+        if not self.output_mult > 0:
+            raise ValueError(f"output_mult: must be > 0, got {self.output_mult}")
+
+
+# The sections of the earlier flat config (MOVED_KEYS maps their keys), then the ones added since.
+FLAT_ERA_SECTIONS: dict[str, type] = {"architecture": ArchitectureConfig, "thinking": ThinkingConfig,
+                                      "loss": LossConfig, "replay": ReplayConfig}
+SECTIONS: dict[str, type] = {**FLAT_ERA_SECTIONS, "mup": MupConfig}
 
 # Where each key of the earlier flat `model:` section lives now (dotted from the top of a training config), so a
 # flat key is refused with one line naming its new place. The memory knobs left the model for the trainer.
 MOVED_KEYS: dict[str, str] = {
-    **{f.name: f"model.{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)},
+    **{f.name: f"model.{section}.{f.name}" for section, cls in FLAT_ERA_SECTIONS.items()
+       for f in dataclasses.fields(cls)},
     "replay_capacity": "model.replay.capacity",
     "replay_fraction": "model.replay.fraction",
     "checkpointing": "trainer.checkpointing",
@@ -244,10 +274,14 @@ def moved_key_message(key: str, prefix: str = "model.") -> str | None:
 class ModelConfig:
     kind: str = "ebt"
     size: str | None = None
+    # "sp": the standard parametrization (the reference's); "mup": μP relative to the `mup` section's base
+    # width (ebt/parametrization.py), so hyperparameters tuned at the base width transfer to wider models.
+    parametrization: str = "sp"
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     thinking: ThinkingConfig = field(default_factory=ThinkingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    mup: MupConfig = field(default_factory=MupConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -278,6 +312,12 @@ class ModelConfig:
                 section.validate()
             except ValueError as error:
                 raise ValueError(f"{name}.{error}") from None
+        _check_choice("parametrization", self.parametrization, PARAMETRIZATIONS)
+        if self.parametrization == "mup":
+            base_head = self.mup.base_head_dim or self.architecture.head_dim
+            if self.mup.base_dim % base_head:
+                raise ValueError(f"mup.base_dim: {self.mup.base_dim} must split into heads of base_head_dim="
+                                 f"{base_head}")
         rows, steps = self.architecture.max_step_embeddings, self.thinking.mcmc_steps
         if rows is not None and rows < steps:
             raise ValueError(f"architecture.max_step_embeddings: must be >= thinking.mcmc_steps={steps} (or null), "

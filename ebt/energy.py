@@ -17,6 +17,7 @@ Step tables have `mcmc_steps` rows (the trained landscapes); a step past them re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from ebt.attention import candidate_attention, visibility_bias
 from ebt.config import ModelConfig
 from ebt.layers import Block, RMSNorm, RotaryEmbedding, init_weights
+from ebt.parametrization import readout_mult, widths
 from ebt.streams import Modulation, causal_stack, modulate
 
 
@@ -57,6 +59,8 @@ class EnergyTransformer(nn.Module):
         # ranks: a silently wrong first step, then "Expected to have finished reduction";
         # tests/launch/test_train_parity.py guards it).
         self.energy_head = nn.Linear(arch.dim, 1, bias=False)
+        # E's multiplier: 1 under SP, μP's output_mult / m otherwise (ebt/parametrization.py).
+        self.readout_mult = readout_mult(widths(cfg))
         self.rope = RotaryEmbedding(arch.head_dim, arch.context_length + 2, arch.rope_theta)
         self.step_tokens = None
         self.step_emb = None
@@ -82,8 +86,13 @@ class EnergyTransformer(nn.Module):
         if self.adaln is None:
             return
         if arch.init_scheme == "reference":  # the reference leaves its adaLN linears at PyTorch's default init
+            w = widths(cfg)
             for linear in (*self.adaln, self.adaln_final):
                 linear.reset_parameters()
+                # Kaiming's U(+-1/sqrt(fan_in)) is already μP's for the matrix; the bias is a vector: base bound.
+                if w.width_mult != 1.0:
+                    with torch.no_grad():
+                        linear.bias.mul_(math.sqrt(w.width_mult))
             return
         # Otherwise every modulation starts as the identity (shift 0, scale 0, gate 1): adaln begins as default.
         for linear in (*self.adaln, self.adaln_final):
@@ -112,7 +121,8 @@ class EnergyTransformer(nn.Module):
         if self.adaln_final is not None:
             shift, scale = self.adaln_final(F.silu(self.step_emb.weight[self.step_index(step)])).chunk(2)
             normed = modulate(normed, shift, scale)
-        return self.energy_head(normed).squeeze(-1)
+        energy = self.energy_head(normed).squeeze(-1)
+        return energy if self.readout_mult == 1.0 else energy * self.readout_mult
 
     # ---- real stream ---------------------------------------------------------------------------------------
     def context(self, tokens: torch.Tensor, step: int = 0) -> RealContext:
@@ -183,7 +193,7 @@ class EnergyTransformer(nn.Module):
             normed = modulate(normed, modulation[0], modulation[1])
         q, k, v = block.qkv(normed)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        attended = block.wo(block.merge_heads(candidate_attention(q, k, v, keys, values, bias)))
+        attended = block.wo(block.merge_heads(candidate_attention(q, k, v, keys, values, bias, block.attn_scale)))
         if modulation is None:
             hidden = hidden + attended
             return hidden + block.mlp(block.ffn_norm(hidden))

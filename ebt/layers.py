@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ebt.config import ModelConfig
+from ebt.parametrization import attention_scale, init_std, widths
 
 
 class RMSNorm(nn.Module):
@@ -61,6 +62,8 @@ class Block(nn.Module):
         super().__init__()
         dim, hidden = cfg.architecture.dim, cfg.architecture.ffn_hidden
         self.n_heads = cfg.architecture.n_heads
+        # Attention's score scale: None is 1/sqrt(head_dim); μP's sqrt(base_head_dim)/head_dim where they differ.
+        self.attn_scale = attention_scale(widths(cfg))
         self.attn_norm = RMSNorm(dim, cfg.architecture.norm_eps)
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, dim, bias=False)
@@ -93,17 +96,28 @@ def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
     embeddings left at PyTorch's N(0, 1).
     "scaled_normal": GPT-2/Llama style N(0, init_std), residual outputs (wo, w2) scaled by 1/sqrt(2 n_layers)
     so the residual stream's variance does not grow with depth.
+    Under `parametrization: mup` each linear's std is the scheme's std at the base width, times
+    sqrt(base fan-in / fan-in) for the hidden matrices (ebt/parametrization.py): the same draws from the same
+    generator, only the std differs, and at the base width it is the SP std itself.
     """
-    residual_std = cfg.architecture.init_std / math.sqrt(2 * cfg.architecture.n_layers)
+    arch = cfg.architecture
+    residual_std = arch.init_std / math.sqrt(2 * arch.n_layers)
+    mup = widths(cfg) if cfg.parametrization == "mup" else None
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            if cfg.architecture.init_scheme == "reference":
+            if mup is not None:
+                def sp_std(fan_out: int, fan_in: int, name: str = name) -> float:
+                    if arch.init_scheme == "reference":  # torch.nn.init.xavier_normal_'s std, gain 1
+                        return math.sqrt(2.0 / float(fan_in + fan_out))
+                    return residual_std if name.endswith(("wo", "w2")) else arch.init_std
+
+                nn.init.normal_(sub.weight, mean=0.0, std=init_std(name, sp_std, *sub.weight.shape, mup))
+            elif arch.init_scheme == "reference":
                 nn.init.xavier_normal_(sub.weight)
             else:
-                std = residual_std if name.endswith(("wo", "w2")) else cfg.architecture.init_std
+                std = residual_std if name.endswith(("wo", "w2")) else arch.init_std
                 nn.init.normal_(sub.weight, mean=0.0, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.Embedding):
-            nn.init.normal_(sub.weight, mean=0.0,
-                            std=1.0 if cfg.architecture.init_scheme == "reference" else cfg.architecture.init_std)
+            nn.init.normal_(sub.weight, mean=0.0, std=1.0 if arch.init_scheme == "reference" else arch.init_std)

@@ -20,6 +20,7 @@ from ebt.mcmc import (
     candidate,
     run_mcmc,
 )
+from ebt.parametrization import widths
 from ebt.replay import ReplayBuffer
 from ebt.validation import check_candidates, check_positive_int, check_tokens
 
@@ -66,7 +67,11 @@ class EnergyBasedTransformer(nn.Module):
         self.cfg = cfg
         self.energy_model = EnergyTransformer(cfg)
         # The MCMC step size; the optimizer gives parameters named *alpha* their own LR multiplier.
-        self.alpha_raw = nn.Parameter(torch.tensor(float(think.alpha_init)))
+        # μP's optional width exponent c: alpha_init * m^c (c = 0 by default: ebt/parametrization.py derives why).
+        alpha_init = float(think.alpha_init)
+        if cfg.parametrization == "mup" and cfg.mup.alpha_width_exponent:
+            alpha_init *= widths(cfg).width_mult ** cfg.mup.alpha_width_exponent
+        self.alpha_raw = nn.Parameter(torch.tensor(alpha_init))
         # The reference's learnable Langevin std (langevin_dynamics_noise_learnable); a plain float otherwise.
         self.langevin_std_raw = (
             nn.Parameter(torch.tensor(float(think.langevin_noise_std))) if think.langevin_learnable else None

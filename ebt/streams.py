@@ -49,7 +49,8 @@ def causal_stack(
         cache.append((k, v))
         if not need_output and layer == len(blocks) - 1:
             return None, cache
-        attended = block.wo(block.merge_heads(causal_attention(rope(q, positions), k, v, past_length)))
+        scores = causal_attention(rope(q, positions), k, v, past_length, block.attn_scale)
+        attended = block.wo(block.merge_heads(scores))
         if mod is None:
             hidden = hidden + attended
             hidden = hidden + block.mlp(block.ffn_norm(hidden))

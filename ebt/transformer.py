@@ -8,6 +8,7 @@ from torch import nn
 from ebt.config import ModelConfig
 from ebt.layers import Block, RMSNorm, RotaryEmbedding, init_weights
 from ebt.losses import token_cross_entropy
+from ebt.parametrization import readout_mult, widths
 from ebt.streams import KeyValues, causal_stack
 from ebt.validation import check_tokens
 
@@ -22,11 +23,14 @@ class TransformerPlusPlus(nn.Module):
         self.head = nn.Linear(cfg.architecture.dim, cfg.architecture.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.architecture.head_dim, cfg.architecture.context_length + 1,
                                     cfg.architecture.rope_theta)
+        # The logits' multiplier: 1 under SP, μP's output_mult / m otherwise (ebt/parametrization.py).
+        self.readout_mult = readout_mult(widths(cfg))
         init_weights(self, cfg)
 
     def logits(self, tokens: torch.Tensor, past: KeyValues | None = None) -> tuple[torch.Tensor, KeyValues]:
         hidden, cache = causal_stack(self.blocks, self.rope, self.tok_emb(tokens), past)
-        return self.head(self.final_norm(hidden)), cache
+        logits = self.head(self.final_norm(hidden))
+        return (logits if self.readout_mult == 1.0 else logits * self.readout_mult), cache
 
     def forward(self, tokens: torch.Tensor):
         return self.loss(tokens)

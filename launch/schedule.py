@@ -1,5 +1,6 @@
 """The learning rate as a pure function of (TrainConfig, optimizer step): linear warm-up, then cosine decay to
-peak * optim.min_lr_scale, times each parameter group's multiplier (alpha's: model.thinking.alpha_lr_mult).
+peak * optim.min_lr_scale, times each parameter group's multiplier (alpha's: model.thinking.alpha_lr_mult; μP's
+hidden matrices': 1/m).
 
 Nothing of the schedule is state: the trainer sets every group's LR from cfg before each optimizer step
 (`apply_lr`, called by Trainer.optimizer_step) and logs the value the same function gave, so checkpoints carry no
@@ -14,6 +15,7 @@ import math
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
+from ebt.parametrization import MATRIX, lr_scale, widths
 from launch.config import TrainConfig
 
 
@@ -36,9 +38,12 @@ def lr_multiplier(cfg: TrainConfig, step: int) -> float:
 
 def group_peak_lr(cfg: TrainConfig, group_name: str) -> float:
     """A parameter group's peak LR (launch/optim.py names the groups): alpha, the EBT step size, learns at
-    peak x model.thinking.alpha_lr_mult; the weights at the peak."""
+    peak x model.thinking.alpha_lr_mult; μP's hidden matrices at peak / m (ebt/parametrization.py); the other
+    weights at the peak."""
     if group_name == "alpha":
         return cfg.peak_lr * cfg.model.thinking.alpha_lr_mult
+    if group_name == "hidden":
+        return cfg.peak_lr * lr_scale(MATRIX, widths(cfg.model))
     return cfg.peak_lr
 
 

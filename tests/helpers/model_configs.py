@@ -16,10 +16,10 @@ _RENAMED = {"replay_capacity": ("replay", "capacity"), "replay_fraction": ("repl
 
 
 def nested(**flat: Any) -> dict[str, Any]:
-    """Flat model keys as the nested `model:` mapping (kind and size stay at the top)."""
+    """Flat model keys as the nested `model:` mapping (kind, size and parametrization stay at the top)."""
     out: dict[str, Any] = {}
     for key, value in flat.items():
-        if key in ("kind", "size"):
+        if key in ("kind", "size", "parametrization"):
             out[key] = value
         elif key in _RENAMED:
             section, name = _RENAMED[key]
