@@ -8,6 +8,12 @@ then the trainer's choice of checkpoint (rank 0 alone before, every rank on its 
 this rank's files. The shard is written as one file per rank, named as DCP names its files (__<rank>_0.distcp),
 so the ownership rules see what they would under fsdp; DCP's own planning and metadata are not part of it.
 
+The fsdp save path itself (trees that have launch.fsdp.stage_sharded) is measured apart: a stack of Linear layers
+sharded by FSDP2 with AdamW state, about the same bytes per rank, saved through CheckpointManager as
+FSDPStrategy.save_parts has it saved: synchronously (launch.fsdp.save_sharded, what the rank waits for with
+checkpoint.async_save off) and in the background (stage_sharded now, write_staged in the writer thread), in
+alternating rounds, so the stall ratio comes from one run under one load.
+
 From these it fits a per-byte cost (hash and write throughput on this machine) and extrapolates to the paper
 ladder's large (2 nodes x 8 GPUs) and xl (4 x 8) at a stated filesystem bandwidth: the preemption save against
 slurm's signal_delay_s (120 s) and the bytes and time before the first step after a requeue.
@@ -124,6 +130,7 @@ def worker(args: argparse.Namespace) -> None:
         background.wait()
         end_to_end_s = time.perf_counter() - start
         dist.barrier()
+    fsdp = _fsdp_saves(args, Path(args.run_dir), rank, world, all_sum)
     own = [root / "step_2" / f"rank_{rank}.pt", root / "step_2" / "dcp" / f"__{rank}_0.distcp"]
     own_bytes = sum(path.stat().st_size for path in own)
 
@@ -147,8 +154,92 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"rank": rank, "world": world, "save_s": save_s, "own_bytes": own_bytes,
                       "async_stall_s": stall_s, "async_stage_s": stage_s, "async_end_to_end_s": end_to_end_s,
                       "verify_s": verify_s, "verify_read": verify_read, "resume_s": resume_s,
-                      "resume_read": resume_read, "resume_storage_read": storage_read}), flush=True)
+                      "resume_read": resume_read, "resume_storage_read": storage_read, "fsdp": fsdp}), flush=True)
     dist.destroy_process_group()
+
+
+def _fsdp_saves(args: argparse.Namespace, run_dir: Path, rank: int, world: int, all_sum) -> dict | None:
+    """The fsdp strategy's DCP save, synchronous against background, `args.rounds` alternating rounds after one
+    warm-up of each: the seconds each blocked this rank (sync: the whole save; async: the stall until training may
+    go on, and its staging), and the async save's end to end. None on a tree without background DCP saves."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    from launch.checkpoint import CheckpointManager
+
+    try:
+        from launch import fsdp as fsdp_module
+    except ImportError:  # a tree from before fsdp
+        return None
+    if not hasattr(fsdp_module, "stage_sharded"):
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from launch.async_save import BackgroundSaver
+
+    dim = 1024
+    # 12 bytes per parameter of this rank's shard (fp32 weights + AdamW's two moments), as the synthetic shard.
+    layers = max(1, round(args.shard_mb * 2**20 * world / 12 / (dim * dim + dim)))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(dim, dim) for _ in range(layers)))
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, dim)).sum().backward()
+    optimizer.step()  # AdamW's moments exist, as in any checkpoint after the first step
+    optimizer.zero_grad()
+    group = dist.new_group(backend="gloo")
+
+    def group_sum(values: list[float]) -> list[float]:
+        total = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(total, group=group)
+        return total.tolist()
+
+    sync = CheckpointManager(run_dir / "fsdp-sync", keep_last=1, rank=rank, world_size=world, barrier=dist.barrier,
+                             log=lambda line: None, all_sum=all_sum)
+    background = CheckpointManager(run_dir / "fsdp-async", keep_last=1, rank=rank, world_size=world,
+                                   barrier=dist.barrier, log=lambda line: None, all_sum=all_sum,
+                                   background=BackgroundSaver(),
+                                   background_collectives=(lambda: dist.barrier(group=group), group_sum),
+                                   background_group=group)
+    per_rank = {"rng": torch.get_rng_state()}
+
+    def sharded_save(directory: Path) -> None:
+        fsdp_module.save_sharded(directory, model, optimizer)
+
+    def sharded_stage():
+        staged = fsdp_module.stage_sharded(model, optimizer)
+        return lambda directory, process_group: fsdp_module.write_staged(directory, staged, process_group)
+
+    sync_s, stall_s, stage_s, end_to_end_s = [], [], [], []
+    for step in range(args.rounds + 1):  # round 0 warms both paths up and is not reported
+        shared = {"trainer": {"step": step}} if rank == 0 else {}
+        dist.barrier()
+        start = time.perf_counter()
+        sync.save(step, shared, per_rank, "model: {}\n", sharded_save=sharded_save)
+        blocked = time.perf_counter() - start
+        dist.barrier()
+        start = time.perf_counter()
+        background.save(step, shared, per_rank, "model: {}\n", sharded_save=sharded_save,
+                        sharded_stage=sharded_stage)
+        stalled = time.perf_counter() - start
+        background.wait()
+        whole = time.perf_counter() - start
+        if step:
+            sync_s.append(blocked)
+            stall_s.append(stalled)
+            stage_s.append(background.last_stage_s)
+            end_to_end_s.append(whole)
+    dist.barrier()
+    state_mb = sum(path.stat().st_size for path in (run_dir / "fsdp-sync").rglob(f"__{rank}_*.distcp")) / 2**20
+    return {"layers": layers, "dim": dim, "dcp_mb": state_mb, "sync_s": statistics.median(sync_s),
+            "stall_s": statistics.median(stall_s), "stage_s": statistics.median(stage_s),
+            "end_to_end_s": statistics.median(end_to_end_s), "rounds": args.rounds}
 
 
 def _free_port() -> int:
@@ -157,13 +248,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_world(tree: Path, world: int, shard_mb: float) -> list[dict]:
+def run_world(tree: Path, world: int, shard_mb: float, rounds: int) -> list[dict]:
     """W worker processes on `tree`'s packages; their JSON lines, by rank."""
     with tempfile.TemporaryDirectory(prefix="ebt-ckpt-scale-") as run_dir:
         env = {**os.environ, "PYTHONPATH": str(tree), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
         procs = [subprocess.Popen([sys.executable, str(HERE), "--worker", "--run-dir", run_dir,
-                                   "--shard-mb", str(shard_mb)], cwd=tree, env={**env, "RANK": str(rank)},
+                                   "--shard-mb", str(shard_mb), "--rounds", str(rounds)], cwd=tree,
+                                  env={**env, "RANK": str(rank)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
         results = []
         for proc in procs:
@@ -240,6 +332,23 @@ def table(payload: dict) -> str:
                          f" | {max(r['resume_read'] for r in rows) / 2**20:,.0f}"
                          f" | {max(r['resume_storage_read'] for r in rows) / 2**20:,.0f}"
                          f" | {rows[0]['own_bytes'] / 2**20:,.0f} | {max(r['resume_s'] for r in rows):.2f} |")
+    fsdp_rows = [(world, rows) for world, trees in payload["measured"].items()
+                 for tree, rows in trees.items() if tree == "after" and rows[0].get("fsdp")]
+    if fsdp_rows:
+        first = fsdp_rows[0][1][0]["fsdp"]
+        linear = f"Linear({first['dim']}, {first['dim']})"
+        lines += ["", f"fsdp's own save path (FSDP2 over {first['layers']} {linear} layers with AdamW state, DCP "
+                  "files; the tree after): seconds a save blocks the rank with "
+                  "checkpoint.async_save off (the whole save) and on (staging into host memory; the DCP write, "
+                  f"hashes and rename go on in the background), median of {first['rounds']} alternating rounds, "
+                  "the most of any rank; same run, same load as above.", "",
+                  "| W | DCP MB per rank | sync save s | async stall s | of which staging s | async end-to-end s "
+                  "| stall / sync |", "|---|---|---|---|---|---|---|"]
+        for world, rows in fsdp_rows:
+            sync, stall = max(r["fsdp"]["sync_s"] for r in rows), max(r["fsdp"]["stall_s"] for r in rows)
+            lines.append(f"| {world} | {rows[0]['fsdp']['dcp_mb']:.0f} | {sync:.3f} | {stall:.3f} | "
+                         f"{max(r['fsdp']['stage_s'] for r in rows):.3f} | "
+                         f"{max(r['fsdp']['end_to_end_s'] for r in rows):.3f} | {stall / sync:.2f}x |")
     costs = payload["costs"]
     lines += ["", f"Extrapolated (sha256 {costs['hash_bytes_per_s'] / 1e9:.2f} GB/s measured here; filesystem "
               f"{payload['fs_gbps_per_rank']} GB/s per rank, {payload['fs_gbps_total']} GB/s aggregate; 12 bytes "
@@ -261,6 +370,7 @@ def main() -> None:
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     parser.add_argument("--shard-mb", type=float, default=64.0)
     parser.add_argument("--world", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rounds", type=int, default=3, help="fsdp sync/async save rounds (after a warm-up)")
     parser.add_argument("--baseline-tree", type=Path, help="a checkout before issue 22 (git worktree add ...)")
     parser.add_argument("--fs-gbps-per-rank", type=float, default=1.0)
     parser.add_argument("--fs-gbps-total", type=float, default=20.0)
@@ -276,7 +386,7 @@ def main() -> None:
     for world in args.world:
         measured[str(world)] = {}
         for name in sorted(trees, reverse=True):  # before first
-            measured[str(world)][name] = run_world(trees[name], world, args.shard_mb)
+            measured[str(world)][name] = run_world(trees[name], world, args.shard_mb, args.rounds)
             print(f"W={world} {name}: " + json.dumps(measured[str(world)][name][0]), flush=True)
     costs = throughput(args.shard_mb)
     payload = {"date": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg()[0], "shard_mb": args.shard_mb,

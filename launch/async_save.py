@@ -11,8 +11,10 @@ default group (the idea of torchtitan's async checkpointing). A kill -9 while a 
 half-written `.tmp-step_N` that every save leaves until its rename, so the previous checkpoint stays the newest
 valid one.
 
-Strategies whose state is written by another library stay synchronous: DeepSpeed's engine and DCP's sharded
-writer gather and write their state themselves (see Strategy.save_parts).
+fsdp's shards are staged by DCP's own stager (launch/fsdp.py `stage_sharded`: DTensor shards, this rank's part
+only) and written by `dcp.save` inside the background write, on the same gloo group, before the rank files, the
+hashes and the rename (CheckpointManager.save's `sharded_stage`). DeepSpeed stays synchronous: its engine gathers
+and writes its state itself (see Strategy.save_parts).
 """
 
 from __future__ import annotations

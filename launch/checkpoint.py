@@ -91,11 +91,12 @@ class CheckpointManager:
                  barrier: Callable[[], None] = _noop, log: Callable[[str], None] = print,
                  all_sum: Callable[[list[float]], list[float]] | None = None,
                  background: BackgroundSaver | None = None,
-                 background_collectives: tuple[Callable[[], None], Callable | None] | None = None) -> None:
+                 background_collectives: tuple[Callable[[], None], Callable | None] | None = None,
+                 background_group: Any = None) -> None:
         """`all_sum`: the values summed over ranks (a collective); None: one process (or `barrier` only, and a
         full disk on one rank is not known to the others). `background`: write checkpoints in that saver's
         thread, with `background_collectives` (barrier, all_sum) on a process group of their own
-        (launch/async_save.py); None: every save blocks."""
+        (launch/async_save.py), `background_group` (DCP's collectives run on it); None: every save blocks."""
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = rank
@@ -105,12 +106,14 @@ class CheckpointManager:
         self.all_sum = all_sum
         self.background = background
         self.background_collectives = background_collectives or (barrier, all_sum)
+        self.background_group = background_group
         self.last_stage_s = 0.0  # the time the last save blocked training to stage its state (async saves)
 
     # ------------------------------------------------------------------------------------------------ save
     def save(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any], config_yaml: str,
              deepspeed_engine: Any = None, sharded_save: Callable[[Path], None] | None = None,
-             other_bytes: Callable[[], int] | None = None) -> Path:
+             other_bytes: Callable[[], int] | None = None,
+             sharded_stage: Callable[[], Callable[[Path, Any], None]] | None = None) -> Path:
         """Collective: every rank calls it. `shared` is written by rank 0 only; `sharded_save(directory)` is
         called on every rank to write its shards (DCP) into the checkpoint's dcp/.
 
@@ -119,16 +122,26 @@ class CheckpointManager:
         serialized size of what this manager writes plus `other_bytes()`, this rank's estimate of what
         DeepSpeed or DCP writes (asked only then). The checkpoints already saved are untouched.
 
-        With a background saver, and no DeepSpeed engine or DCP writer (they write their own state), the state
-        is staged in host memory and written in the background: the call returns the path the checkpoint will
-        have, and `wait()` returns once it does (raising what the write raised)."""
-        if self.background is not None and deepspeed_engine is None and sharded_save is None:
+        With a background saver, and no DeepSpeed engine (it writes its own state), the state is staged in host
+        memory and written in the background: the call returns the path the checkpoint will have, and `wait()`
+        returns once it does (raising what the write raised). A DCP writer needs `sharded_stage` for that: called
+        here, it stages this rank's shards and returns their writer, `write(directory, process_group)`, which the
+        background thread runs where `sharded_save` would run, on `background_group`; so the rank files, the
+        hashes, the manifest and the rename still follow the DCP write. Without it DCP saves block."""
+        staged_shards = sharded_save is None or sharded_stage is not None
+        if self.background is not None and deepspeed_engine is None and staged_shards:
             start = time.perf_counter()
             self.background.wait()  # one write in flight at most; its error surfaces here
             shared, per_rank = stage(shared), stage(per_rank)
+            write_shards = None
+            if sharded_stage is not None:
+                write_staged, group = sharded_stage(), self.background_group
+
+                def write_shards(directory: Path) -> None:
+                    write_staged(directory, group)
             self.last_stage_s = time.perf_counter() - start
             barrier, all_sum = self.background_collectives
-            self.background.submit(lambda: self._save_now(step, shared, per_rank, config_yaml, None, None,
+            self.background.submit(lambda: self._save_now(step, shared, per_rank, config_yaml, None, write_shards,
                                                           other_bytes, barrier, all_sum))
             return self.root / f"step_{step}"
         if self.background is not None:

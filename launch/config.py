@@ -92,8 +92,8 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True  # resume from the newest valid checkpoint in the run dir
     save_final: bool = True
-    # Write checkpoints in the background once the state is staged in host memory (launch/async_save.py);
-    # DeepSpeed and fsdp's DCP files are always written in the foreground. False: every save blocks.
+    # Write checkpoints in the background once the state is staged in host memory (launch/async_save.py), fsdp's
+    # DCP shards included; DeepSpeed's files are always written in the foreground. False: every save blocks.
     async_save: bool = True
 
 

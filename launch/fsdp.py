@@ -340,6 +340,35 @@ def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
 
 
+def stage_sharded(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's shards of the model and the optimizer, copied into fresh host memory (a snapshot the next
+    optimizer step cannot change) by DCP's own stager: the DefaultStager that `dcp.async_save` stages with.
+    Not dcp.async_save itself: its worker thread would run DCP's collectives beside the background writer's own
+    on the same group, and write into `.tmp-step_N` before that writer has made it (launch/checkpoint.py), so the
+    staged state is written by `write_staged`, in the writer's thread, at the point where the synchronous save
+    writes."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    # As dcp.async_save's default: staged synchronously, in pageable memory, copied blocking.
+    stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False, use_async_staging=False,
+                                          use_non_blocking_copy=False))
+    try:
+        return stager.stage({"model": model_state, "optimizer": optim_state})
+    finally:
+        stager.close()  # drops the stager's storage cache; the staged copies live on in what it returned
+
+
+def write_staged(directory: Path, staged: dict[str, Any], process_group: Any = None) -> None:
+    """Collective over `process_group` (None: the default group): every rank writes its staged shards to
+    `directory` (DCP). The background writer passes its own gloo group, so DCP's planning gathers never interleave
+    with the training step's collectives on the default group."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(staged, checkpoint_id=str(directory), process_group=process_group)
+
+
 def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Collective: load a DCP checkpoint saved at any world size into this rank's shards (DCP reshards)."""
     import torch.distributed.checkpoint as dcp

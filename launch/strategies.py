@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -405,13 +406,20 @@ class FSDPStrategy(Strategy):
         return all_finite(list(self.trained_parameters.values()))  # each rank its shards; the ranks agree
 
     def save_parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        from launch.fsdp import save_sharded
+        from launch.fsdp import save_sharded, stage_sharded, write_staged
 
         def sharded_save(directory: Path) -> None:
             save_sharded(directory, self.raw_model, self.optimizer)
 
+        def sharded_stage() -> Callable[[Path, Any], None]:
+            # checkpoint.async_save: the shards are copied to host memory now; DCP writes the copy later, in the
+            # background writer's thread and on its process group.
+            staged = stage_sharded(self.raw_model, self.optimizer)
+            return lambda directory, process_group: write_staged(directory, staged, process_group)
+
         # The sharded model and optimizer go to DCP files written by every rank.
-        return {}, {"sharded_save": sharded_save, "other_bytes": self.sharded_state_bytes}
+        return {}, {"sharded_save": sharded_save, "sharded_stage": sharded_stage,
+                    "other_bytes": self.sharded_state_bytes}
 
     def load_state(self, ckpt: Any, path: Path) -> None:
         from launch.fsdp import DCP_DIR, load_sharded

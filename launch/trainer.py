@@ -502,7 +502,8 @@ class Trainer:
             torch.distributed.all_reduce(total, group=group)
             return total.tolist()
 
-        return {"background": BackgroundSaver(), "background_collectives": (group_barrier, group_sum)}
+        return {"background": BackgroundSaver(), "background_collectives": (group_barrier, group_sum),
+                "background_group": group}
 
     def _all_sum(self, values: list[float]) -> list[float]:
         """`values` summed over the ranks: the checkpoint manager's agreement on a full disk."""

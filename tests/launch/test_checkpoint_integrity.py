@@ -316,3 +316,54 @@ def test_two_ranks_write_in_the_background_on_their_own_collectives(tmp_path):
     paths = ThreadRanks(2).run(body)
     assert paths == [tmp_path / "step_5"] * 2 and verify(tmp_path / "step_5", world_size=2) is None
     assert "main" not in used  # the write never touched the training group
+
+
+def test_an_async_sharded_save_stages_now_and_writes_in_the_background_on_the_writers_group(tmp_path):
+    """fsdp's path through the manager (FSDPStrategy.save_parts): `sharded_stage` runs in save() on the calling
+    thread; the writer it returns runs in the background thread, with the background group, before the manifest;
+    the synchronous `sharded_save` is not called."""
+    from launch.async_save import BackgroundSaver
+
+    weights = torch.arange(100, dtype=torch.float32)
+    calls: list[tuple[str, str]] = []
+    group = object()  # stands for the gloo group the trainer creates
+
+    def sharded_save(directory: Path) -> None:
+        raise AssertionError("the synchronous DCP save ran")
+
+    def sharded_stage():
+        calls.append(("stage", threading.current_thread().name))
+        staged = weights.clone()
+
+        def write(directory: Path, process_group) -> None:
+            assert process_group is group
+            assert not (directory.parent / checkpoint.MANIFEST).exists()
+            calls.append(("write", threading.current_thread().name))
+            directory.mkdir()
+            torch.save({"w": staged}, directory / "__0_0.distcp")
+        return write
+
+    manager = CheckpointManager(tmp_path, keep_last=3, background=BackgroundSaver(), background_group=group)
+    path = manager.save(1, {"trainer": {"step": 1}}, {}, "model: {}\n", sharded_save=sharded_save,
+                        sharded_stage=sharded_stage)
+    weights.add_(1.0)  # the next optimizer step, while the write may still be in flight
+    manager.wait()
+    assert calls == [("stage", threading.current_thread().name), ("write", "ebt-checkpoint-writer")]
+    assert verify(path) is None and json.loads((path / checkpoint.MANIFEST).read_text())["reshardable"]
+    assert torch.equal(load_pt(path / "dcp" / "__0_0.distcp")["w"], torch.arange(100, dtype=torch.float32))
+
+
+def test_without_a_background_saver_a_sharded_save_stays_synchronous(tmp_path):
+    calls: list[str] = []
+
+    def sharded_save(directory: Path) -> None:
+        calls.append("save")
+        directory.mkdir()
+        (directory / ".metadata").write_bytes(b"{}")
+
+    def sharded_stage():
+        raise AssertionError("staged without async saves")
+
+    path = CheckpointManager(tmp_path, keep_last=3).save(1, {"trainer": {"step": 1}}, {}, "model: {}\n",
+                                                        sharded_save=sharded_save, sharded_stage=sharded_stage)
+    assert calls == ["save"] and verify(path) is None

@@ -1,4 +1,5 @@
-"""`distributed.strategy=fsdp` through `ebt train`: exact resume after kill -9 (2 ranks), a corrupt shard is
+"""`distributed.strategy=fsdp` through `ebt train`: exact resume after kill -9 (2 ranks), also inside a DCP write
+in the background (checkpoint.async_save, whose shards match a synchronous save's byte for byte), a corrupt shard is
 skipped, a 2-rank sharded checkpoint resumed on 1 rank continues the run, and load_model reads sharded
 checkpoints. Gradient and weight parity with one process is tests/launch/test_train_parity.py."""
 
@@ -49,7 +50,7 @@ def fsdp_raw(trainer: dict | None = None, **model: object) -> dict:
     # step slow enough (~0.1 s) that kill -9 lands mid-run rather than after the last step.
     return tiny_raw(model={"n_layers": 2, "dim": 64, "context_length": CONTEXT, **model},
                     trainer={"max_steps": MAX_STEPS, "micro_batch_size": 2, **(trainer or {})},
-                    checkpoint={"every": 4, "keep_last": 3}, distributed={"strategy": "fsdp"})
+                    checkpoint={"every": 4, "keep_last": 3, "async_save": True}, distributed={"strategy": "fsdp"})
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,100 @@ def test_a_corrupt_shard_is_reported_and_the_run_continues_exactly_from_the_one_
     assert f"step_{MAX_STEPS} is unusable (dcp/{shard.name} fails its checksum" in done.stdout
     assert f"step_{MAX_STEPS - 4} (step {MAX_STEPS - 4})" in done.stdout
     assert training_rows(run_dir) == expected
+
+
+def drop_final_row(run_dir: Path) -> None:
+    """As if killed in the final evaluation, after the last checkpoint: the run is not finished."""
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text("".join(line for line in metrics.read_text().splitlines(keepends=True) if '"final"' not in line))
+
+
+def test_async_saves_write_what_synchronous_saves_write_and_resume_exactly(reference):
+    """checkpoint.async_save under fsdp (the reference runs with it): every checkpoint's DCP shards and rank files
+    are byte for byte those of a run that saves synchronously, though training went on while they were written;
+    and a run resumed from an async checkpoint reproduces the uninterrupted rows."""
+    work, config, expected = reference
+    sync = run_train(work, config, "name=sync", "checkpoint.async_save=false", nproc=2)
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    assert training_rows(work / "runs" / "sync") == expected
+    for step in range(MAX_STEPS - 8, MAX_STEPS + 1, 4):  # the checkpoints kept (keep_last 3)
+        ours, theirs = (work / "runs" / name / "checkpoints" / f"step_{step}" for name in ("ref", "sync"))
+        assert verify(ours, world_size=2) is None
+        for rel in ("dcp/__0_0.distcp", "dcp/__1_0.distcp", "rank_0.pt", "rank_1.pt"):
+            assert (ours / rel).read_bytes() == (theirs / rel).read_bytes(), (step, rel)
+    run_dir = work / "runs" / "resumed"
+    shutil.copytree(work / "runs" / "ref", run_dir)
+    for step in (MAX_STEPS - 4, MAX_STEPS):
+        shutil.rmtree(run_dir / "checkpoints" / f"step_{step}")
+    drop_final_row(run_dir)
+    done = run_train(work, config, "name=resumed", nproc=2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"step_{MAX_STEPS - 8} (step {MAX_STEPS - 8})" in done.stdout, done.stdout
+    assert training_rows(run_dir) == expected
+
+
+# Run by torchrun as every rank of `ebt train` (see __main__): the DCP write of step 8's checkpoint writes its
+# shards, says WRITING, then hangs before DCP's metadata, in the background writer's thread.
+SLOW_DCP_STEP = 8
+
+
+def slow_dcp_worker(argv: list[str]) -> int:
+    import threading
+    import time
+
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+
+    from launch.cli import main
+
+    real = _FileSystemWriter.write_data
+
+    def slow(self, plan, planner):
+        result = real(self, plan, planner)
+        if f".tmp-step_{SLOW_DCP_STEP}" in str(self.path):
+            print(f"WRITING in {threading.current_thread().name}", flush=True)
+            time.sleep(120)
+        return result
+
+    _FileSystemWriter.write_data = slow
+    return main(argv)
+
+
+def test_kill_9_during_a_background_dcp_write_leaves_the_previous_checkpoint_newest(reference):
+    """Both ranks hang inside the DCP write of step 8's checkpoint, in the background writer, while training goes
+    on past it; kill -9 then leaves step_4 the newest valid checkpoint, and the rerun reproduces every row."""
+    import subprocess
+    import sys
+
+    from train_support import env
+
+    from launch.checkpoint import CheckpointManager
+
+    work, config, expected = reference
+    run_dir = work / "runs" / "killed-dcp"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             __file__, "slow_dcp", "train", str(config), f"name={run_dir.name}"], cwd=work, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "WRITING" in line:
+                assert "ebt-checkpoint-writer" in line, line  # the background writer's thread, not training's
+                break
+        else:
+            raise AssertionError(f"never reached step {SLOW_DCP_STEP}'s DCP write ({proc.wait()})")
+        wait_for_step(proc, run_dir, SLOW_DCP_STEP + 2)  # training goes on while the shards are being written
+    finally:
+        kill_tree(proc)
+        proc.wait()
+    checkpoints = run_dir / "checkpoints"
+    tmp = checkpoints / f".tmp-step_{SLOW_DCP_STEP}"
+    assert sorted((tmp / "dcp").glob("*.distcp")) and not (tmp / "dcp" / ".metadata").exists()  # mid-write
+    assert not (checkpoints / f"step_{SLOW_DCP_STEP}").exists()
+    assert CheckpointManager(checkpoints, keep_last=3, world_size=2).latest_valid() == checkpoints / "step_4"
+    done = run_train(work, config, f"name={run_dir.name}", nproc=2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "step_4 (step 4)" in done.stdout, done.stdout
+    assert training_rows(run_dir) == expected
+    assert not list(checkpoints.glob(".tmp-step_*"))
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path):
@@ -315,3 +410,5 @@ if __name__ == "__main__":
 
     if sys.argv[1] == "nonfinite":
         nonfinite_worker(sys.argv[2])
+    elif sys.argv[1] == "slow_dcp":
+        sys.exit(slow_dcp_worker(sys.argv[2:]))
