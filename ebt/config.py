@@ -213,10 +213,15 @@ class ReplayConfig:
 
     capacity: int = 0  # sequences kept (0 disables it; the reference keeps 192)
     fraction: float = 0.0
+    # 0: keep each chain's whole final logits [S, V] (reference); k > 0: its top-k logits, their indices and the
+    # tail's level, so the buffer (and every checkpoint) does not grow with the vocabulary (ebt/replay.py).
+    top_k: int = 0
 
     def validate(self) -> None:
         if self.capacity < 0:
             raise ValueError(f"capacity: must be >= 0 (0: off), got {self.capacity}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0 (0: whole logits), got {self.top_k}")
         if not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"fraction: must lie in [0, 1], got {self.fraction}")
 
@@ -261,7 +266,7 @@ MOVED_KEYS: dict[str, str] = {
     "remat_chunk": "trainer.remat_chunk",
     "memory_budget_gb": "trainer.memory_budget_gb",
 }
-del MOVED_KEYS["capacity"], MOVED_KEYS["fraction"]
+del MOVED_KEYS["capacity"], MOVED_KEYS["fraction"], MOVED_KEYS["top_k"]  # never flat keys
 
 
 def moved_key_message(key: str, prefix: str = "model.") -> str | None:

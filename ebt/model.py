@@ -77,7 +77,8 @@ class EnergyBasedTransformer(nn.Module):
             nn.Parameter(torch.tensor(float(think.langevin_noise_std))) if think.langevin_learnable else None
         )
         self.replay_buffer = (
-            ReplayBuffer(cfg.replay.capacity, cfg.replay.fraction) if cfg.replay.capacity > 0 else None
+            ReplayBuffer(cfg.replay.capacity, cfg.replay.fraction, top_k=cfg.replay.top_k)
+            if cfg.replay.capacity > 0 else None
         )
         self.thinking_loop = ThinkingLoop.from_config(cfg)
         # Activation checkpointing, set once from outside by ebt.checkpointing.apply_checkpointing (the trainer

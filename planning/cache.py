@@ -33,7 +33,8 @@ from planning.host import DEFAULT_MARGIN
 
 # Bump whenever a change to tracing, rescaling, the constants or the search can change what a plan says: every
 # cached plan is then made afresh.
-PLANNER_VERSION = 3  # 2: the replay buffer is counted; 3: nested ModelConfig, the memory policy keyed apart
+PLANNER_VERSION = 4  # 2: the replay buffer is counted; 3: nested ModelConfig, the memory policy keyed apart;
+# 4: model.parametrization and replay.top_k
 CACHE_ENV = "EBT_PLAN_CACHE"
 # Fields of ModelConfig that do not enter a GPU plan: the size's name (its dimensions do).
 _IGNORED_FIELDS = ("size",)

@@ -35,11 +35,13 @@ def replay_buffer_bytes(cfg: ModelConfig, dtype_bytes: int = 4) -> float:
     """The EBT replay buffer at capacity (ebt/replay.py), alive for the whole run on every rank and never sharded:
     capacity x (S+1) int64 tokens plus capacity x S x V candidate logits. It grows with the vocabulary: at the
     quickstart's 512 x 64 x 2048 that is 268 MB, at the ladder's 32,768-word vocabulary and context 256 ~17 GB.
+    With replay.top_k = k the logits are k + 1 values and k int32 indices per position instead of V.
     Not in the trace (the traced replica runs without a buffer), so it is added here."""
     if cfg.kind != "ebt" or cfg.replay.capacity == 0:
         return 0.0
-    length = cfg.architecture.context_length
-    return float(cfg.replay.capacity * ((length + 1) * 8 + length * cfg.architecture.vocab_size * dtype_bytes))
+    length, k = cfg.architecture.context_length, cfg.replay.top_k
+    per_position = (k + 1) * dtype_bytes + k * 4 if k else cfg.architecture.vocab_size * dtype_bytes
+    return float(cfg.replay.capacity * ((length + 1) * 8 + length * per_position))
 
 
 def state_bytes(cfg: ModelConfig, dtype_bytes: int = 4, shard_world: int | None = None) -> float:

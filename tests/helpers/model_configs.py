@@ -12,7 +12,8 @@ from typing import Any
 from ebt.config import SECTIONS, ModelConfig
 
 _SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-_RENAMED = {"replay_capacity": ("replay", "capacity"), "replay_fraction": ("replay", "fraction")}
+_RENAMED = {"replay_capacity": ("replay", "capacity"), "replay_fraction": ("replay", "fraction"),
+            "replay_top_k": ("replay", "top_k")}
 
 
 def nested(**flat: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from planning import cuda_peak, replay_buffer_bytes, state_bytes
 
 def buffer_at_capacity(cfg: ModelConfig) -> ReplayBuffer:
     """A buffer filled the way training fills it: fresh tokens [B, S+1] and their final fp32 logits [B, S, V]."""
-    buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.fraction)
+    buffer = ReplayBuffer(cfg.replay.capacity, cfg.replay.fraction, top_k=cfg.replay.top_k)
     length = cfg.architecture.context_length
     for _ in range(3):
         tokens = torch.randint(0, cfg.architecture.vocab_size, (4, length + 1))
@@ -22,12 +22,12 @@ def buffer_at_capacity(cfg: ModelConfig) -> ReplayBuffer:
     return buffer
 
 
-@pytest.mark.parametrize("capacity,length,vocab", [(6, 8, 64), (16, 16, 128)])
-def test_the_predicted_buffer_is_the_bytes_the_buffer_holds(capacity, length, vocab):
+@pytest.mark.parametrize("capacity,length,vocab,top_k", [(6, 8, 64, 0), (16, 16, 128, 0), (16, 16, 128, 5)])
+def test_the_predicted_buffer_is_the_bytes_the_buffer_holds(capacity, length, vocab, top_k):
     cfg = model_config(vocab_size=vocab, context_length=length, dim=32, n_layers=1, n_heads=2,
-                      replay_capacity=capacity, replay_fraction=0.5)
+                      replay_capacity=capacity, replay_fraction=0.5, replay_top_k=top_k)
     state = buffer_at_capacity(cfg).state_dict()
-    held = state["tokens"].nbytes + state["logits"].nbytes
+    held = state["tokens"].nbytes + state["logits"].nbytes + (state["indices"].nbytes if top_k else 0)
     assert replay_buffer_bytes(cfg) == held
     without = model_config(vocab_size=vocab, context_length=length, dim=32, n_layers=1, n_heads=2)
     assert state_bytes(cfg) - state_bytes(without) == held
