@@ -75,7 +75,10 @@ class ReplayBuffer:
         tail = log(sum of exp over the other V - k) - log(V - k): spread evenly, the others keep their mass."""
         top, index = logits.topk(self.top_k, dim=-1)
         total = torch.logsumexp(logits, dim=-1, keepdim=True)
-        rest = total + torch.log1p(-torch.exp(torch.logsumexp(top, dim=-1, keepdim=True) - total))
+        # min(.., 0): rounding can put the top's logsumexp a hair above the total's (all mass in the top k), where
+        # log1p(-exp(+eps)) would be NaN; at 0 the rest is -inf, caught just below.
+        top_share = (torch.logsumexp(top, dim=-1, keepdim=True) - total).clamp(max=0.0)
+        rest = total + torch.log1p(-torch.exp(top_share))
         # A tail of no mass (all of it in the top k, to rounding) sits far below them rather than at -inf, whose
         # differences would make the next MCMC step's logits NaN.
         tail = torch.maximum(rest - math.log(logits.shape[-1] - self.top_k), top[..., -1:] - 80.0)

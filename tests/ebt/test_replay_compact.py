@@ -71,3 +71,14 @@ def test_compact_replay_round_trips_its_state_and_continues_exactly():
     whole = tiny_model(replay_capacity=4, replay_fraction=0.5)
     with pytest.raises(ValueError, match="top_k=3.*replay.top_k=0"):
         whole.replay_buffer.load_state_dict(state)
+
+
+def test_peaked_fp32_logits_compact_to_finite_values():
+    """All the mass in the top k in fp32: the top's logsumexp can round above the total's, which once made the
+    tail NaN and every replaying step non-finite (seen in the quickstart with top_k=64)."""
+    logits = 40.0 * torch.randn(16, 64, 2048, generator=torch.Generator().manual_seed(0))
+    top = logits.topk(64, dim=-1).values
+    assert (torch.logsumexp(top, -1) > torch.logsumexp(logits, -1)).any()  # the case is present in this batch
+    buffer = ReplayBuffer(16, 1.0, top_k=64)
+    buffer.push(torch.zeros(16, 65, dtype=torch.long), logits)
+    assert torch.isfinite(buffer.logits).all()
