@@ -37,6 +37,7 @@ from launch import memory_plan
 from launch.callbacks import PREEMPTED, Callback, default_callbacks
 from launch.callbacks.checkpoint import INTERRUPTED
 from launch.checkpoint import CheckpointManager
+from launch.cli import RunError
 from launch.config import TrainConfig, check_resume_compatible, config_to_dict, load_saved_config, save_config
 from launch.distributed import (
     all_gather_object,
@@ -56,8 +57,9 @@ from launch.strategies import Strategy, check_checkpoint_strategy, make_strategy
 from launch.train_module import make_train_module
 
 
-class NonFiniteAbort(RuntimeError):
-    pass
+class NonFiniteAbort(RunError):
+    """Training diverged (too many non-finite steps, or non-finite weights to checkpoint): one line naming the
+    knobs to turn, exit 1, from rank 0 only (the other ranks stop quietly)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -408,7 +410,8 @@ class Trainer:
             self.nonfinite_in_row += 1
             if self.nonfinite_in_row >= t.max_nonfinite_in_row:
                 raise NonFiniteAbort(f"{self.nonfinite_in_row} non-finite steps in a row (last at step {self.step});"
-                                     " lower optim.lr or model.alpha_init (trainer.max_nonfinite_in_row)")
+                                     " lower optim.lr or model.thinking.alpha_init (trainer.max_nonfinite_in_row)",
+                                     quiet=not self.is_main)
         else:
             self.nonfinite_in_row = 0
         row["nonfinite_steps"] = self.nonfinite_total
@@ -459,7 +462,8 @@ class Trainer:
         while the write goes on in the background (`wait_for_checkpoint`)."""
         # The same answer on every rank (each checks what it holds; sharded ranks agree).
         if not self.strategy.all_finite():
-            raise NonFiniteAbort(f"refusing to checkpoint non-finite weights at step {self.step}")
+            raise NonFiniteAbort(f"refusing to checkpoint non-finite weights at step {self.step}",
+                                 quiet=not self.is_main)
         shared: dict[str, Any] = {
             "trainer": {"step": self.step, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total,
                         "nonfinite_in_row": self.nonfinite_in_row,
