@@ -25,6 +25,8 @@ tests/launch/test_meta_init.py checks the pieces against CPU builds at worlds 1 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +47,40 @@ _OVERWRITES = frozenset(
 )
 # Python-level constructors that make a meta tensor from host data without an aten op the dispatch mode sees.
 _HOST_DATA = (torch.tensor, torch.as_tensor, torch.asarray)
-DEFAULT_BUDGET_BYTES = 64 * 2**20
+# Full shadows kept: the RoPE tables and a few recent tensors (init touches one parameter at a time, and the
+# op at hand's storages are always whole), well under one block of the sizes that need sharding.
+DEFAULT_BUDGET_BYTES = 16 * 2**20
+
+
+# The allocator keeps the pages of freed shadows (and, in materialise, of copied pieces) resident, and the
+# long-lived pieces cut between them leave holes: glibc's dynamic mmap threshold rises to the size of the first
+# freed shadow, so later ones come from its heap. Measured at medium, 2 ranks (benchmarks/README.md,
+# checkpoint_scale_build_system): peak 810 MiB on glibc without releasing, more than the 719 MiB of a whole CPU
+# build. So the free pages go back to the kernel after every this many bytes freed: glibc's malloc_trim(0) and
+# gperftools' MallocExtension_ReleaseFreeMemory (tcmalloc, `ebt train`'s default); each is a no-op for the other.
+_RELEASE_BYTES = 2**20
+
+
+def release_free_pages() -> None:
+    """Hand the allocator's free pages back to the kernel (what the build's peak RSS counts)."""
+    for release in _releasers():
+        release()
+
+
+@functools.cache
+def _releasers() -> list[Callable[[], Any]]:
+    found: list[Callable[[], Any]] = []
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return found
+    trim = getattr(process, "malloc_trim", None)  # glibc
+    if trim is not None:
+        found.append(lambda: trim(0))
+    tcmalloc = getattr(process, "MallocExtension_ReleaseFreeMemory", None)  # gperftools, when preloaded
+    if tcmalloc is not None:
+        found.append(tcmalloc)
+    return found
 
 
 class MetaInitError(RuntimeError):
@@ -194,13 +229,17 @@ class MetaInitRecorder:
             if key in self.resident:
                 self.resident.move_to_end(key)
         total = sum(self.table[key].nbytes for key in self.resident)
+        evicted = 0
         for key in list(self.resident):
             if total <= self.budget:
                 break
             if key in keys:
                 continue
             total -= self.table[key].nbytes
+            evicted += self.table[key].nbytes
             self._evict(key)
+        if evicted >= _RELEASE_BYTES:
+            release_free_pages()
 
     def _evict(self, key: int) -> None:
         entry = self.table[key]
@@ -356,6 +395,7 @@ def materialise(model: nn.Module, init: MetaInit, device: torch.device) -> None:
     plain tensors (taking the piece, which is then the whole value); 0-d parameters were made [1] before sharding."""
     from launch.fsdp import local_tensor
 
+    freed = 0
     for prefix, module in model.named_modules():
         module.to_empty(device=device, recurse=False)
         with torch.no_grad():
@@ -365,7 +405,12 @@ def materialise(model: nn.Module, init: MetaInit, device: torch.device) -> None:
                     continue
                 local = local_tensor(param)
                 local.copy_(piece.reshape(local.shape))
+                freed += piece.numel() * piece.element_size()
+                del piece
             for name, buffer in module.named_buffers(recurse=False):
                 buffer.copy_(init.buffers.pop(f"{prefix}.{name}" if prefix else name))
+        if freed >= _RELEASE_BYTES:
+            release_free_pages()
+            freed = 0
     if init.pieces or init.buffers:
         raise MetaInitError(f"recorded values with no tensor in the model: {sorted([*init.pieces, *init.buffers])}")
