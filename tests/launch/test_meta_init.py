@@ -93,6 +93,16 @@ def test_reading_an_evicted_storage_raises():
             second.add_(first)
 
 
+def test_host_values_read_during_init_are_the_cpu_builds():
+    """`.item()` on a meta tensor has no meta kernel; during the build it answers from the CPU shadow."""
+    torch.manual_seed(SEED)
+    expected = torch.empty(3).normal_().sum().item()
+    torch.manual_seed(SEED)
+    with MetaInitRecorder(rank=0, world=2):
+        value = torch.empty(3).normal_().sum().item()
+    assert value == expected
+
+
 def test_whole_overwrite_of_an_evicted_storage_starts_afresh():
     torch.manual_seed(SEED)
     expected = torch.empty(8, 4)
