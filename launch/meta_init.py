@@ -58,7 +58,7 @@ DEFAULT_BUDGET_BYTES = 16 * 2**20
 # checkpoint_scale_build_system): peak 810 MiB on glibc without releasing, more than the 719 MiB of a whole CPU
 # build. So the free pages go back to the kernel after every this many bytes freed: glibc's malloc_trim(0) and
 # gperftools' MallocExtension_ReleaseFreeMemory (tcmalloc, `ebt train`'s default); each is a no-op for the other.
-_RELEASE_BYTES = 2**20
+_RELEASE_BYTES = 2**23
 
 
 def release_free_pages() -> None:
@@ -186,6 +186,7 @@ class MetaInitRecorder:
         self.rank, self.world, self.budget = rank, world, budget_bytes
         self.table: dict[int, _Storage] = {}
         self.resident: OrderedDict[int, None] = OrderedDict()  # evictable storages with a full shadow, LRU first
+        self.unreleased = 0  # bytes of shadows freed since the allocator last handed pages back
         self._contexts: list[Any] = []
         self._hooks: list[Any] = []
 
@@ -229,17 +230,17 @@ class MetaInitRecorder:
             if key in self.resident:
                 self.resident.move_to_end(key)
         total = sum(self.table[key].nbytes for key in self.resident)
-        evicted = 0
         for key in list(self.resident):
             if total <= self.budget:
                 break
             if key in keys:
                 continue
             total -= self.table[key].nbytes
-            evicted += self.table[key].nbytes
+            self.unreleased += self.table[key].nbytes
             self._evict(key)
-        if evicted >= _RELEASE_BYTES:
+        if self.unreleased >= _RELEASE_BYTES:
             release_free_pages()
+            self.unreleased = 0
 
     def _evict(self, key: int) -> None:
         entry = self.table[key]
