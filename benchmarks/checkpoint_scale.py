@@ -19,6 +19,13 @@ ladder's large (2 nodes x 8 GPUs) and xl (4 x 8) at a stated filesystem bandwidt
 slurm's signal_delay_s (120 s) and the bytes and time before the first step after a requeue.
 
     python -m benchmarks.checkpoint_scale --baseline-tree /tmp/before     # before/after, W = 2 and 4
+
+`--model-build` measures instead the peak host memory of building the model under distributed.strategy=fsdp (the
+trainer's route: FSDPStrategy.build_model then parallelize) on W gloo ranks, before (every rank builds the whole
+model on CPU, then shards it) and after (built on meta, only this rank's shard materialised: launch/meta_init.py),
+both routes in this tree, for a size of configs/model/ (medium by default):
+
+    python -m benchmarks.checkpoint_scale --model-build --world 2
 """
 
 from __future__ import annotations
@@ -242,19 +249,80 @@ def _fsdp_saves(args: argparse.Namespace, run_dir: Path, rank: int, world: int, 
             "end_to_end_s": statistics.median(end_to_end_s), "rounds": args.rounds}
 
 
+def _rss_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, KiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def build_worker(args: argparse.Namespace) -> None:
+    """One rank: build the model as FSDPStrategy does in this tree, by `args.mode` (cpu: the whole model, then
+    sharded, the route before issue 22; meta: launch/meta_init.py's), and print its peak host memory as JSON."""
+    import gc
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from ebt import build_model
+    from launch.config import load_config
+    from launch.fsdp import local_tensor, model_blocks
+    from launch.strategies import FSDPStrategy
+    from launch.trainer import seed_everything
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+    # Warm-up: the same route on a tiny model first, so the code it loads (FSDP, the dispatch modes) and the
+    # allocator's first arenas are not counted as the build's memory.
+    tiny = load_config([], ["distributed.strategy=fsdp", "model.architecture.dim=32", "model.architecture.n_layers=2",
+                            "model.architecture.n_heads=2"])
+    for mode in ("cpu", "meta"):
+        warm = FSDPStrategy(tiny, accelerator, rank, world)
+        warm.parallelize(warm.build_model(lambda: build_model(tiny.model)) if mode == "meta"
+                         else build_model(tiny.model))
+    del warm
+    cfg = load_config([REPO / "configs" / "model" / f"{args.size}.yaml"], ["distributed.strategy=fsdp"])
+    strategy = FSDPStrategy(cfg, accelerator, rank, world)
+    gc.collect()
+    dist.barrier()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset VmHWM to the current RSS: the peak below is the build's own
+    before = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    seed_everything(cfg.trainer.seed)
+    if args.mode == "meta":
+        model = strategy.build_model(lambda: build_model(cfg.model))
+    else:
+        model = build_model(cfg.model)
+    strategy.parallelize(model)
+    seconds = time.perf_counter() - start
+    gc.collect()
+    peak, held = _rss_kib("VmHWM") - before, _rss_kib("VmRSS") - before
+    params = list(model.parameters())
+    full = sum(p.numel() * p.element_size() for p in params)  # a DTensor's numel is the whole tensor's
+    local = sum(local_tensor(p).numel() * p.element_size() for p in params)
+    block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in model_blocks(model))
+    print(json.dumps({"rank": rank, "world": world, "mode": args.mode, "seconds": seconds, "peak_bytes": peak * 1024,
+                      "held_bytes": held * 1024, "full_bytes": full, "local_bytes": local, "block_bytes": block}),
+          flush=True)
+    dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def run_world(tree: Path, world: int, shard_mb: float, rounds: int) -> list[dict]:
+def run_world(tree: Path, world: int, shard_mb: float, rounds: int = 3, worker_args: list[str] | None = None,
+              env: dict[str, str] | None = None) -> list[dict]:
     """W worker processes on `tree`'s packages; their JSON lines, by rank."""
     with tempfile.TemporaryDirectory(prefix="ebt-ckpt-scale-") as run_dir:
         env = {**os.environ, "PYTHONPATH": str(tree), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, str(HERE), "--worker", "--run-dir", run_dir,
-                                   "--shard-mb", str(shard_mb), "--rounds", str(rounds)], cwd=tree,
+               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1", **(env or {})}
+        extra = worker_args or ["--run-dir", run_dir, "--shard-mb", str(shard_mb), "--rounds", str(rounds)]
+        procs = [subprocess.Popen([sys.executable, str(HERE), "--worker", *extra], cwd=tree,
                                   env={**env, "RANK": str(rank)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
         results = []
@@ -364,6 +432,47 @@ def table(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def build_table(payload: dict) -> str:
+    """The --model-build measurement as the README's table."""
+    lines = [f"### FSDP model build (`python -m benchmarks.checkpoint_scale --model-build`): {payload['size']}, "
+             f"{payload['world']} gloo ranks on CPU", "",
+             f"Load {payload['load']:.2f} before, {payload['date']}, allocator {payload['allocator']}. "
+             "Peak = VmHWM during FSDPStrategy.build_model + parallelize minus the RSS before it (the most of any "
+             "rank); held = RSS after it. before = every rank builds the whole model on CPU then shards it; "
+             "after = built on meta, each rank materialises its shard "
+             "(launch/meta_init.py). Acceptance (issue 22): after's peak <= full / W + one block.", "",
+             "| route | full model MiB | one block MiB | peak MiB (max rank) | peak / full | (full / W + block) / full "
+             "| held MiB | build s (max) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode, label in (("cpu", "before"), ("meta", "after")):
+        rows = payload["measured"][mode]
+        full, block, world = rows[0]["full_bytes"], rows[0]["block_bytes"], rows[0]["world"]
+        peak = max(r["peak_bytes"] for r in rows)
+        lines.append(f"| {label} | {full / 2**20:,.0f} | {block / 2**20:,.1f} | {peak / 2**20:,.0f} | "
+                     f"{peak / full:.3f} | {(full / world + block) / full:.3f} | "
+                     f"{max(r['held_bytes'] for r in rows) / 2**20:,.0f} | {max(r['seconds'] for r in rows):.1f} |")
+    return "\n".join(lines)
+
+
+def model_build(args: argparse.Namespace) -> None:
+    """--model-build: both routes at each W, written to the README under checkpoint_scale's section."""
+    from benchmarks.common import write_results
+    from launch.allocator import preload_env, resolve
+
+    # The allocator `ebt train` runs under (trainer.cpu_allocator=auto: tcmalloc where installed), or glibc's.
+    allocator, library = resolve(args.allocator)
+    env = preload_env(library, {}) if library else {}
+    for world in args.world:
+        load = os.getloadavg()[0]
+        measured = {mode: run_world(REPO, world, 0, worker_args=["--model-build", "--mode", mode, "--size", args.size],
+                                    env=env) for mode in ("cpu", "meta")}
+        payload = {"date": time.strftime("%Y-%m-%d %H:%M"), "load": load, "size": args.size, "world": world,
+                   "allocator": allocator, "measured": measured}
+        text = build_table(payload)
+        write_results("checkpoint_scale_build" + ("" if args.allocator == "auto" else f"_{allocator}"), payload, text)
+        print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -374,11 +483,22 @@ def main() -> None:
     parser.add_argument("--baseline-tree", type=Path, help="a checkout before issue 22 (git worktree add ...)")
     parser.add_argument("--fs-gbps-per-rank", type=float, default=1.0)
     parser.add_argument("--fs-gbps-total", type=float, default=20.0)
+    parser.add_argument("--model-build", action="store_true", help="measure the fsdp model build's peak memory")
+    parser.add_argument("--mode", choices=("cpu", "meta"), help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="medium", help="configs/model/<size>.yaml for --model-build")
+    parser.add_argument("--allocator", choices=("auto", "system"), default="auto",
+                        help="--model-build's host allocator: ebt train's (auto) or glibc's (system)")
     args = parser.parse_args()
     if args.worker:
-        worker(args)
+        if args.model_build:
+            build_worker(args)
+        else:
+            worker(args)
         return
     sys.path.insert(0, str(REPO))
+    if args.model_build:
+        model_build(args)
+        return
     from benchmarks.common import write_results
 
     trees = {"after": REPO, **({"before": args.baseline_tree.resolve()} if args.baseline_tree else {})}

@@ -32,7 +32,9 @@ does): `set_requires_gradient_sync(False)` would keep a full unsharded gradient 
 sharding is for avoiding.
 
 What is sharded: parameters, gradients and AdamW's moments live as 1/world shards between steps
-(`state_bytes` measures them on the live tensors). Inside a step the gathered parameters are whole on every
+(`state_bytes` measures them on the live tensors). No rank holds the whole model at build either: FSDPStrategy
+builds it on the meta device, `shard_model` shards the meta model, and each rank then materialises its own shards
+with a CPU build's exact values (launch/meta_init.py). Inside a step the gathered parameters are whole on every
 rank, so a step's peak is activations + the full parameters + full gradients until the reduce-scatter + the
 shards (planning/ counts it so).
 

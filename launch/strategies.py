@@ -6,6 +6,8 @@ one. A Strategy owns, for its back end:
 - the process setup it needs, asked of its class before the Accelerator exists (launch/distributed.py's
   make_accelerator): `accelerator_kwargs` (DeepSpeed's plugin) and `needs_process_group` (a group even for one
   process);
+- building: `build_model(build)` (FSDP builds on the meta device and keeps only this rank's shard,
+  launch/meta_init.py);
 - wrapping: `parallelize(model)` before the optimizer is built (FSDP2 shards the parameters in place, as
   torchtitan's parallelize_fn does), then `wrap(model, optimizer)` after (Accelerate's prepare for DDP and
   DeepSpeed);
@@ -92,6 +94,12 @@ class Strategy:
         # The parameters the optimizer updates: under fsdp the sharded DTensors, which are the module's attributes
         # only between steps (while gathered, FSDP swaps in the unsharded copies).
         self.trained_parameters: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------ building
+    def build_model(self, build: Callable[[], nn.Module]) -> nn.Module:
+        """The model `build()` makes, as this strategy holds it until `parallelize`: here built whole on CPU, as
+        every rank trains the whole model."""
+        return build()
 
     # ------------------------------------------------------------------------------------------ wrapping
     def parallelize(self, model: nn.Module) -> None:
@@ -340,17 +348,45 @@ class FSDPStrategy(Strategy):
     # machine is a supported case).
     needs_process_group = True
 
+    def __init__(self, cfg: TrainConfig, accelerator: Any, rank: int, world: int) -> None:
+        super().__init__(cfg, accelerator, rank, world)
+        self.meta_init: Any = None  # launch.meta_init.MetaInit between build_model and parallelize
+
+    def build_model(self, build: Callable[[], nn.Module]) -> nn.Module:
+        """On the meta device, recording only this rank's Shard(0) piece of each parameter (launch/meta_init.py:
+        the values and the RNG state after it are a CPU build's, bitwise); parallelize shards and fills it.
+
+        distributed.fsdp_regather still builds on CPU: regather_model cuts each rank's chunk from the whole
+        weights itself (no fully_shard to shard a meta model), and it is the off-by-default route."""
+        if self.cfg.distributed.fsdp_regather:
+            return build()
+        from launch.meta_init import record_build
+
+        model, self.meta_init = record_build(build, self.rank, self.world)
+        return model
+
     def parallelize(self, model: nn.Module) -> None:
         from launch import fsdp
 
         # fully_shard shards dim 0, so 0-d parameters (alpha) become [1] for the run, as under DeepSpeed.
         self.reshaped_scalars = _scalar_params_as_1d(model)
-        model.to(self.device)
         mesh = device_mesh(self.device)
         if self.cfg.distributed.fsdp_regather:
+            model.to(self.device)
             self.sharded = fsdp.regather_model(model, mesh)
-        else:
+        elif self.meta_init is None:  # a model built whole (not through build_model)
+            model.to(self.device)
             self.sharded = fsdp.shard_model(model, mesh, bf16=self.accelerator.mixed_precision == "bf16")
+        else:
+            from launch.meta_init import materialise
+
+            if (mesh.get_local_rank(), mesh.size()) != (self.meta_init.rank, self.meta_init.world):
+                raise RuntimeError(f"the meta build recorded rank {self.meta_init.rank} of {self.meta_init.world}, "
+                                   f"the mesh shards for rank {mesh.get_local_rank()} of {mesh.size()}")
+            # fully_shard on the meta model lays out each rank's shards; then they are allocated and filled.
+            self.sharded = fsdp.shard_model(model, mesh, bf16=self.accelerator.mixed_precision == "bf16")
+            materialise(model, self.meta_init, self.device)
+            self.meta_init = None
         # The optimizer must see the sharded (DTensor) parameters that fully_shard put in place.
         super().parallelize(model)
 

@@ -207,7 +207,8 @@ class Trainer:
         rank."""
         cfg = self.cfg
         seed_everything(cfg.trainer.seed)  # same seed everywhere: identical initial weights without a broadcast
-        model = build_model(cfg.model)
+        # The strategy decides where the weights are built (FSDP: on meta, keeping only this rank's shard).
+        model = self.strategy.build_model(lambda: build_model(cfg.model))
         # Memory policy from outside the model, once (as torchtitan applies activation checkpointing). It is
         # concrete here: "auto" was planned for this micro-batch in __init__ (launch/memory_plan.py).
         if cfg.model.kind == "ebt":

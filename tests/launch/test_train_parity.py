@@ -236,6 +236,10 @@ def fsdp_worker(dtype_name: str, mutation: str, out: str, only: str, regather: b
         gen = torch.Generator().manual_seed(123)
         share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         case: dict = {"grad_diffs": {}, "grad_scales": {}}
+        # The initial weights, whole: bitwise a CPU build's from the same seed (fsdp builds on meta and each rank
+        # materialises its own shard, launch/meta_init.py; fsdp_regather cuts its shards from a CPU build).
+        start = trainer.full_parameters()  # collective
+        case["initial_mismatch"] = [k for k, p in reference.named_parameters() if not torch.equal(start[k], p.detach())]
         for step in range(FSDP_STEPS):
             tokens = torch.randint(0, m.architecture.vocab_size, (GLOBAL_BATCH, m.architecture.context_length + 1),
                                    generator=gen)
@@ -359,6 +363,7 @@ def assert_fsdp_parity(result: dict, dtype: str) -> dict[str, tuple[float, float
     """Asserts parity for every case; returns, in fp32, each case's worst (gradient, weight) error ratios."""
     ratios = {}
     for name, case in result.items():
+        assert case["initial_mismatch"] == [], (name, "initial weights are not a CPU build's", case["initial_mismatch"])
         diffs, scales = case["grad_diffs"], case["grad_scales"]
         assert sum(scale > 0 for scale in scales.values()) >= len(scales) - 1, (name, scales)
         assert all(math.isfinite(diff) for diff in diffs.values()), (name, "gradient missing", diffs)
