@@ -318,7 +318,7 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
             local_jobs = schedule_local(
                 todo, spec.slurm.array_parallelism,
                 start=lambda plan: submit_and_record(Group(plan.resources, [plan])),
-                wait=lambda jobs, keep: _wait_local(jobs, state, out, keep=keep))
+                wait=lambda jobs, keep: _wait_local(jobs, state, out, keep=keep, planned=len(todo)))
         else:
             for group in todo_groups:
                 submit_and_record(group)
@@ -329,7 +329,7 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
     for name, msg in failed.items():
         out(f"FAILED to submit {name}: {msg}")
     if local and local_jobs and (wait is None or wait):
-        _wait_local(local_jobs, state, out, keep=0)
+        _wait_local(local_jobs, state, out, keep=0, planned=len(local_jobs))
     run_failures = {p.name: str(j.paths.stderr) for p, j in local_jobs if j.done() and state.result(p.name) is None}
     return SubmitReport(submitted, skipped, failed, run_failures)
 
@@ -371,19 +371,21 @@ def schedule_local(plans: list[RunPlan], slots: int, *, start: Callable[[RunPlan
 LOCAL_POLL_S = 1.0
 
 
-def _wait_local(jobs: list[tuple[RunPlan, Any]], state: SweepState, out: Callable[[str], None], keep: int) -> None:
+def _wait_local(jobs: list[tuple[RunPlan, Any]], state: SweepState, out: Callable[[str], None], keep: int,
+                planned: int | None = None) -> None:
     """Block until at most `keep` local jobs are still running, with progress over finished runs (on stderr: a
-    bar on a terminal, plain lines in a log; stdout keeps the submit report)."""
+    bar on a terminal, plain lines in a log; stdout keeps the submit report). `planned`: the runs this submit
+    will start in all, so the bar counts the whole sweep rather than the runs started so far."""
     def running() -> list[tuple[RunPlan, Any]]:
         return [(p, j) for p, j in jobs if not j.done()]
 
-    total = len(jobs)
+    total = max(planned or 0, len(jobs))
     with Progress(prefix="ebt sweep: ", transient=True) as progress:
-        task = progress.add("local runs", total, unit="runs finished", completed=total - len(running()))
+        task = progress.add("local runs", total, unit="runs finished", completed=len(jobs) - len(running()))
         while len(running()) > keep:
-            progress.update(task, total - len(running()))
+            progress.update(task, len(jobs) - len(running()))
             time.sleep(LOCAL_POLL_S)
-        progress.update(task, total - len(running()))
+        progress.update(task, len(jobs) - len(running()))
     for plan, job in jobs:
         if job.done() and state.result(plan.name) is None and not getattr(job, "_reported", False):
             job._reported = True

@@ -143,3 +143,22 @@ def test_submit_local_goes_through_the_scheduler(sweep_spec, monkeypatch):
     assert sorted(report.submitted) == sorted(seconds)
     assert calls == [p.name for p in longest_first(sweep_spec.plan())]
     assert all(timeline.running_at(s + 1e-4) <= 2 for s in timeline.starts.values())
+
+
+def test_local_progress_counts_the_whole_sweep(capsys, monkeypatch):
+    """The bar between runs says how many of ALL the submit's runs are done ("3/8"), not of those started so far
+    ("3/4", which read as a sweep almost finished when half of it had not begun)."""
+    class EndsAfterAFewPolls:
+        def __init__(self) -> None:
+            self.polls = 0
+
+        def done(self) -> bool:
+            self.polls += 1
+            return self.polls > 3
+
+    jobs = [(SimpleNamespace(name=f"r{i}"), EndsAfterAFewPolls()) for i in range(3)]
+    state = SimpleNamespace(result=lambda name: {"val_loss": 1.0})
+    monkeypatch.setattr(submit_module, "LOCAL_POLL_S", 0.01)
+    submit_module._wait_local(jobs, state, print, keep=0, planned=8)
+    err = capsys.readouterr().err
+    assert "3/8 runs finished" in err and "3/3" not in err, err
