@@ -103,20 +103,21 @@ def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
     arch = cfg.architecture
     residual_std = arch.init_std / math.sqrt(2 * arch.n_layers)
     mup = widths(cfg) if cfg.parametrization == "mup" else None
+
+    def scheme_std(name: str, fan_out: int, fan_in: int) -> float:
+        """The init scheme's std for linear `name` with these fans (SP)."""
+        if arch.init_scheme == "reference":  # torch.nn.init.xavier_normal_'s std (gain 1), to the bit
+            return math.sqrt(2.0 / float(fan_in + fan_out))
+        return residual_std if name.endswith(("wo", "w2")) else arch.init_std
+
     for name, sub in module.named_modules():
         if isinstance(sub, nn.Linear):
-            if mup is not None:
-                def sp_std(fan_out: int, fan_in: int, name: str = name) -> float:
-                    if arch.init_scheme == "reference":  # torch.nn.init.xavier_normal_'s std, gain 1
-                        return math.sqrt(2.0 / float(fan_in + fan_out))
-                    return residual_std if name.endswith(("wo", "w2")) else arch.init_std
-
-                nn.init.normal_(sub.weight, mean=0.0, std=init_std(name, sp_std, *sub.weight.shape, mup))
-            elif arch.init_scheme == "reference":
-                nn.init.xavier_normal_(sub.weight)
+            fan_out, fan_in = sub.weight.shape
+            if mup is None:
+                std = scheme_std(name, fan_out, fan_in)
             else:
-                std = residual_std if name.endswith(("wo", "w2")) else arch.init_std
-                nn.init.normal_(sub.weight, mean=0.0, std=std)
+                std = init_std(name, scheme_std, fan_out, fan_in, mup)
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.Embedding):

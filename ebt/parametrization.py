@@ -35,6 +35,7 @@ choices; benchmarks/coord_check.py measures |dE/dy| and every layer's activation
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ebt.config import ModelConfig
@@ -111,10 +112,10 @@ def _is_adaln(name: str) -> bool:
     return parts[-1] == "adaln_final" or (len(parts) >= 2 and parts[-1].isdigit() and parts[-2] == "adaln")
 
 
-def init_std(name: str, sp_std, fan_out: int, fan_in: int, w: Widths) -> float:
-    """The μP std of Linear `name` given `sp_std(fan_out, fan_in)`, the init scheme's std for a shape."""
+def init_std(name: str, sp_std: Callable[[str, int, int], float], fan_out: int, fan_in: int, w: Widths) -> float:
+    """The μP std of Linear `name` given `sp_std(name, fan_out, fan_in)`, the init scheme's std for a shape."""
     out0, in0 = base_fans(name, fan_out, fan_in, w)
-    std = sp_std(out0, in0)
+    std = sp_std(name, out0, in0)
     return std * math.sqrt(in0 / fan_in) if module_role(name) == MATRIX else std
 
 
