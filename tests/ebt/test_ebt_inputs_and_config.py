@@ -80,8 +80,9 @@ def test_non_finite_inner_gradient_raises_a_clear_error():
         model.loss(torch.randint(0, 11, (1, 5)))
 
 
-def test_replay_buffer_continues_trajectories_and_round_trips_its_state():
-    model = tiny_model(replay_capacity=4, replay_fraction=0.5)
+@pytest.mark.parametrize("top_k", [0, 3])  # whole logits (the reference's) and the compact form (ebt/replay.py)
+def test_replay_buffer_continues_trajectories_and_round_trips_its_state(top_k):
+    model = tiny_model(replay_capacity=4, replay_fraction=0.5, replay_top_k=top_k)
     model.train()
     tokens = torch.randint(0, 11, (2, 6))
     model.loss(tokens)
@@ -89,7 +90,7 @@ def test_replay_buffer_continues_trajectories_and_round_trips_its_state():
     state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in model.replay_buffer.state_dict().items()}
     _, metrics = model.loss(torch.randint(0, 11, (2, 6)))
     assert metrics["replayed"] == 1.0
-    twin = tiny_model(replay_capacity=4, replay_fraction=0.5)
+    twin = tiny_model(replay_capacity=4, replay_fraction=0.5, replay_top_k=top_k)
     twin.load_state_dict(model.state_dict())
     twin.replay_buffer.load_state_dict(state)
     model.replay_buffer.load_state_dict(state)
