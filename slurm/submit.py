@@ -329,7 +329,7 @@ def submit(spec: SweepSpec, *, dry_run: bool = False, local: bool = False, force
     for name, msg in failed.items():
         out(f"FAILED to submit {name}: {msg}")
     if local and local_jobs and (wait is None or wait):
-        _wait_local(local_jobs, state, out, keep=0, planned=len(local_jobs))
+        _wait_local(local_jobs, state, out, keep=0)
     run_failures = {p.name: str(j.paths.stderr) for p, j in local_jobs if j.done() and state.result(p.name) is None}
     return SubmitReport(submitted, skipped, failed, run_failures)
 
