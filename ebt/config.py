@@ -326,6 +326,9 @@ class ModelConfig:
             if self.mup.base_dim % base_head:
                 raise ValueError(f"mup.base_dim: {self.mup.base_dim} must split into heads of base_head_dim="
                                  f"{base_head}")
+        if self.replay.top_k >= self.architecture.vocab_size:
+            raise ValueError(f"replay.top_k: must be below architecture.vocab_size={self.architecture.vocab_size} "
+                             f"(0: whole logits), got {self.replay.top_k}")
         rows, steps = self.architecture.max_step_embeddings, self.thinking.mcmc_steps
         if rows is not None and rows < steps:
             raise ValueError(f"architecture.max_step_embeddings: must be >= thinking.mcmc_steps={steps} (or null), "

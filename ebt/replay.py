@@ -89,10 +89,7 @@ class ReplayBuffer:
         """Store fresh sequences with their final candidates; the oldest entries are overwritten when full."""
         final_logits = final_logits.detach()
         index = None
-        if self.top_k:
-            if not 0 < self.top_k < final_logits.shape[-1]:
-                raise ValueError(f"replay.top_k: must lie in 1..vocab_size - 1 = {final_logits.shape[-1] - 1}, "
-                                 f"got {self.top_k}")
+        if self.top_k:  # < vocab_size: ModelConfig.validate
             self.vocab_size = final_logits.shape[-1]
             final_logits, index = self._compact(final_logits)
         if self.tokens is None or self.tokens.shape[1:] != tokens.shape[1:]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from ebt_factories import tiny_model
+from model_configs import model_config
 
 from ebt.replay import ReplayBuffer
 
@@ -72,3 +73,9 @@ def test_peaked_fp32_logits_compact_to_finite_values():
     buffer = ReplayBuffer(16, 1.0, top_k=64)
     buffer.push(torch.zeros(16, 65, dtype=torch.long), logits)
     assert torch.isfinite(buffer.logits).all()
+
+
+def test_a_top_k_of_the_whole_vocabulary_is_refused_with_the_config():
+    """Refused when the config is read, not at the first replay push mid-training."""
+    with pytest.raises(ValueError, match=r"^replay.top_k: must be below architecture.vocab_size=11"):
+        model_config(vocab_size=11, replay_capacity=4, replay_fraction=0.5, replay_top_k=11)
