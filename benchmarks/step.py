@@ -26,6 +26,9 @@ from benchmarks.common import add_workload_args, child_allocator, peak_rss_mb, r
 
 # --recipe: the model keys of a configs/recipes file (and the variant) on top of the size table.
 RECIPES = {"s1": ("ebt_s1.yaml", None), "logits": ("ebt_logits.yaml", "default")}
+# --baseline-tree's models: name -> this module's flags for one measurement.
+BEFORE_AFTER_MODELS = {"transformer": ["--kind=transformer"], "ebt_logits": ["--kind=ebt", "--recipe=logits"],
+                       "ebt_s1": ["--kind=ebt", "--recipe=s1"]}
 
 
 def recipe_config(args: argparse.Namespace):
@@ -93,11 +96,13 @@ def main() -> None:
                         help="a checkout of an earlier commit (git worktree add DIR REV): measure both, interleaved, "
                              "and write results/step_before_after.json")
     parser.add_argument("--rounds", type=int, default=2, help="with --baseline-tree: before/after pairs per model")
+    parser.add_argument("--models", nargs="+", choices=list(BEFORE_AFTER_MODELS), default=list(BEFORE_AFTER_MODELS),
+                        help="with --baseline-tree: which models to compare (more rounds for a noisy one)")
     args = parser.parse_args()
     if args.kind:
         print(json.dumps(measure_one(args)))
         return
-    skip = ("kind", "keep_denormals", "recipe", "baseline_tree", "rounds")
+    skip = ("kind", "keep_denormals", "recipe", "baseline_tree", "rounds", "models")
     shared = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip]
     shared += ["--keep-denormals"] if args.keep_denormals else []
     if args.baseline_tree is not None:
@@ -159,8 +164,7 @@ def before_after(args: argparse.Namespace, shared: list[str]) -> None:
                                capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("+changes" if dirty else "")
 
-    models = {"transformer": ["--kind=transformer"], "ebt_logits": ["--kind=ebt", "--recipe=logits"],
-              "ebt_s1": ["--kind=ebt", "--recipe=s1"]}
+    models = {name: BEFORE_AFTER_MODELS[name] for name in args.models}
     here = Path(__file__).resolve().parents[1]
     sides = {"before": args.baseline_tree.resolve(), "after": here}
     runs: dict[str, dict[str, list[dict]]] = {name: {"before": [], "after": []} for name in models}
@@ -196,7 +200,9 @@ def before_after(args: argparse.Namespace, shared: list[str]) -> None:
         "|---|---|---|---|---|",
         *rows,
     ])
-    path = write_results("step_before_after", payload, table)
+    # A subset (--models) gets its own result and README section, beside the full comparison.
+    name = "step_before_after" + ("" if list(models) == list(BEFORE_AFTER_MODELS) else "_" + "_".join(models))
+    path = write_results(name, payload, table)
     print(table)
     print(f"wrote {path}")
 
