@@ -14,6 +14,7 @@ updates' slopes should be ~0 (flat); under SP they grow (Adam's Theta(lr) per en
 
     python -m benchmarks.coord_check                  # widths 64..512, JSON + PNG in benchmarks/results
     python -m benchmarks.coord_check --widths 64 128 256 --steps 3
+    python -m benchmarks.coord_check --candidate-update    # alpha * dE/dx across widths, 3 seeds, 100 steps
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def _probe(model: nn.Module, kind: str, tokens: torch.Tensor, candidates: torch.
             (grad,) = torch.autograd.grad(energies.sum(), logits)
             hooks.outputs["dE/dy"] = grad
             hooks.outputs["E"] = energies.detach()
+            hooks.outputs["candidate update"] = _candidate_update(model, tokens, logits.detach())
+            hooks.outputs["alpha"] = model.alpha.detach().reshape(1)
         else:
             with torch.no_grad():
                 logits, _ = model.logits(tokens)
@@ -101,6 +104,17 @@ def _probe(model: nn.Module, kind: str, tokens: torch.Tensor, candidates: torch.
         return dict(hooks.outputs)
     finally:
         hooks.close()
+
+
+def _candidate_update(model: nn.Module, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The change one MCMC step makes to the candidates' logits at these candidates: alpha * dE/dx in the space
+    the model steps in (ebt/mcmc.py: x = softmax(y) under update_space "probs", the reference's; y itself under
+    "logits"), less its mean over the vocabulary, which the next softmax ignores."""
+    probs_space = model.cfg.thinking.update_space == "probs"
+    point = (torch.softmax(logits, dim=-1) if probs_space else logits).requires_grad_(True)
+    energies = model.energies(tokens, point if probs_space else torch.softmax(point, dim=-1))
+    (grad,) = torch.autograd.grad(energies.sum(), point)
+    return float(model.alpha.detach()) * (grad - grad.mean(-1, keepdim=True))
 
 
 def measure(setting: Setting, width: int) -> dict[str, dict[str, float]]:
@@ -190,21 +204,89 @@ def _plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# The candidate update's two regimes: alpha as ebt_think.yaml (the quickstart's) starts it, where one step moves
+# a logit by a few units, and as the S1 recipe (the reference's default) does, where a step moves logits by
+# hundreds and the next softmax is one-hot: the first is the regime ebt/parametrization.py's derivation is about.
+CANDIDATE_REGIMES = {"alpha 5 (ebt_think)": {"alpha_init": 5.0, "alpha_lr_mult": 10.0},
+                     "alpha 500 (S1)": {"alpha_init": 500.0, "alpha_lr_mult": 1500.0}}
+
+
+def candidate_sweep(widths: list[int], steps: int, seeds: list[int], lr: float) -> dict:
+    """|candidate update| after `steps` steps across widths, per regime, parametrization and seed: its slope
+    against width and its spread (largest / smallest over the widths)."""
+    rows = []
+    for regime, thinking in CANDIDATE_REGIMES.items():
+        for parametrization in ("sp", "mup"):
+            for seed in seeds:
+                setting = Setting(kind="ebt", parametrization=parametrization, base_dim=min(widths), steps=steps,
+                                  lr=lr, seed=seed, model={"thinking": thinking})
+                measured = [measure(setting, w) for w in widths]
+                per_width = [m["candidate update"]["after"] for m in measured]
+                alphas = [m["alpha"]["after"] for m in measured]
+                rows.append({"regime": regime, "parametrization": parametrization, "seed": seed,
+                             "sizes": per_width, "slope": slope(widths, per_width),
+                             "spread": max(per_width) / min(per_width), "alpha_after": alphas})
+                print(f"{regime:22s} {parametrization:4s} seed {seed}: slope {rows[-1]['slope']:+.2f}, spread "
+                      f"{rows[-1]['spread']:.2f}x, sizes " + " ".join(f"{s:.3g}" for s in per_width)
+                      + ", alpha after " + " ".join(f"{a:.3g}" for a in alphas), flush=True)
+    return {"widths": widths, "steps": steps, "seeds": seeds, "lr": lr, "rows": rows}
+
+
+def _candidate_table(result: dict, wall_s: float, loads: tuple[float, float]) -> str:
+    import statistics
+
+    lines = [f"## Candidate update across widths (`python -m benchmarks.coord_check --candidate-update`): widths "
+             f"{', '.join(map(str, result['widths']))}, {result['steps']} AdamW steps at LR {result['lr']:g}, seeds "
+             f"{', '.join(map(str, result['seeds']))}, the coordinate check's model and batch",
+             "",
+             f"RMS of the logit change one MCMC step makes at fixed probe candidates after training (alpha x dE/dx, "
+             f"x = softmax(y), less its vocabulary mean), per seed. {wall_s:.0f} s wall, load {loads[0]:.1f} -> "
+             f"{loads[1]:.1f}, 1 thread.",
+             "",
+             "| regime | parametrization | slope per seed (0: flat) | mean slope | spread over widths per seed "
+             "(largest / smallest) | alpha after training, smallest - largest over widths and seeds |",
+             "|---|---|---|---|---|---|"]
+    for regime in CANDIDATE_REGIMES:
+        for parametrization in ("sp", "mup"):
+            rows = [r for r in result["rows"] if r["regime"] == regime and r["parametrization"] == parametrization]
+            slopes, spreads = [r["slope"] for r in rows], [r["spread"] for r in rows]
+            lines.append(f"| {regime} | {'μP' if parametrization == 'mup' else 'SP'} | "
+                         f"{', '.join(f'{s:+.2f}' for s in slopes)} | {statistics.mean(slopes):+.2f} | "
+                         f"{', '.join(f'{s:.1f}x' for s in spreads)} | "
+                         f"{min(min(r['alpha_after']) for r in rows):.3g} - "
+                         f"{max(max(r['alpha_after']) for r in rows):.3g} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=None, help="AdamW steps (default 10; 100 with --candidate-update)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--candidate-update", action="store_true",
+                        help="the EBT's candidate update across widths instead: both alpha regimes, SP and μP, "
+                             "--seeds (default steps 100)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     args.out.mkdir(parents=True, exist_ok=True)
     start, load = time.time(), __import__("os").getloadavg()[0]
+    if args.candidate_update:
+        from benchmarks.common import write_results
+
+        result = candidate_sweep(args.widths, args.steps or 100, args.seeds, args.lr)
+        loads = (load, __import__("os").getloadavg()[0])
+        result.update(wall_s=time.time() - start, load_before=loads[0], load_after=loads[1])
+        table = _candidate_table(result, result["wall_s"], loads)
+        print(table)
+        print(f"wrote {write_results('coord_check_candidate', result, table)}")
+        return
     results = []
     for kind in ("ebt", "transformer"):
         for parametrization in ("sp", "mup"):
             setting = Setting(kind=kind, parametrization=parametrization, base_dim=min(args.widths),
-                              steps=args.steps, lr=args.lr)
+                              steps=args.steps or 10, lr=args.lr)
             result = sweep(setting, args.widths)
             results.append(result)
             summary_row = summarize(result)

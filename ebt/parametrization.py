@@ -30,6 +30,16 @@ output at init, which the first updates replace by their Theta(1) contribution);
 instead grows with width once Adam has moved the readout (sum of d aligned Theta(lr) terms), so an SP-tuned
 alpha overshoots at larger widths. `mup.alpha_width_exponent` scales alpha_init by m^c for testing other
 choices; benchmarks/coord_check.py measures |dE/dy| and every layer's activation and update sizes across widths.
+
+What was measured (`benchmarks.coord_check --candidate-update`: widths 64-512, 100 AdamW steps, 3 seeds; the
+table is in benchmarks/README.md). The step itself, alpha * dE/dx less its vocabulary mean, at fixed candidates
+after training: with alpha_init 5 (ebt_think, the quickstart), where a step moves a logit by a few units, μP
+keeps it within 1.5-1.7x over the 8x range of widths (slopes -0.24, -0.05, -0.06) while SP's varies 3.4-15x
+(slopes -0.89, -0.38, -0.31); alpha itself moves by the same amount at every width (from 5 to 4.72-4.80 after
+100 steps under μP), so its LR multiplier needs no width factor either. With the S1 recipe's alpha_init 500 a
+step moves logits by hundreds, the next softmax is one-hot, and μP's step grows as m^+0.57..+1.04: outside the
+small-step picture the derivation assumes (a step's size past saturation no longer changes the candidate it
+produces). Hence c = 0.
 """
 
 from __future__ import annotations
