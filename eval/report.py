@@ -331,16 +331,17 @@ def _budget(r: RunRecord) -> tuple[float, float] | float:
 
 
 def _falls_with_size(kept: list[RunRecord], kind: str, loss_column: str) -> bool | None:
-    """Whether the loss falls with every step in size at every budget (None: no budget has 2 sizes)."""
-    by_budget: dict[Any, list[RunRecord]] = {}
+    """Whether the loss falls with every step in size at every budget (None: no budget has 2 sizes). Seeds of one
+    size and budget are averaged first: they are repeats of one point, not steps in size."""
+    by_point: dict[Any, dict[float, list[float]]] = {}
     for r in kept:
         if r.kind == kind:
-            by_budget.setdefault(_budget(r), []).append(r)
+            by_point.setdefault(_budget(r), {}).setdefault(r.n_params, []).append(r.loss(loss_column))
     verdicts = []
-    for runs in by_budget.values():
-        losses = [r.loss(loss_column) for r in sorted(runs, key=lambda r: r.n_params)]
-        if len({r.n_params for r in runs}) >= 2:
-            verdicts.append(all(b < a for a, b in zip(losses, losses[1:], strict=False)))
+    for sizes in by_point.values():
+        if len(sizes) >= 2:
+            means = [sum(losses) / len(losses) for _, losses in sorted(sizes.items())]
+            verdicts.append(all(b < a for a, b in zip(means, means[1:], strict=False)))
     return all(verdicts) if verdicts else None
 
 

@@ -186,3 +186,21 @@ def test_loss_curves_use_a_log_axis_clipped_to_where_the_runs_differ():
     # Final losses 4 and 5.5 are a visible fraction of the axis (they were ~4% of a linear 0-38 axis).
     assert (np.log(5.5) - np.log(4.0)) / (np.log(high) - np.log(low)) > 0.2
     assert "clipped" in ax.get_title() and "clipped" in plots.CAPTIONS["loss_curves"]
+
+
+def _record(n_params: float, seed: int, val_loss: float) -> RunRecord:
+    return RunRecord(run=f"ebt-{n_params:g}-s{seed}", kind="ebt", size="", n_params=n_params, tokens=1e6, flops=1.0,
+                     train_loss=val_loss, val_loss=val_loss, finished=True, seed=str(seed), budget_tokens=1e6)
+
+
+def test_falls_with_size_averages_the_seeds_of_a_size():
+    from eval.report import _falls_with_size
+
+    # Two sizes x two seeds: each seed falls with size, but seed 1 of the small size is below seed 0 of the large
+    # one. Comparing single runs in size order (as before) read this as "does not fall".
+    falls = [_record(1e5, 0, 5.0), _record(1e5, 1, 5.3), _record(2e5, 0, 4.9), _record(2e5, 1, 5.2)]
+    assert _falls_with_size(falls, "ebt", "val_loss") is True
+    # The larger size's mean above the smaller one's: it does not fall, whichever seeds are compared.
+    rises = [_record(1e5, 0, 5.0), _record(1e5, 1, 5.3), _record(2e5, 0, 4.95), _record(2e5, 1, 5.4)]
+    assert _falls_with_size(rises, "ebt", "val_loss") is False
+    assert _falls_with_size(falls[:2], "ebt", "val_loss") is None  # one size: nothing to order
