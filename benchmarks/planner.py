@@ -77,9 +77,8 @@ def main() -> None:
     if args.point:
         print(json.dumps(measure(args)))
         return
-    from rich.progress import track
-
     from ebt import ModelConfig
+    from fsutil.progress import track
     from planning import calibrate, predict_peak_bytes, tensor_peak_bytes
 
     rows = []
@@ -90,7 +89,8 @@ def main() -> None:
         stored, stored_allocator = stored_json["rows"], stored_json.get("allocator", "system")
         measured_by_point = {(r["size"], r["context"], r["vocab"], r["batch"], r["policy"], r["k"]):
                              {"base_mb": r["base_mb"], "peak_rss_mb": r["peak_rss_mb"]} for r in stored}
-    for size, context, vocab, batch, policy, k in track(GRID, description="planner grid"):
+    for size, context, vocab, batch, policy, k in track(GRID, "planner grid", unit="points",
+                                                             prefix="benchmarks.planner: "):
         if args.from_json:
             cfg = ModelConfig.from_size(size, architecture={"vocab_size": vocab, "context_length": context},
                                 thinking={"mcmc_steps": k})
@@ -117,6 +117,8 @@ def main() -> None:
         row["predicted_mb"] = predict_peak_bytes(cfg, row["policy"], row["batch"], "cpu", cal) / 2**20
         row["error"] = row["predicted_mb"] / row["peak_rss_mb"] - 1
     checked = rows[1:]
+    # What the allocator adds on top of the traced tensors, per point (the calibration fits one factor to it).
+    overheads = [(r["peak_rss_mb"] - r["base_mb"]) / r["tensor_peak_mb"] for r in rows]
     worst = max(abs(r["error"]) for r in checked)
     allocator = stored_allocator if args.from_json else child_allocator()[0]
     payload = {"allocator": allocator, "calibration": {"base_mb": cal.base_bytes / 2**20, "factor": cal.factor},
@@ -138,14 +140,14 @@ def main() -> None:
         "Host allocator: child processes run on the allocator `ebt train` uses (launch/allocator.py: tcmalloc "
         "when installed). The allocator decides whether one calibration factor can work. The rescaled tiny-replica "
         "timeline matches a direct trace within 8% (tests/ebt/test_second_order_planner.py) and the real run's live "
-        "bytes within 3% (mallinfo2). What remains is allocator overhead. Under tcmalloc it is 1.2-1.5x the tensor "
-        "peak for every policy. Under glibc it is 2.1-2.4x for none and block but 1.7-2.3x for the recompute "
-        "policies: the ~320k small C++/Python objects a step creates pin freed activation buffers, in a "
-        "policy-dependent way. An LD_PRELOAD malloc log of one run replayed through glibc reproduces its footprint "
-        "(1,406 MB); without the sub-1 KiB allocations the replay needs 952 MB. The same 13 points measured on "
-        "glibc (results/planner_glibc.json; EBT_CPU_ALLOCATOR=system) give 8/13 within 15%, worst -20.3%, with "
-        "this calibration point. Calibrated on the smallest point instead (3xs, batch 4, none), tcmalloc still "
-        "gives 13/13, worst +14.6%.",
+        f"bytes within 3% (mallinfo2). What remains is allocator overhead: on {allocator} here, "
+        f"{min(overheads):.2f}-{max(overheads):.2f}x the tensor peak above the base (measured - base) / tensor "
+        "peak, per point. Earlier measurements, not repeated since issue 23's change: under glibc 2.1-2.4x for "
+        "none and block but 1.7-2.3x for the recompute policies: the ~320k small C++/Python objects a step creates "
+        "pin freed activation buffers, in a policy-dependent way. An LD_PRELOAD malloc log of one run replayed "
+        "through glibc reproduces its footprint (1,406 MB); without the sub-1 KiB allocations the replay needs "
+        "952 MB. The same 13 points measured on glibc (results/planner_glibc.json; EBT_CPU_ALLOCATOR=system) gave "
+        "8/13 within 15%, worst -20.3%.",
         "",
         "| size | context | vocab | batch | policy | K | tensor peak (MB) | predicted (MB) | measured (MB) | error |",
         "|---|---|---|---|---|---|---|---|---|---|",

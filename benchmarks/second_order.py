@@ -127,21 +127,21 @@ def main() -> None:
     if args.policy:
         print(json.dumps(measure_one(args)))
         return
-    from rich.progress import Progress
+    from fsutil.progress import Progress
 
     base = [f"--size={args.size}", f"--context={args.context}", f"--batch={args.batch}", f"--vocab={args.vocab}",
             f"--threads={args.threads}", f"--warmup={args.warmup}"]
     results = []
     points = plan(args) if not args.points else [(p, args.mcmc_steps, args.steps) for p in args.points.split(",")]
-    with Progress() as progress:
-        task = progress.add_task("second-order points", total=len(points))
+    with Progress(prefix="benchmarks.second_order: ") as progress:
+        task = progress.add("second-order points", len(points), unit="points")
         for policy, steps_k, timed in points:
-            progress.update(task, description=f"{policy} K={steps_k}")
             row = run_isolated(["benchmarks.second_order", *base, f"--mcmc-steps={steps_k}", f"--steps={timed}",
                                 f"--policy={policy}"])
             row["mcmc_steps"] = steps_k if policy != "transformer" else None
             results.append(row)
-            progress.advance(task)
+            progress.advance(task, info=f"{policy} K={steps_k}")
+        progress.finish(task)
     payload = summarise(args, results)
     path = write_results(args.name, payload, table(args, payload))
     print(table(args, payload))

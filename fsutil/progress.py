@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
+
+T = TypeVar("T")
 
 
 def clock(seconds: float) -> str:
@@ -181,6 +183,18 @@ class Progress:
         timing = f"{clock(elapsed)} elapsed" + (f", ETA {eta}" if eta is not None else "")
         print(f"{self.prefix}{task.name}: {text}{info}, {timing}", file=self.stream, flush=True)
         task.last_line, task.printed = now, count
+
+
+def track(items: Sequence[T], name: str, *, unit: str = "", prefix: str = "", stream: TextIO | None = None,
+          lines: int = 10) -> Iterator[T]:
+    """Iterate over `items` with one Progress task counting them (a loop's `continue` still counts its item);
+    the progress of a script's loop in one line, as rich.progress.track, and in plain lines off a terminal."""
+    with Progress(stream=stream, prefix=prefix, lines=lines) as progress:
+        task = progress.add(name, len(items), unit=unit)
+        for item in items:
+            yield item
+            progress.advance(task)
+        progress.finish(task)
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from fsutil.progress import Progress, clock, si_count, status
+from fsutil.progress import Progress, clock, si_count, status, track
 
 
 class FakeTerminal(io.StringIO):
@@ -95,3 +95,15 @@ def test_status_announces_a_step_and_times_it():
 def test_formats():
     assert clock(3725) == "1:02:05" and clock(0.4) == "0:00:00"
     assert si_count(999) == "999" and si_count(1500) == "1.5k" and si_count(2_500_000_000) == "2.5G"
+
+
+def test_track_counts_every_item_a_loop_takes_including_skipped_ones():
+    stream = io.StringIO()
+    seen = []
+    for item in track(list(range(4)), "grid", unit="points", prefix="bench: ", stream=stream, lines=4):
+        if item == 1:
+            continue  # the item still counts: it was taken
+        seen.append(item)
+    assert seen == [0, 2, 3]
+    lines = stream.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"bench: grid: {n}/4 points ({25 * n}%)" for n in (1, 2, 3, 4)]
