@@ -90,12 +90,10 @@ def _probe(model: nn.Module, kind: str, tokens: torch.Tensor, candidates: torch.
     hooks = _Probe(model)
     try:
         if kind == "ebt":
-            logits = candidates.clone().requires_grad_(True)
-            energies = model.energies(tokens, torch.softmax(logits, dim=-1))
-            (grad,) = torch.autograd.grad(energies.sum(), logits)
+            energies, grad, update = _energy_gradients(model, tokens, candidates)
             hooks.outputs["dE/dy"] = grad
-            hooks.outputs["E"] = energies.detach()
-            hooks.outputs["candidate update"] = _candidate_update(model, tokens, logits.detach())
+            hooks.outputs["E"] = energies
+            hooks.outputs["candidate update"] = update
             hooks.outputs["alpha"] = model.alpha.detach().reshape(1)
         else:
             with torch.no_grad():
@@ -106,15 +104,19 @@ def _probe(model: nn.Module, kind: str, tokens: torch.Tensor, candidates: torch.
         hooks.close()
 
 
-def _candidate_update(model: nn.Module, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """The change one MCMC step makes to the candidates' logits at these candidates: alpha * dE/dx in the space
-    the model steps in (ebt/mcmc.py: x = softmax(y) under update_space "probs", the reference's; y itself under
+def _energy_gradients(model: nn.Module, tokens: torch.Tensor,
+                      logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One energy evaluation of the candidates softmax(logits) and its backward: (E, dE/dy, the candidate update).
+
+    The candidate update is the change one MCMC step makes to the logits there: alpha * dE/dx in the space the
+    model steps in (ebt/mcmc.py: x = softmax(y) under update_space "probs", the reference's; y itself under
     "logits"), less its mean over the vocabulary, which the next softmax ignores."""
-    probs_space = model.cfg.thinking.update_space == "probs"
-    point = (torch.softmax(logits, dim=-1) if probs_space else logits).requires_grad_(True)
-    energies = model.energies(tokens, point if probs_space else torch.softmax(point, dim=-1))
-    (grad,) = torch.autograd.grad(energies.sum(), point)
-    return float(model.alpha.detach()) * (grad - grad.mean(-1, keepdim=True))
+    logits = logits.detach().requires_grad_(True)
+    probs = torch.softmax(logits, dim=-1)
+    energies = model.energies(tokens, probs)
+    grad_logits, grad_probs = torch.autograd.grad(energies.sum(), (logits, probs))
+    step = grad_probs if model.cfg.thinking.update_space == "probs" else grad_logits
+    return energies.detach(), grad_logits, float(model.alpha.detach()) * (step - step.mean(-1, keepdim=True))
 
 
 def measure(setting: Setting, width: int) -> dict[str, dict[str, float]]:

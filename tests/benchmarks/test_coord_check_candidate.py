@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.coord_check import _candidate_update
+from benchmarks.coord_check import _energy_gradients
 from ebt import build_model
 from ebt.inference import descend
 from ebt.mcmc import ThinkingLoop
@@ -26,7 +26,7 @@ def test_candidate_update_is_one_mcmc_step(update_space: str) -> None:
     tokens = torch.randint(24, (2, 8))
     logits = torch.randn(2, 8, 24, dtype=torch.float64)
 
-    measured = _candidate_update(model, tokens, logits)
+    _, _, measured = _energy_gradients(model, tokens, logits)
 
     state, _ = descend(model.energy_fn(tokens), logits, 1, model.alpha.detach(),
                        loop=ThinkingLoop.from_config(cfg), score_final=False)
