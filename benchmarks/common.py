@@ -35,17 +35,21 @@ def child_allocator(choice: str = "auto") -> tuple[str, dict[str, str]]:
     return name, (preload_env(path, env) if path else env)
 
 
-def run_isolated(module_args: list[str], allocator: str = "auto", tree: Path | None = None) -> dict:
+def run_isolated(module_args: list[str], allocator: str = "auto", tree: Path | None = None,
+                 script: Path | None = None) -> dict:
     """Run `python -m <module_args>` in a fresh process (so peak RSS is its own) on the training allocator and
     parse its last JSON line.
 
     tree: another checkout of this repository to run the module from (a before/after comparison); `python -m`
-    puts the working directory first on sys.path, so its packages shadow the installed ones."""
+    puts the working directory first on sys.path, so its packages shadow the installed ones.
+    script: run this file with `module_args` as its arguments instead (this tree's harness against `tree`'s
+    packages)."""
     env = child_allocator(allocator)[1]
     if tree is not None:
         env = {**env, "PYTHONPATH": str(tree)}
+    command = [str(script), *module_args] if script is not None else ["-m", *module_args]
     completed = subprocess.run(
-        [sys.executable, "-m", *module_args], capture_output=True, text=True, cwd=tree or BENCH_DIR.parent,
+        [sys.executable, *command], capture_output=True, text=True, cwd=tree or BENCH_DIR.parent,
         check=False, env=env,
     )
     if completed.returncode != 0:

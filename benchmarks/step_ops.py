@@ -19,7 +19,6 @@ import io
 import json
 import os
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,13 +40,10 @@ def child(flags: list[str], steps: int) -> None:
 
 def profile_tree(tree: Path, flags: list[str], steps: int) -> dict:
     """The op table of one tree: this file run as a script with the tree first on sys.path, so `benchmarks.step`
-    and the packages it measures are that tree's."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "2"}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", *flags, f"--steps={steps}"],
-                          capture_output=True, text=True, cwd=tree, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"profiling {tree} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    and the packages it measures are that tree's; on the training allocator, as benchmarks.step's own children."""
+    from benchmarks.common import run_isolated
+
+    return run_isolated(["--child", *flags, f"--steps={steps}"], tree=tree, script=Path(__file__).resolve())
 
 
 def compare(before: dict, after: dict) -> dict:
