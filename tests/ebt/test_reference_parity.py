@@ -20,7 +20,6 @@ start; the test turns the reference's on by hand).
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -115,12 +114,10 @@ def run(recipe: str, variant: str | None = None, reference_flags: dict | None = 
     names = key_map(cfg.model)
     generator = torch.Generator().manual_seed(1)
     # The reference's replay buffer picks chains with Python's `random.sample` (our side replays the recorded
-    # picks). Unseeded, the picks depended on whatever ran before in the process, so the case ran different
-    # trajectories from run to run: measured over picks seeded 0-11 (s2-jitter-no-truncate), the worst weight
-    # after 3 steps was 1.1e-9 to 4.8e-7 for eleven and 1.0e-4 for one, always on alpha, whose LR is 1500x
-    # the others' in S2, so one pick's trajectory amplifies fp64 rounding by ~1e8. Seeded, every run checks
-    # the same trajectory.
-    random.seed(0)
+    # picks); tests/conftest.py seeds it per test. Unseeded, the picks depended on whatever ran before in the
+    # process: measured over picks seeded 0-11 (s2-jitter-no-truncate), the worst weight after 3 steps was 1.1e-9
+    # to 4.8e-7 for eleven and 1.0e-4 for one, always on alpha, whose LR is 1500x the others' in S2, so one
+    # pick's trajectory amplifies fp64 rounding by ~1e8.
     worst: dict[str, float] = {}
     for step in range(steps):
         tokens = torch.randint(1, VOCAB, (BATCH, CONTEXT + 1), generator=generator)  # id 0 is the reference's pad
@@ -162,7 +159,7 @@ def assert_parity(worst: dict) -> None:
     assert worst["grad"] < 1e-7, worst
     # Weights after 3 steps: 1e-6. Later steps' gradients are taken at weights that already differ in their last
     # bits, and Adam's normalisation of tiny gradient components amplifies that; how much depends on the
-    # trajectory (see the replay-pick seed in run()). This bound is measured, not derived: with the picks seeded
+    # trajectory (see the replay picks in run()). This bound is measured, not derived: with the picks seeded
     # the worst case here, s2-jitter-no-truncate, is 1.9e-9 on this machine.
     assert worst["weight"] < 1e-6, worst
 
